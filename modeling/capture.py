@@ -1,0 +1,569 @@
+"""Attention capture: SDPA for the output, the selected probabilities recomputed from q and k.
+
+Every attention of the fork (SigLIP self-attention, resampler cross-attention, Qwen2
+self-attention) calls :func:`attention_forward` with its own ``capture_name`` (hook
+point): ``vision.layers.{i}.attn``, ``resampler.attn``, ``llm.layers.{i}.attn``.
+
+* The output always comes from ``scaled_dot_product_attention`` (or flash-attention /
+  eager, per ``config._attn_implementation``).
+* When an :class:`AttentionCapture` is active and selects the hook point, the softmax
+  probabilities of the selected query rows and heads are recomputed from the same
+  ``q`` and ``k`` with the same mask and scaling, in chunks of query rows, reduced
+  over heads on the fly, gathered to the selected key columns, cast and moved (e.g.
+  to the CPU) chunk by chunk. No [H, L, L] block is ever held unless asked for.
+* Nothing here runs when no capture is active: capture costs nothing unless asked.
+
+Masks are passed as :class:`AttnMask` (key validity, causality, query offset) rather
+than dense [B, 1, Lq, Lk] tensors, so capture can build the mask of one chunk only.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+STAGES = ("llm", "vision", "resampler")
+REDUCTIONS = ("none", "mean", "max")
+ROW_MODES = ("all", "last", "generated")
+COL_MODES = ("all", "image", "text", "special")
+DEFAULT_CHUNK_ELEMENTS = 1 << 26  # fp32 scores per chunk (256 MiB)
+
+
+class CaptureError(ValueError):
+    """An attention capture selection that cannot be honoured."""
+
+
+class CaptureTooLarge(CaptureError, MemoryError):
+    """The estimated capture does not fit in the memory available; raised before allocating."""
+
+
+# --------------------------------------------------------------------------------------
+# masks
+# --------------------------------------------------------------------------------------
+@dataclass
+class AttnMask:
+    """What a query may attend to, without materialising [B, 1, Lq, Lk].
+
+    key_valid: [B, Lk] bool (False = padding key) or None (all keys valid).
+    causal: query row i (absolute position ``q_offset + i``) sees keys ``<= q_offset + i``.
+    query_valid: [B, Lq] bool or None; captured rows of invalid (padding) queries are zero.
+    """
+
+    key_valid: Optional[torch.Tensor] = None
+    causal: bool = False
+    q_offset: int = 0
+    query_valid: Optional[torch.Tensor] = None
+
+    def allowed(self, q_len: int, k_len: int, rows: Optional[torch.Tensor] = None,
+                device=None) -> Optional[torch.Tensor]:
+        """Boolean [B|1, 1, r, Lk] of allowed (query, key) pairs, or None if all allowed."""
+        out = None
+        if self.causal and not (q_len == 1 and self.q_offset == k_len - 1 and rows is None):
+            q_pos = (rows if rows is not None else torch.arange(q_len, device=device)) + self.q_offset
+            k_pos = torch.arange(k_len, device=device)
+            out = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, r, Lk]
+        if self.key_valid is not None:
+            kv = self.key_valid[:, None, None, :].to(device=device, dtype=torch.bool)
+            out = kv if out is None else (out & kv)
+        return out
+
+    def additive(self, dtype: torch.dtype, q_len: int, k_len: int, rows=None, device=None):
+        allowed = self.allowed(q_len, k_len, rows, device)
+        if allowed is None:
+            return None
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))
+
+    def has_padding(self) -> bool:
+        return self.key_valid is not None and not bool(self.key_valid.all())
+
+
+# --------------------------------------------------------------------------------------
+# the capture spec
+# --------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class CaptureSpec:
+    """What to capture. ``output_attentions=True`` means ``CaptureSpec()`` (everything).
+
+    stages: any of ``"llm"``, ``"vision"``, ``"resampler"``.
+    layers: None (all), a list of layer ids (negative ids count from the end; applied to
+        llm and vision), or ``{"llm": [...], "vision": [...]}``.
+    heads: None (all), a list of head ids, or ``{"llm": [...], "vision": [...], "resampler": [...]}``.
+    rows (LLM query rows): ``"all"``, ``"last"`` (last prompt token), ``"generated"`` (the
+        rows that produced each new token, generate/chat only), an int, a list of
+        positions, or a ``range``/``slice``. Negative positions count from the prompt end.
+    cols (LLM key columns): ``"all"``, ``"image"``, ``"text"`` (prompt text and generated
+        tokens), ``"special"``, or a list of positions.
+    reduce: head reduction ``"none"``, ``"mean"`` or ``"max"`` (over the selected heads).
+    dtype: stored dtype (None: the model's compute dtype, like eager attention).
+    device: where to put captured tensors (None: where they are computed; ``"cpu"``
+        offloads chunk by chunk).
+    chunk_elements: fp32 score elements per recompute chunk (bounds the workspace).
+    max_bytes: refuse selections whose estimate exceeds this (None: the free memory of
+        the target device).
+    """
+
+    stages: Sequence[str] = STAGES
+    layers: Any = None
+    heads: Any = None
+    rows: Any = "all"
+    cols: Any = "all"
+    reduce: str = "none"
+    dtype: Any = None
+    device: Any = None
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    max_bytes: Optional[int] = None
+
+    def __post_init__(self):
+        if isinstance(self.stages, str):
+            self.stages = (self.stages,)
+        self.stages = tuple(self.stages)
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad or not self.stages:
+            raise CaptureError(f"capture stages {list(self.stages)}: valid stages are {list(STAGES)} (at least one)")
+        if self.reduce is None:
+            self.reduce = "none"
+        if self.reduce not in REDUCTIONS:
+            raise CaptureError(f"capture reduce={self.reduce!r}: valid values are {list(REDUCTIONS)}")
+        if isinstance(self.dtype, str):
+            if self.dtype not in _DTYPES:
+                raise CaptureError(f"capture dtype={self.dtype!r}: valid values are {sorted(_DTYPES)} or a torch.dtype")
+            self.dtype = _DTYPES[self.dtype]
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise CaptureError(f"capture dtype={self.dtype!r}: must be a floating torch dtype")
+        if self.device is not None:
+            try:
+                self.device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise CaptureError(f"capture device={self.device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
+        if isinstance(self.rows, str) and self.rows not in ROW_MODES:
+            raise CaptureError(f"capture rows={self.rows!r}: valid are {list(ROW_MODES)}, an int, a list or a range")
+        if isinstance(self.rows, slice):
+            if self.rows.step not in (None, 1) or self.rows.start is None or self.rows.stop is None:
+                raise CaptureError("capture rows as a slice needs explicit start and stop and step 1")
+            self.rows = range(self.rows.start, self.rows.stop)
+        if isinstance(self.rows, int):
+            self.rows = [self.rows]
+        if not isinstance(self.rows, str):
+            try:
+                self.rows = [int(r) for r in self.rows]
+            except (TypeError, ValueError):
+                raise CaptureError(f"capture rows={self.rows!r}: expected {list(ROW_MODES)}, an int, a list or a range") from None
+            if not self.rows:
+                raise CaptureError("capture rows: empty selection")
+        if isinstance(self.cols, str) and self.cols not in COL_MODES:
+            raise CaptureError(f"capture cols={self.cols!r}: valid are {list(COL_MODES)} or a list of positions")
+        if not isinstance(self.cols, str):
+            try:
+                self.cols = [int(c) for c in self.cols]
+            except (TypeError, ValueError):
+                raise CaptureError(f"capture cols={self.cols!r}: expected {list(COL_MODES)} or a list of positions") from None
+            if not self.cols:
+                raise CaptureError("capture cols: empty selection")
+        if int(self.chunk_elements) <= 0:
+            raise CaptureError("capture chunk_elements must be positive")
+        for name in ("layers", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                bad = [k for k in value if k not in STAGES]
+                if bad:
+                    raise CaptureError(f"capture {name}: unknown stages {bad}; valid are {list(STAGES)}")
+            elif isinstance(value, int):
+                setattr(self, name, [value])
+
+    @classmethod
+    def from_flag(cls, output_attentions) -> Optional["CaptureSpec"]:
+        """``False``/``None`` -> None, ``True`` -> everything, a dict or spec -> that spec."""
+        if output_attentions is None or output_attentions is False:
+            return None
+        if output_attentions is True:
+            return cls()
+        if isinstance(output_attentions, CaptureSpec):
+            return output_attentions
+        if isinstance(output_attentions, dict):
+            try:
+                return cls(**output_attentions)
+            except TypeError as e:
+                valid = [f for f in cls.__dataclass_fields__]
+                raise CaptureError(f"capture spec {output_attentions!r}: {e}; valid keys are {valid}") from None
+        raise CaptureError(
+            f"output_attentions={output_attentions!r}: expected True/False, a dict or a CaptureSpec"
+        )
+
+    def _per_stage(self, value, stage):
+        if isinstance(value, dict):
+            return value.get(stage)
+        if stage == "resampler" and value is not None and value is self.layers:
+            return None
+        return value
+
+    def layer_ids(self, stage: str, n_layers: int) -> List[int]:
+        if stage not in self.stages:
+            return []
+        sel = self._per_stage(self.layers, stage)
+        if stage == "resampler":
+            return [0]
+        if sel is None:
+            return list(range(n_layers))
+        out = []
+        for i in sel:
+            j = int(i) + n_layers if int(i) < 0 else int(i)
+            if not 0 <= j < n_layers:
+                raise CaptureError(f"capture layers: {stage} layer {i} is out of range; {stage} has layers 0..{n_layers - 1}")
+            out.append(j)
+        return sorted(set(out))
+
+    def head_ids(self, stage: str, n_heads: int) -> Optional[List[int]]:
+        sel = self._per_stage(self.heads, stage)
+        if sel is None:
+            return None
+        out = []
+        for h in sel:
+            j = int(h) + n_heads if int(h) < 0 else int(h)
+            if not 0 <= j < n_heads:
+                raise CaptureError(f"capture heads: {stage} head {h} is out of range; {stage} has heads 0..{n_heads - 1}")
+            out.append(j)
+        return sorted(set(out))
+
+    def describe(self) -> Dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["stages"] = list(self.stages)
+        d["rows"] = self.rows if isinstance(self.rows, str) else list(self.rows)
+        d["dtype"] = str(self.dtype) if self.dtype is not None else None
+        d["device"] = str(self.device) if self.device is not None else None
+        return d
+
+
+# --------------------------------------------------------------------------------------
+# the recorder
+# --------------------------------------------------------------------------------------
+@dataclass
+class _Piece:
+    tensor: torch.Tensor
+    rows: Optional[torch.Tensor]  # absolute query positions (LLM) or None
+    cols: Optional[torch.Tensor]  # [B, K] key positions or None (all)
+    col_valid: Optional[torch.Tensor] = None  # [B, K] bool
+
+
+class AttentionCapture:
+    """Collects the selected attention probabilities of one forward / generate call.
+
+    Created by the model from a :class:`CaptureSpec`; attention modules call
+    :meth:`wants` and :meth:`add` through :func:`attention_forward`.
+    """
+
+    def __init__(self, spec: CaptureSpec, n_layers: Dict[str, int], n_heads: Dict[str, int]):
+        self.spec = spec
+        self.n_heads = dict(n_heads)
+        self.layers = {s: set(spec.layer_ids(s, n_layers.get(s, 1))) for s in STAGES}
+        self.heads = {s: spec.head_ids(s, n_heads[s]) for s in STAGES if s in n_heads}
+        self.pieces: Dict[str, List[_Piece]] = {}
+        self.frozen = False
+        self.prompt_len: Optional[int] = None
+        self.roles: Optional[torch.Tensor] = None  # [B, L_prompt] int8: 0 text, 1 image, 2 special
+        self.generating = False
+
+    # -- what is wanted -------------------------------------------------------------------
+    def wants(self, name: str) -> bool:
+        stage, layer = parse_name(name)
+        return layer in self.layers.get(stage, ())
+
+    def begin_llm(self, prompt_len: int, roles: Optional[torch.Tensor] = None, generating: bool = False):
+        self.prompt_len = int(prompt_len)
+        self.roles = roles
+        self.generating = generating
+        if self.spec.rows == "generated" and not generating and "llm" in self.spec.stages:
+            raise CaptureError("capture rows='generated' needs generate() or chat(); use 'last', 'all' or positions in forward")
+        if not isinstance(self.spec.rows, str):
+            bad = [r for r in self.spec.rows if r < -self.prompt_len or (not generating and r >= self.prompt_len)]
+            if bad:
+                raise CaptureError(
+                    f"capture rows {bad} are outside the sequence of {self.prompt_len} positions "
+                    f"(valid: {-self.prompt_len}..{self.prompt_len - 1})"
+                )
+
+    def _row_positions(self, q_offset: int, q_len: int, device) -> Optional[torch.Tensor]:
+        """Absolute positions (within the current call's rows) that are selected, or None for all."""
+        rows = self.spec.rows
+        P = self.prompt_len if self.prompt_len is not None else q_offset + q_len
+        pos = torch.arange(q_offset, q_offset + q_len, device=device)
+        if rows == "all":
+            return None
+        if rows == "last":
+            keep = pos == P - 1
+        elif rows == "generated":
+            keep = pos >= P - 1
+        else:
+            want = torch.tensor([r + P if r < 0 else r for r in rows], device=device)
+            keep = (pos[:, None] == want[None, :]).any(-1)
+        return torch.nonzero(keep).flatten()
+
+    def _col_index(self, batch: int, k_len: int, device):
+        cols = self.spec.cols
+        if cols == "all":
+            return None, None
+        if not isinstance(cols, str):
+            bad = [c for c in cols if c >= k_len and not self.generating]
+            if bad:
+                raise CaptureError(f"capture cols {bad} are outside the {k_len} key positions")
+            idx = torch.tensor([c for c in cols], device=device).clamp(max=k_len - 1)
+            idx = idx[None].expand(batch, -1)
+            valid = torch.tensor([c < k_len for c in cols], device=device)[None].expand(batch, -1)
+            return idx, valid
+        code = {"text": 0, "image": 1, "special": 2}[cols]
+        P = self.prompt_len or k_len
+        roles = self.roles
+        if roles is None:
+            roles = torch.zeros((batch, P), dtype=torch.int8)
+        roles = roles.to(device)
+        member = roles[:, :min(P, k_len)] == code
+        if k_len > P:  # generated tokens are text
+            member = torch.cat([member, torch.full((batch, k_len - P), code == 0, device=device)], 1)
+        counts = member.sum(1)
+        K = int(counts.max()) if batch else 0
+        order = torch.argsort((~member).to(torch.int8), dim=1, stable=True)[:, :K]
+        valid = torch.arange(K, device=device)[None] < counts[:, None]
+        return order, valid
+
+    # -- recording -----------------------------------------------------------------------
+    def capture(self, name: str, module, query, key, scaling: float, mask: AttnMask):
+        """Recompute and store the selection of ``softmax(q k^T * scaling + mask)``."""
+        stage, _ = parse_name(name)
+        B, H, Lq, _ = query.shape
+        Lk = key.shape[-2]
+        n_rep = H // key.shape[1]
+        heads = self.heads.get(stage)
+        head_idx = torch.arange(H, device=query.device) if heads is None else torch.tensor(heads, device=query.device)
+        row_sel = self._row_positions(mask.q_offset, Lq, query.device) if stage == "llm" else None
+        if row_sel is not None and row_sel.numel() == 0:
+            return
+        col_idx, col_valid = self._col_index(B, Lk, query.device) if stage == "llm" else (None, None)
+        q = query.index_select(1, head_idx)
+        k = key.index_select(1, head_idx // n_rep)
+        if row_sel is not None:
+            q = q.index_select(2, row_sel)
+        r_total = q.shape[2]
+        out_dtype = self.spec.dtype or query.dtype
+        dev = self.spec.device or query.device
+        width = B * q.shape[1] * Lk
+        step = max(1, int(self.spec.chunk_elements) // max(width, 1))
+        chunks = []
+        for start in range(0, r_total, step):
+            stop = min(r_total, start + step)
+            local = torch.arange(start, stop, device=query.device)
+            rows_abs = local if row_sel is None else row_sel[start:stop]
+            scores = torch.matmul(q[:, :, start:stop].float(), k.float().transpose(-1, -2)) * scaling
+            allowed = mask.allowed(Lq, Lk, rows=rows_abs, device=query.device)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+            probs = torch.softmax(scores, dim=-1)
+            if mask.query_valid is not None:
+                qv = mask.query_valid.to(query.device).index_select(1, rows_abs)  # [B, r]
+                probs = probs * qv[:, None, :, None].to(probs.dtype)
+            if col_idx is not None:
+                gather = col_idx[:, None, None, :].expand(B, probs.shape[1], probs.shape[2], -1)
+                probs = probs.gather(-1, gather) * col_valid[:, None, None, :].to(probs.dtype)
+            if self.spec.reduce == "mean":
+                probs = probs.mean(1, keepdim=True)
+            elif self.spec.reduce == "max":
+                probs = probs.amax(1, keepdim=True)
+            chunks.append(probs.to(out_dtype).to(dev))
+        tensor = torch.cat(chunks, 2) if len(chunks) > 1 else chunks[0]
+        rows_abs = None
+        if stage == "llm":
+            base = torch.arange(mask.q_offset, mask.q_offset + Lq)
+            rows_abs = base if row_sel is None else base[row_sel.cpu()]
+        self.add(name, _Piece(tensor, rows_abs, None if col_idx is None else col_idx.cpu(),
+                              None if col_valid is None else col_valid.cpu()))
+
+    def add(self, name: str, piece: _Piece):
+        if self.frozen:  # e.g. recomputation under gradient checkpointing
+            return
+        self.pieces.setdefault(name, []).append(piece)
+
+    # -- results -------------------------------------------------------------------------
+    def result(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]]]:
+        """``({name: tensor}, {name: index})`` with LLM pieces joined along the query rows."""
+        self.frozen = True
+        tensors, index = {}, {}
+        for name in sorted(self.pieces, key=_name_key):
+            pieces = self.pieces[name]
+            stage, _ = parse_name(name)
+            heads = self.heads.get(stage)
+            info = {"heads": heads, "reduce": self.spec.reduce}
+            if stage != "llm":
+                tensors[name] = torch.cat([p.tensor for p in pieces], 0) if len(pieces) > 1 else pieces[0].tensor
+                info.update(rows=None, cols=None)
+            else:
+                width = max(p.tensor.shape[-1] for p in pieces)
+                parts = [F.pad(p.tensor, (0, width - p.tensor.shape[-1])) for p in pieces]
+                tensors[name] = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+                rows = torch.cat([p.rows for p in pieces])
+                full_rows = len(pieces) == 1 and rows.numel() == pieces[0].tensor.shape[2] and bool(
+                    (rows == torch.arange(rows.numel())).all()) and self.spec.rows == "all"
+                info["rows"] = None if full_rows else rows.tolist()
+                last = pieces[-1]
+                if last.cols is None:
+                    info["cols"] = None
+                else:
+                    info["cols"] = [[int(c) for c, v in zip(cr, vr) if v] for cr, vr in zip(last.cols, last.col_valid)]
+            index[name] = info
+        return tensors, index
+
+
+def parse_name(name: str) -> Tuple[str, int]:
+    parts = name.split(".")
+    if parts[0] == "resampler":
+        return "resampler", 0
+    return parts[0], int(parts[2])
+
+
+def _name_key(name: str):
+    stage, layer = parse_name(name)
+    return STAGES.index(stage), layer
+
+
+# --------------------------------------------------------------------------------------
+# memory estimate
+# --------------------------------------------------------------------------------------
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def estimate_bytes(spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_len: int, new_tokens: int = 0,
+                   n_slices: int = 0, patches: int = 0, image_tokens: int = 0, compute_dtype=torch.float32) -> Dict[str, int]:
+    """Bytes the selection will hold once captured, per stage, plus the recompute workspace."""
+    itemsize = torch.empty((), dtype=spec.dtype or compute_dtype).element_size()
+    out = {}
+    L_total = prompt_len + new_tokens
+    for stage in STAGES:
+        n_layers = len(spec.layer_ids(stage, dims["layers"][stage])) if stage in dims["layers"] else 0
+        if not n_layers:
+            continue
+        heads = spec.head_ids(stage, dims["heads"][stage])
+        h = 1 if spec.reduce != "none" else (len(heads) if heads is not None else dims["heads"][stage])
+        if stage == "llm":
+            rows = spec.rows
+            if rows == "all":
+                r = L_total
+            elif rows == "last":
+                r = 1
+            elif rows == "generated":
+                r = max(new_tokens, 1)
+            else:
+                r = len(rows)
+            cols = spec.cols
+            c = L_total if cols in ("all", "text") else (image_tokens if cols == "image" else
+                                                         (L_total if cols == "special" else len(cols)))
+            out[stage] = n_layers * batch * h * r * c * itemsize
+        elif stage == "vision" and n_slices:
+            out[stage] = n_layers * n_slices * h * patches * patches * itemsize
+        elif stage == "resampler" and n_slices:
+            out[stage] = n_slices * h * dims["query_num"] * patches * itemsize
+    out["workspace"] = int(min(spec.chunk_elements, batch * dims["heads"]["llm"] * L_total * max(L_total, 1)) * 4 * 3)
+    return out
+
+
+def check_fits(spec: CaptureSpec, estimate: Dict[str, int], compute_device: torch.device) -> None:
+    """Raise :class:`CaptureTooLarge` (before any allocation) if the estimate cannot fit."""
+    stored = sum(v for k, v in estimate.items() if k != "workspace")
+    target = spec.device or compute_device
+    if spec.max_bytes is not None:
+        limit, where = int(spec.max_bytes), "max_bytes"
+    else:
+        limit, where = _free_bytes(torch.device(target)), f"free memory on {target}"
+    need = stored + (estimate.get("workspace", 0) if torch.device(target) == torch.device(compute_device) else 0)
+    if need > limit:
+        parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in estimate.items())
+        raise CaptureTooLarge(
+            f"attention capture needs about {need / 2**30:.2f} GiB ({parts}) but {where} is "
+            f"{limit / 2**30:.2f} GiB. Select fewer layers (layers=[...]), fewer rows (rows='last' or "
+            f"'generated'), reduce over heads (reduce='mean'), a smaller dtype (dtype='bfloat16'), or "
+            f"offload to the CPU (device='cpu')."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# the attention function
+# --------------------------------------------------------------------------------------
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hk, L, D] -> [B, Hk * n_rep, L, D] (grouped-query attention)."""
+    if n_rep == 1:
+        return x
+    b, h, l, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)
+
+
+def _flash(query, key, value, mask: AttnMask, scaling, dropout):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    if mask.has_padding() or query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    causal = mask.causal and query.shape[2] > 1
+    if causal and query.shape[2] != key.shape[2]:
+        return None
+    out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          dropout_p=dropout, softmax_scale=scaling, causal=causal)
+    return out  # [B, Lq, H, D]
+
+
+def attention_forward(module, query, key, value, mask: AttnMask, scaling: float, dropout: float = 0.0,
+                      capture: Optional[AttentionCapture] = None, implementation: str = "sdpa"):
+    """The attention of every stage. q: [B, H, Lq, D]; k, v: [B, Hk, Lk, D] (Hk divides H).
+
+    Returns ``(output [B, Lq, H, D], weights)``; ``weights`` is the full per-head
+    probability tensor only for ``implementation="eager"`` (stock semantics), else None.
+    When ``capture`` selects ``module.capture_name`` the selection is recomputed and
+    stored in ``capture``.
+    """
+    name = getattr(module, "capture_name", None)
+    if capture is not None and name is not None and capture.wants(name):
+        capture.capture(name, module, query, key, scaling, mask)
+    n_rep = query.shape[1] // key.shape[1]
+    q_len, k_len = query.shape[2], key.shape[2]
+    if implementation == "eager":
+        k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+        add = mask.additive(scores.dtype, q_len, k_len, device=query.device)
+        if add is not None:
+            scores = scores + add
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = F.dropout(weights, p=dropout, training=module.training)
+        return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+    if implementation == "flash_attention_2":
+        out = _flash(query, key, value, mask, scaling, dropout)
+        if out is not None:
+            return out, None
+    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    is_causal = False
+    add = None
+    if mask.causal and not mask.has_padding() and q_len == k_len:
+        is_causal = True
+    else:
+        add = mask.additive(query.dtype, q_len, k_len, device=query.device)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=add, dropout_p=dropout, is_causal=is_causal,
+                                         scale=scaling)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,438 @@
+"""MiniCPM-V-2.6 (SigLIP -> resampler -> Qwen2) that returns its attention weights.
+
+Drop-in for upstream's ``modeling_minicpmv.MiniCPMV``: same config, module tree,
+state-dict keys, ``forward(data, **kwargs)``, ``generate(...)`` and ``chat(...)``.
+Added: ``output_attentions=True`` (everything, per head) or a capture spec (see
+:class:`capture.CaptureSpec`) in all three, returning vision, resampler and LLM
+attention; SDPA everywhere when nothing is captured.
+"""
+import json
+import os
+from dataclasses import dataclass
+from threading import Thread
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes
+from .configuration_minicpm import MiniCPMVConfig
+from .modeling_navit_siglip import SiglipVisionTransformer
+from .modeling_qwen2 import Qwen2ForCausalLM, init_module_weights
+from .resampler import Resampler
+
+TERMINATORS = ["<|im_end|>", "<|endoftext|>"]
+ROLE_CODES = {"text": 0, "image": 1, "special": 2}
+
+
+@dataclass
+class MiniCPMVOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the vision-side attention and the raw capture.
+
+    vision_attentions: tuple over captured SigLIP layers of [N_slices, Hv', P, P].
+    resampler_attentions: [N_slices, Hr', Q, P] (padded patch columns are 0).
+    captured: ``{hook name: tensor}`` of everything captured; capture_index: how each
+    tensor's axes map back (rows, cols, heads, reduce).
+    """
+
+    vision_attentions: Optional[Tuple[torch.Tensor, ...]] = None
+    resampler_attentions: Optional[torch.Tensor] = None
+    captured: Optional[Dict[str, torch.Tensor]] = None
+    capture_index: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class MiniCPMVGenerateOutput(CausalLMOutputWithPast):
+    """What ``generate`` returns when attention is requested.
+
+    sequences: new tokens [B, n_new]; text: decoded answers (``decode_text=True``);
+    attentions: for ``output_attentions=True``, transformers' per-step tuples
+    (step 0 = prompt); captured / capture_index: with a spec, one tensor per selected
+    layer, [B, H', rows, L_prompt + n_new] for the LLM.
+    """
+
+    sequences: Optional[torch.Tensor] = None
+    text: Optional[List[str]] = None
+    vision_attentions: Optional[Tuple[torch.Tensor, ...]] = None
+    resampler_attentions: Optional[torch.Tensor] = None
+    captured: Optional[Dict[str, torch.Tensor]] = None
+    capture_index: Optional[Dict[str, Any]] = None
+    prompt_length: Optional[int] = None
+    scores: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a loadable MiniCPM-V-2.6 checkpoint (names the file / keys)."""
+
+
+class MiniCPMVPreTrainedModel(PreTrainedModel):
+    config_class = MiniCPMVConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module):
+        init_module_weights(self.config, module)
+
+
+class MiniCPMV(MiniCPMVPreTrainedModel):
+    """MiniCPM-V-2.6. ``model(data, output_attentions=True)`` returns all three attention families."""
+
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__(config)
+        self.llm = Qwen2ForCausalLM(config)
+        self.vpm = self.init_vision_module()
+        self.vision_dim = self.vpm.embed_dim
+        self.embed_dim = self.llm.config.hidden_size
+        self.resampler = self.init_resampler(self.embed_dim, self.vision_dim)
+        self._processor = None
+        self.terminators = list(TERMINATORS)
+        self.post_init()
+
+    # -- construction (upstream's names) ------------------------------------------------
+    def init_vision_module(self):
+        model = SiglipVisionTransformer(self.config.vision_config)
+        if self.config.drop_vision_last_layer:
+            model.encoder.layers = model.encoder.layers[:-1]
+        return model
+
+    def init_resampler(self, embed_dim, vision_dim):
+        return Resampler(num_queries=self.config.query_num, embed_dim=embed_dim, num_heads=embed_dim // 128,
+                         kv_dim=vision_dim, adaptive=True)
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llm.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.llm.lm_head = new_embeddings
+
+    def set_decoder(self, decoder):
+        self.llm = decoder
+
+    def get_decoder(self):
+        return self.llm
+
+    @property
+    def processor(self):
+        """The checkpoint folder's processor, loaded on first use (upstream loads it in __init__)."""
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            from .processing_minicpmv import register_processing
+
+            register_processing()
+            self._processor = AutoProcessor.from_pretrained(self.config._name_or_path)
+        return self._processor
+
+    @processor.setter
+    def processor(self, value):
+        self._processor = value
+
+    @property
+    def vision_implementation(self) -> str:
+        impl = self.config._attn_implementation or "sdpa"
+        return impl if impl in ("eager", "flash_attention_2") else "sdpa"
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        """Load an upstream MiniCPM-V-2.6 checkpoint (local folder or hub id).
+
+        With ``strict`` (default) a missing, unexpected or wrong-shaped tensor is an error
+        naming the keys, and a folder of another model type is refused before loading.
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            check_checkpoint_folder(path)
+        kwargs.pop("trust_remote_code", None)
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except RuntimeError as e:
+            if "size mismatch" in str(e) or "mismatch" in str(e).lower():
+                raise CheckpointError(f"{path}: tensor shapes do not match the config: {e}") from None
+            raise
+        problems = []
+        for label in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            keys = sorted(str(k) for k in info.get(label) or [])
+            if keys:
+                problems.append(f"{label.replace('_', ' ')} ({len(keys)}): {', '.join(keys[:20])}"
+                                + (" ..." if len(keys) > 20 else ""))
+        if strict and problems:
+            raise CheckpointError(f"{path}: the weights do not match MiniCPM-V-2.6's state dict: " + "; ".join(problems))
+        return (model, info) if want_info else model
+
+    # -- vision -------------------------------------------------------------------------
+    def _vision_embedding(self, pixel_values_list, tgt_sizes, capture: Optional[AttentionCapture]):
+        """All slices of the batch -> resampler outputs [N, Q, D] (None when there is no image)."""
+        dtype = self.vpm.embeddings.patch_embedding.weight.dtype
+        device = self.vpm.embeddings.patch_embedding.weight.device
+        strips, sizes = [], []
+        for s, (pixels, sizes_s) in enumerate(zip(pixel_values_list, tgt_sizes or [None] * len(pixel_values_list))):
+            if len(pixels) == 0:
+                continue
+            if sizes_s is None or len(sizes_s) != len(pixels):
+                raise ValueError(f"sample {s}: {len(pixels)} pixel_values slices but "
+                                 f"{0 if sizes_s is None else len(sizes_s)} tgt_sizes rows")
+            for j, (p, hw) in enumerate(zip(pixels, sizes_s)):
+                h, w = int(hw[0]), int(hw[1])
+                if p.dim() != 3 or p.shape[0] != 3 or p.shape[1] != self.vpm.patch_size or p.shape[2] != self.vpm.patch_size * h * w:
+                    raise ValueError(
+                        f"pixel_values[{s}][{j}]: expected shape [3, {self.vpm.patch_size}, {self.vpm.patch_size * h * w}]"
+                        f" for tgt_size ({h}, {w}), got {list(p.shape)}")
+                strips.append(p.flatten(end_dim=1).permute(1, 0))  # [14*n, 42]
+                sizes.append((h, w))
+        if not strips:
+            return None, None
+        sizes = torch.tensor(sizes, dtype=torch.int32)
+        pixels = torch.nn.utils.rnn.pad_sequence(strips, batch_first=True, padding_value=0.0)
+        n, length, _ = pixels.shape
+        pixels = pixels.permute(0, 2, 1).reshape(n, 3, -1, length).to(device=device, dtype=dtype)
+        max_patches = int((sizes[:, 0] * sizes[:, 1]).max())
+        patch_mask = torch.zeros((n, 1, max_patches), dtype=torch.bool, device=device)
+        for i, (h, w) in enumerate(sizes.tolist()):
+            patch_mask[i, 0, : h * w] = True
+        chunk = max(1, int(self.config.vision_batch_size))
+        hidden = torch.cat([
+            self.vpm(pixels[i:i + chunk], patch_attention_mask=patch_mask[i:i + chunk], tgt_sizes=sizes[i:i + chunk],
+                     capture=capture, implementation=self.vision_implementation).last_hidden_state
+            for i in range(0, n, chunk)
+        ])
+        return self.resampler(hidden, sizes, capture=capture, implementation=self.vision_implementation), sizes
+
+    def get_vllm_embedding(self, data, capture: Optional[AttentionCapture] = None):
+        """Text embeddings with each sample's resampler outputs scattered into its image_bound rows."""
+        input_ids = data["input_ids"]
+        if "vision_hidden_states" in data and data["vision_hidden_states"] is not None:
+            vision_hidden_states = data["vision_hidden_states"]
+        else:
+            pixel_values_list = data.get("pixel_values")
+            if pixel_values_list is None:
+                pixel_values_list = [[] for _ in range(len(input_ids))]
+            if len(pixel_values_list) != len(input_ids):
+                raise ValueError(f"pixel_values: one list per sample expected ({len(input_ids)} samples), "
+                                 f"got {len(pixel_values_list)}")
+            features, _ = self._vision_embedding(pixel_values_list, data.get("tgt_sizes"), capture)
+            vision_hidden_states, start = [], 0
+            for pixels in pixel_values_list:
+                vision_hidden_states.append(features[start:start + len(pixels)] if len(pixels) else [])
+                start += len(pixels)
+        embeds = self.llm.model.embed_tokens(input_ids)
+        if hasattr(self.llm.config, "scale_emb"):
+            embeds = embeds * self.llm.config.scale_emb
+        rows = []
+        for i in range(len(input_ids)):
+            feats = vision_hidden_states[i]
+            bound = data["image_bound"][i] if data.get("image_bound") is not None else []
+            if len(feats) and len(bound):
+                feats = feats.to(embeds.dtype)
+                index = torch.cat([torch.arange(int(a), int(b)) for a, b in bound]).to(embeds.device)
+                flat = feats.reshape(-1, feats.shape[-1])
+                if index.numel() != flat.shape[0]:
+                    raise ValueError(f"sample {i}: image_bound covers {index.numel()} positions but the images give "
+                                     f"{flat.shape[0]} tokens ({len(feats)} slices x {feats.shape[1]} queries)")
+                row = embeds[i].index_copy(0, index, flat)
+            else:
+                row = embeds[i]
+                if self.training and len(feats):
+                    row = row + feats.mean() * 0
+            rows.append(row)
+        return torch.stack(rows), vision_hidden_states
+
+    # -- capture plumbing ---------------------------------------------------------------
+    def capture_dims(self) -> Dict[str, Any]:
+        return {
+            "layers": {"llm": self.config.num_hidden_layers, "vision": len(self.vpm.encoder.layers), "resampler": 1},
+            "heads": {"llm": self.config.num_attention_heads, "vision": self.config.vision_config.num_attention_heads,
+                      "resampler": self.resampler.num_heads},
+            "query_num": self.config.query_num,
+        }
+
+    def new_capture(self, spec: CaptureSpec, data, new_tokens: int = 0) -> AttentionCapture:
+        """Validate the spec, estimate its memory (refusing what cannot fit) and make a recorder."""
+        dims = self.capture_dims()
+        capture = AttentionCapture(spec, dims["layers"], dims["heads"])
+        input_ids = data["input_ids"]
+        sizes = [hw for per in (data.get("tgt_sizes") or []) for hw in (per if per is not None else [])]
+        patches = max([int(h) * int(w) for h, w in sizes], default=0)
+        n_image = max([sum(int(b) - int(a) for a, b in bound) for bound in (data.get("image_bound") or [])], default=0)
+        est = estimate_bytes(spec, dims, input_ids.shape[0], input_ids.shape[1], new_tokens, len(sizes), patches,
+                             n_image, self.dtype)
+        check_fits(spec, est, self.device)
+        capture.estimate = est
+        return capture
+
+    @staticmethod
+    def token_roles(input_ids, image_bound, attention_mask=None, special_ids=()) -> torch.Tensor:
+        """[B, L] int8 role codes: 0 text, 1 image (inside image_bound), 2 special (padding, special ids)."""
+        roles = torch.zeros(input_ids.shape, dtype=torch.int8)
+        if special_ids:
+            roles[torch.isin(input_ids.cpu(), torch.tensor(sorted(special_ids)))] = 2
+        if attention_mask is not None:
+            roles[attention_mask.cpu() == 0] = 2
+        for i, bound in enumerate(image_bound or []):
+            for a, b in bound:
+                roles[i, int(a):int(b)] = 1
+        return roles
+
+    @staticmethod
+    def _split_capture(capture: AttentionCapture, n_llm_layers: int):
+        tensors, index = capture.result()
+        llm = tuple(v for k, v in tensors.items() if k.startswith("llm."))
+        vision = tuple(v for k, v in tensors.items() if k.startswith("vision."))
+        return tensors, index, llm or None, vision or None, tensors.get("resampler.attn")
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, data, output_attentions=None, output_hidden_states=None, attention_mask=None, labels=None,
+                return_dict=True, special_token_ids=(), **kwargs):
+        """Upstream's call: ``data`` = input_ids, pixel_values, tgt_sizes, image_bound, position_ids.
+
+        ``output_attentions``: True (everything, per head: ``attentions``,
+        ``vision_attentions``, ``resampler_attentions``) or a capture spec (dict /
+        :class:`CaptureSpec`; see ``captured``). Padding rows of captured maps are zero.
+        """
+        spec = CaptureSpec.from_flag(output_attentions)
+        capture = self.new_capture(spec, data) if spec is not None else None
+        embeds, vision_hidden_states = self.get_vllm_embedding(data, capture)
+        position_ids = data.get("position_ids")
+        if position_ids is not None and position_ids.dtype != torch.int64:
+            position_ids = position_ids.long()
+        if capture is not None:
+            roles = self.token_roles(data["input_ids"], data.get("image_bound"), attention_mask, special_token_ids)
+            capture.begin_llm(embeds.shape[1], roles)
+        out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                       labels=labels, output_hidden_states=output_hidden_states, attention_capture=capture, **kwargs)
+        result = MiniCPMVOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+                                hidden_states=out.hidden_states)
+        if capture is not None:
+            tensors, index, llm, vision, resampler = self._split_capture(capture, self.config.num_hidden_layers)
+            result.attentions, result.vision_attentions, result.resampler_attentions = llm, vision, resampler
+            result.captured, result.capture_index = tensors, index
+        return result if return_dict else result.to_tuple()
+
+    # -- generation ---------------------------------------------------------------------
+    def _terminator_ids(self, tokenizer):
+        return [tokenizer.convert_tokens_to_ids(t) for t in self.terminators]
+
+    def _decode_text(self, result_ids, tokenizer):
+        terminators = self._terminator_ids(tokenizer)
+        texts = []
+        for result in result_ids:
+            result = result[result != 0]
+            if len(result) and result[0] == getattr(tokenizer, "bos_id", None):
+                result = result[1:]
+            if len(result) and int(result[-1]) in terminators:
+                result = result[:-1]
+            texts.append(tokenizer.decode(result).strip())
+        return texts
+
+    def generate(self, input_ids=None, pixel_values=None, tgt_sizes=None, image_bound=None, attention_mask=None,
+                 tokenizer=None, vision_hidden_states=None, return_vision_hidden_states=False, stream=False,
+                 decode_text=False, output_attentions=None, **kwargs):
+        """Upstream's generate (new tokens only; ``decode_text`` gives strings; ``stream``).
+
+        ``output_attentions=True`` with ``return_dict_in_generate=True``: transformers'
+        per-step LLM attentions plus vision/resampler attentions. A capture spec: each
+        selected LLM layer ends as one tensor [B, H', rows, L_prompt + n_new] (rows
+        appended as tokens are generated), returned in ``captured``. With attention
+        requested the result is a :class:`MiniCPMVGenerateOutput`.
+        """
+        if input_ids is None:
+            raise ValueError("generate: input_ids is required")
+        if tokenizer is None:
+            raise ValueError("generate: a tokenizer is required (for the terminator ids)")
+        if pixel_values is not None and len(input_ids) != len(pixel_values):
+            raise ValueError(f"generate: {len(input_ids)} samples of input_ids but {len(pixel_values)} of pixel_values")
+        data = {"input_ids": input_ids, "image_bound": image_bound}
+        if vision_hidden_states is None:
+            data["pixel_values"], data["tgt_sizes"] = pixel_values, tgt_sizes
+        else:
+            data["vision_hidden_states"] = vision_hidden_states
+        spec = CaptureSpec.from_flag(output_attentions)
+        per_step = output_attentions is True
+        if spec is not None and stream:
+            raise CaptureError("generate: attention capture is not available with stream=True")
+        if spec is not None and not per_step and kwargs.get("num_beams", 1) > 1:
+            raise CaptureError("generate: a capture spec follows one sequence per sample; with num_beams > 1 use "
+                               "output_attentions=True or chat(), which replays the chosen answer")
+        max_new = kwargs.get("max_new_tokens") or 20
+        capture = self.new_capture(spec, data, max_new) if spec is not None else None
+        grad = torch.is_grad_enabled() and self.training
+        with torch.set_grad_enabled(grad):
+            embeds, vision_hidden_states = self.get_vllm_embedding(data, capture)
+            terminators = self._terminator_ids(tokenizer)
+            gen_kwargs = dict(inputs_embeds=embeds, pad_token_id=0, eos_token_id=terminators,
+                              attention_mask=attention_mask, **kwargs)
+            if stream:
+                from transformers import TextIteratorStreamer
+
+                streamer = TextIteratorStreamer(tokenizer=tokenizer)
+                gen_kwargs["streamer"] = streamer
+                Thread(target=self.llm.generate, kwargs=gen_kwargs).start()
+                result = streamer
+            else:
+                if capture is not None:
+                    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
+                    capture.begin_llm(embeds.shape[1], self.token_roles(input_ids, image_bound, attention_mask, special),
+                                      generating=True)
+                    if per_step:
+                        gen_kwargs.update(output_attentions=True, return_dict_in_generate=True)
+                        capture.layers["llm"] = set()  # transformers collects the LLM steps itself
+                    else:
+                        gen_kwargs["attention_capture"] = capture
+                result = self.llm.generate(**gen_kwargs)
+        if capture is not None:
+            result = self._generate_output(result, capture, tokenizer, decode_text, embeds.shape[1], per_step)
+        elif decode_text and not stream:
+            seqs = result.sequences if hasattr(result, "sequences") else result
+            result = self._decode_text(seqs, tokenizer)
+        if return_vision_hidden_states:
+            return result, vision_hidden_states
+        return result
+
+    def _generate_output(self, result, capture, tokenizer, decode_text, prompt_len, per_step):
+        seqs = result.sequences if hasattr(result, "sequences") else result
+        tensors, index, llm, vision, resampler = self._split_capture(capture, self.config.num_hidden_layers)
+        total = prompt_len + seqs.shape[1]
+        for name, t in list(tensors.items()):
+            if name.startswith("llm.") and t.shape[-1] < total and index[name].get("cols") is None:
+                tensors[name] = torch.nn.functional.pad(t, (0, total - t.shape[-1]))
+        llm = tuple(v for k, v in tensors.items() if k.startswith("llm.")) or None
+        return MiniCPMVGenerateOutput(
+            sequences=seqs, text=self._decode_text(seqs, tokenizer) if decode_text else None,
+            attentions=getattr(result, "attentions", None) if per_step else llm,
+            vision_attentions=vision, resampler_attentions=resampler, captured=tensors, capture_index=index,
+            prompt_length=prompt_len, scores=getattr(result, "scores", None))
+
+
+def check_checkpoint_folder(path: str) -> None:
+    """Refuse, with the reason, a folder that is not a MiniCPM-V-2.6 checkpoint."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json; not a Hugging Face checkpoint folder")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("model_type") != "minicpmv":
+        raise CheckpointError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'minicpmv' "
+                              f"(a MiniCPM-V-2.6 checkpoint)")
+    for key in ("vision_config", "query_num"):
+        if key not in cfg:
+            raise CheckpointError(f"{cfg_path}: field {key!r} is missing; a MiniCPM-V-2.6 config has it")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(weights)})")

@@ -1,0 +1,319 @@
+"""Qwen2 decoder of MiniCPM-V-2.6, as the fork's own code so its attention can be captured.
+
+Numerically the same model as transformers' ``Qwen2ForCausalLM`` (same module tree and
+state-dict keys: ``model.embed_tokens``, ``model.layers.N.self_attn.{q,k,v,o}_proj``,
+``model.layers.N.mlp.{gate,up,down}_proj``, ``input_layernorm``,
+``post_attention_layernorm``, ``model.norm``, ``lm_head``), written against stable
+transformers APIs only (``PreTrainedModel``, ``GenerationMixin``, ``DynamicCache``) so it
+runs on transformers 4.4x and 5.x alike. Every attention is a capture hook point
+``llm.layers.{i}.attn``; see :mod:`capture`.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:
+    from transformers import GenerationMixin
+except ImportError:  # very old transformers: PreTrainedModel is the mixin
+    GenerationMixin = object
+
+from .capture import AttentionCapture, AttnMask, CaptureSpec, attention_forward
+from .modeling_navit_siglip import checkpoint_call
+
+
+def rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    scaling = getattr(config, "rope_scaling", None)
+    if rope_type != "default" or (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+        raise NotImplementedError(f"minicpmv_attn supports default RoPE only, the config asks for {params or scaling}")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, L, head_dim] for positions [B, L] (computed in float32, like transformers)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    freqs = position_ids[..., None].to(torch.float32) * inv_freq.to(position_ids.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class Qwen2RMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query heads (hook ``llm.layers.{i}.attn``)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
+        self.capture_name = f"llm.layers.{layer_idx}.attn"
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, cos_sin, mask: AttnMask, past_key_values: Optional[Cache] = None,
+                capture: Optional[AttentionCapture] = None):
+        b, n, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out, _ = attention_forward(self, q, k, v, mask, self.scaling,
+                                   self.attention_dropout if self.training else 0.0, capture=capture,
+                                   implementation=self.config._attn_implementation or "sdpa")
+        return self.o_proj(out.reshape(b, n, -1))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, cos_sin, mask, past_key_values=None, capture=None):
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos_sin, mask,
+                                                       past_key_values, capture)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def positions_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Position ids of the last ``q_len`` tokens from a 2-D padding mask (left padding aware)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 1)
+    return pos[:, -q_len:]
+
+
+class Qwen2PreTrainedModel(PreTrainedModel):
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module):
+        init_module_weights(self.config, module)
+
+
+@torch.no_grad()
+def init_module_weights(config, module):
+    """Random init used for tiny test/demo models (checkpoint weights overwrite it)."""
+    std = getattr(config, "initializer_range", 0.02)
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, std)
+    elif isinstance(module, (nn.LayerNorm, Qwen2RMSNorm)):
+        module.weight.fill_(1.0)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+
+
+class Qwen2Model(Qwen2PreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        self.layers = nn.ModuleList([Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=False,
+                attention_capture: Optional[AttentionCapture] = None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Qwen2Model: pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, q_len = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        elif past_key_values is not None and not isinstance(past_key_values, Cache):
+            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        k_len = past + q_len
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask: expected a 2-D [batch, keys] padding mask, got shape "
+                                 f"{tuple(attention_mask.shape)}")
+            if attention_mask.shape != (b, k_len):
+                raise ValueError(f"attention_mask: expected shape {(b, k_len)} (batch, past + new tokens), got "
+                                 f"{tuple(attention_mask.shape)}")
+            key_valid = attention_mask.to(torch.bool)
+        else:
+            key_valid = None
+        if position_ids is None:
+            if key_valid is not None:
+                position_ids = positions_from_mask(attention_mask, q_len)
+            else:
+                position_ids = torch.arange(past, k_len, device=inputs_embeds.device)[None].expand(b, -1)
+        mask = AttnMask(
+            key_valid=None if key_valid is None or bool(key_valid.all()) else key_valid,
+            causal=True, q_offset=past,
+            query_valid=None if key_valid is None else key_valid[:, past:],
+        )
+        cos_sin = rotary_cos_sin(position_ids, self.layers[0].self_attn.head_dim, rope_theta(self.config),
+                                 inputs_embeds.dtype)
+        hidden = inputs_embeds
+        states = (hidden,) if output_hidden_states else None
+        cache = past_key_values if use_cache else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = checkpoint_call(self, layer, hidden, cos_sin, mask, cache, attention_capture)
+            else:
+                hidden = layer(hidden, cos_sin, mask, cache, attention_capture)
+            if output_hidden_states:
+                states += (hidden,)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            states = states[:-1] + (hidden,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=states)
+
+
+class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
+    """Qwen2 LM whose ``output_attentions`` accepts True or a capture spec.
+
+    With ``output_attentions`` the output's ``attentions`` is a tuple over the selected
+    layers (all layers for ``True``: [B, H, Lq, Lk] each, exactly the eager probabilities,
+    but computed next to SDPA). Pass ``attention_capture`` to accumulate into an existing
+    :class:`AttentionCapture` instead (what ``MiniCPMV.generate`` does).
+    """
+
+    _tied_weights_keys = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Qwen2Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_decoder(self):
+        return self.model
+
+    def set_decoder(self, decoder):
+        self.model = decoder
+
+    def capture_dims(self):
+        return ({"llm": self.config.num_hidden_layers}, {"llm": self.config.num_attention_heads})
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                attention_capture: Optional[AttentionCapture] = None, **kwargs) -> CausalLMOutputWithPast:
+        own = None
+        if attention_capture is None and output_attentions:
+            spec = CaptureSpec.from_flag(output_attentions)
+            if "llm" in spec.stages:
+                layers, heads = self.capture_dims()
+                own = attention_capture = AttentionCapture(spec, layers, heads)
+                past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+                if past == 0:
+                    n = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+                    own.begin_llm(n)
+                else:
+                    own.prompt_len = past + (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=bool(output_hidden_states), attention_capture=attention_capture)
+        hidden = outputs.last_hidden_state
+        keep = kwargs.get("num_logits_to_keep", logits_to_keep)
+        if isinstance(keep, int) and keep > 0:
+            hidden = hidden[:, -keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                               labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        attentions = None
+        if own is not None:
+            tensors, _ = own.result()
+            attentions = tuple(tensors.values())
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=attentions)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, **kwargs):
+        """Works for transformers 4.4x and 5.x: new tokens = mask length - cached length."""
+        past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+        if inputs_embeds is not None and past == 0:
+            inputs = {"inputs_embeds": inputs_embeds, "input_ids": None}
+        else:
+            if attention_mask is not None:
+                n_new = max(attention_mask.shape[1] - past, 1)
+            else:
+                n_new = 1 if past else input_ids.shape[1]
+            inputs = {"input_ids": input_ids[:, -n_new:]}
+        inputs.update(past_key_values=past_key_values, attention_mask=attention_mask)
+        for key in ("cache_position", "next_sequence_length", "is_first_iteration", "position_ids"):
+            kwargs.pop(key, None)
+        inputs.update(kwargs)
+        return inputs

@@ -1,0 +1,40 @@
+"""Access to the golden fixtures in ../shared/golden (upstream's real outputs)."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "minicpmv26"
+CASES = json.loads((GOLDEN / "cases.json").read_text()) if (GOLDEN / "cases.json").is_file() else []
+
+
+def case_dir(case: str) -> Path:
+    return GOLDEN / case
+
+
+def load_inputs(case: str):
+    """(data dict for MiniCPMV.forward, attention_mask) exactly as upstream was called."""
+    t = load_file(str(GOLDEN / case / "inputs.safetensors"))
+    b = t["input_ids"].shape[0]
+    pixel_values, tgt_sizes, image_bound = [], [], []
+    for s in range(b):
+        n = sum(1 for k in t if k.startswith(f"pixel_values.{s}."))
+        pixel_values.append([t[f"pixel_values.{s}.{j}"] for j in range(n)])
+        tgt_sizes.append(t.get(f"tgt_sizes.{s}", torch.zeros((0, 2), dtype=torch.int32)))
+        image_bound.append(t[f"image_bound.{s}"])
+    data = {"input_ids": t["input_ids"], "pixel_values": pixel_values, "tgt_sizes": tgt_sizes,
+            "image_bound": image_bound, "position_ids": t["position_ids"]}
+    return data, t["attention_mask"]
+
+
+def load_expected(case: str):
+    return load_file(str(GOLDEN / case / "expected.safetensors"))
+
+
+def load_meta(case: str):
+    return json.loads((GOLDEN / case / "meta.json").read_text())
+
+
+def real_patch_counts(data):
+    return [int(h) * int(w) for sizes in data["tgt_sizes"] for h, w in sizes.tolist()]
