@@ -264,7 +264,7 @@ class AttentionCapture:
         self.spec = spec
         self.n_heads = dict(n_heads)
         self.layers = {s: set(spec.layer_ids(s, n_layers.get(s, 1))) for s in STAGES}
-        self.heads = {s: spec.head_ids(s, n_heads[s]) for s in STAGES if s in n_heads}
+        self.heads = {s: spec.head_ids(s, n_heads[s]) for s in spec.stages if s in n_heads}
         self.pieces: Dict[str, List[_Piece]] = {}
         self.frozen = False
         self.prompt_len: Optional[int] = None

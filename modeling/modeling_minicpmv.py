@@ -155,6 +155,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
             check_checkpoint_folder(path)
+            if strict:
+                check_checkpoint_tensors(path, cls)
         kwargs.pop("trust_remote_code", None)
         want_info = kwargs.pop("output_loading_info", False)
         try:
@@ -436,3 +438,50 @@ def check_checkpoint_folder(path: str) -> None:
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
         raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(weights)})")
+
+
+def checkpoint_tensor_shapes(path: str) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Tensor name -> shape from the safetensors headers of a folder (no data read); None if not safetensors."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return None
+    shapes = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: weights file {name} listed in the index is missing")
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    return shapes
+
+
+def check_checkpoint_tensors(path: str, cls=None) -> None:
+    """Compare a folder's tensor names and shapes with the model its config builds (on the meta device)."""
+    found = checkpoint_tensor_shapes(path)
+    if found is None:
+        return
+    cls = cls or MiniCPMV
+    config = MiniCPMVConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k} (expected {list(expected[k])}, got {list(found[k])})"
+                   for k in set(expected) & set(found) if expected[k] != found[k])
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else "")
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("wrong shapes", wrong)) if keys]
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not match MiniCPM-V-2.6's state dict: " + "; ".join(problems))

@@ -1,0 +1,116 @@
+"""Loading upstream checkpoints: Auto classes, strict key checks, clear refusals."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import minicpmv_attn
+from golden import case_dir
+from minicpmv_attn import CheckpointError, MiniCPMV, MiniCPMVConfig
+
+
+def copy_case(tmp_path, case="single_image"):
+    dst = tmp_path / case
+    shutil.copytree(case_dir(case), dst)
+    return dst
+
+
+def edit_weights(folder, fn):
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_auto_classes_registered():
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    folder = str(case_dir("single_image"))
+    cfg = AutoConfig.from_pretrained(folder)
+    assert isinstance(cfg, MiniCPMVConfig) and cfg.query_num == 16 and cfg.vision_config.hidden_size == 64
+    assert cfg.slice_config.scale_resolution == 112 and cfg.patch_size == 14
+    for auto in (AutoModel, AutoModelForCausalLM):
+        model = auto.from_pretrained(folder)
+        assert isinstance(model, MiniCPMV)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = MiniCPMVConfig.from_pretrained(str(case_dir("two_images_batch")))
+    cfg.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "minicpmv"
+    assert saved["vision_config"]["num_hidden_layers"] == 2 and saved["slice_config"]["max_slice_nums"] == 9
+    again = MiniCPMVConfig.from_pretrained(str(tmp_path))
+    assert again.num_hidden_layers == 3 and again.vision_config.intermediate_size == 128
+
+
+def test_state_dict_keys_are_upstreams():
+    folder = case_dir("single_image")
+    model = MiniCPMV.from_pretrained(str(folder))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    assert ours == theirs
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        MiniCPMV.from_pretrained(str(tmp_path))
+
+
+def test_wrong_model_type(tmp_path):
+    folder = copy_case(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_corrupt_config(tmp_path):
+    folder = copy_case(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_missing_weights_file(tmp_path):
+    folder = copy_case(tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights file"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_missing_tensor_named(tmp_path):
+    folder = copy_case(tmp_path)
+    edit_weights(folder, lambda t: t.pop("resampler.query"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): resampler.query"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_extra_tensor_named(tmp_path):
+    folder = copy_case(tmp_path)
+    edit_weights(folder, lambda t: t.__setitem__("llm.model.extra_thing", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match="unexpected keys.*llm.model.extra_thing"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_wrong_shape_named(tmp_path):
+    folder = copy_case(tmp_path)
+    edit_weights(folder, lambda t: t.__setitem__("vpm.post_layernorm.weight", torch.ones(5)))
+    with pytest.raises(CheckpointError, match=r"wrong shapes \(1\): vpm.post_layernorm.weight \(expected \[64\], got \[5\]\)"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_non_strict_allows_missing(tmp_path):
+    folder = copy_case(tmp_path)
+    edit_weights(folder, lambda t: t.pop("resampler.query"))
+    model, info = MiniCPMV.from_pretrained(str(folder), strict=False, output_loading_info=True)
+    assert "resampler.query" in info["missing_keys"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dtypes_load(dtype):
+    model = MiniCPMV.from_pretrained(str(case_dir("text_only")), torch_dtype=dtype)
+    assert model.dtype == dtype and model.resampler.query.dtype == dtype
