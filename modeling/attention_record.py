@@ -213,3 +213,92 @@ class AttentionRecord:
             and (self.layout.to_dict() if self.layout else None) == (other.layout.to_dict() if other.layout else None)
             and json.loads(json.dumps(self.meta)) == json.loads(json.dumps(other.meta))
         )
+
+
+def _as_dict(obj) -> Dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return dict(vars(obj))
+
+
+def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, padding: int,
+                      image_bound: Sequence[Sequence[int]], images: Sequence[Any], special_ids=(),
+                      valid: Optional[Sequence[bool]] = None) -> TokenLayout:
+    """TokenLayout of one sample; ``images`` = the processor's slice layouts of its images."""
+    special_ids = set(special_ids)
+    bounds = [(int(a), int(b)) for a, b in image_bound]
+    roles = []
+    for pos, tok in enumerate(ids):
+        if (valid is not None and not valid[pos]) or pos < padding:
+            roles.append("special")
+        elif tok in special_ids:
+            roles.append("special")
+        else:
+            roles.append("text")
+    for a, b in bounds:
+        for pos in range(a, b):
+            roles[pos] = "image"
+    layouts, k = [], 0
+    for i, im in enumerate(images or []):
+        im = _as_dict(im)
+        slices = []
+        for j, sl in enumerate(im["slices"]):
+            sl = _as_dict(sl)
+            if k >= len(bounds):
+                raise ValueError(f"image {i} slice {j}: no image_bound row left for it ({len(bounds)} rows)")
+            grid_pos = sl.get("grid_pos")
+            slices.append(SliceLayout(image=i, index=j, kind=sl.get("kind", "source" if j == 0 else "slice"),
+                                      tgt_size=tuple(int(x) for x in sl["tgt_size"]),
+                                      box=tuple(float(x) for x in sl["box"]), token_span=bounds[k],
+                                      grid_pos=tuple(grid_pos) if grid_pos is not None else None))
+            k += 1
+        grid = im.get("grid")
+        layouts.append(ImageLayout(index=i, size=tuple(int(x) for x in im["size"]),
+                                   grid=tuple(grid) if grid else None, slices=slices))
+    return TokenLayout(input_ids=[int(t) for t in ids], tokens=list(tokens), roles=roles, image_bound=bounds,
+                       images=layouts, n_prompt=int(n_prompt), padding=int(padding))
+
+
+def records_from_capture(tensors: Dict[str, torch.Tensor], index: Dict[str, Dict[str, Any]], prompt_ids,
+                         new_ids=None, attention_mask=None, image_bound=None, tgt_sizes=None, slice_layouts=None,
+                         tokenizer=None, meta=None) -> List[AttentionRecord]:
+    """Split a batch capture into one :class:`AttentionRecord` per sample, with its layout.
+
+    ``meta``: a dict for every record, or a list with one dict per sample.
+    """
+    prompt_ids = prompt_ids.detach().cpu()
+    B, n_prompt = prompt_ids.shape
+    new_ids = torch.zeros((B, 0), dtype=prompt_ids.dtype) if new_ids is None else new_ids.detach().cpu()
+    full = torch.cat([prompt_ids, new_ids.to(prompt_ids.dtype)], 1)
+    mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask.detach().cpu()
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    n_slices = [len(t) if t is not None else 0 for t in (tgt_sizes or [[]] * B)]
+    records, offset = [], 0
+    for b in range(B):
+        ids = full[b].tolist()
+        tokens = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(t) for t in ids]
+        tokens = [t if t is not None else "" for t in tokens]
+        padding = int((mask[b] == 0).sum())
+        valid = mask[b].bool().tolist()
+        ended = False
+        for t in new_ids[b].tolist():  # zeros after the answer ended are padding
+            valid.append(not ended and t != 0)
+            ended = ended or t == 0
+        layout = layout_for_sample(ids, tokens, n_prompt, padding, image_bound[b] if image_bound is not None else [],
+                                   (slice_layouts[b] if slice_layouts is not None else []), special, valid)
+        rec_tensors, rec_index = {}, {}
+        for name, t in tensors.items():
+            info = dict(index.get(name, {}))
+            if name.startswith("llm."):
+                rec_tensors[name] = t[b]
+                if info.get("cols") is not None:
+                    info["cols"] = info["cols"][b]
+            else:
+                rec_tensors[name] = t[offset:offset + n_slices[b]]
+            rec_index[name] = info
+        offset += n_slices[b]
+        records.append(AttentionRecord(tensors=rec_tensors, index=rec_index, layout=layout,
+                                       meta=dict((meta[b] if isinstance(meta, list) else meta) or {}, sample=b)))
+    return records

@@ -298,12 +298,14 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, data, output_attentions=None, output_hidden_states=None, attention_mask=None, labels=None,
-                return_dict=True, special_token_ids=(), **kwargs):
+                return_dict=True, special_token_ids=(), prompt_length=None, **kwargs):
         """Upstream's call: ``data`` = input_ids, pixel_values, tgt_sizes, image_bound, position_ids.
 
         ``output_attentions``: True (everything, per head: ``attentions``,
         ``vision_attentions``, ``resampler_attentions``) or a capture spec (dict /
         :class:`CaptureSpec`; see ``captured``). Padding rows of captured maps are zero.
+        ``prompt_length``: replaying a generated answer, positions from here on count as
+        generated (capture ``rows="generated"``; negative rows count from here).
         """
         spec = CaptureSpec.from_flag(output_attentions)
         capture = self.new_capture(spec, data) if spec is not None else None
@@ -313,7 +315,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             position_ids = position_ids.long()
         if capture is not None:
             roles = self.token_roles(data["input_ids"], data.get("image_bound"), attention_mask, special_token_ids)
-            capture.begin_llm(embeds.shape[1], roles)
+            if prompt_length is None:
+                capture.begin_llm(embeds.shape[1], roles)
+            else:
+                capture.begin_llm(int(prompt_length), roles, generating=True)
         out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                        labels=labels, output_hidden_states=output_hidden_states, attention_capture=capture, **kwargs)
         result = MiniCPMVOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
@@ -418,6 +423,113 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             vision_attentions=vision, resampler_attentions=resampler, captured=tensors, capture_index=index,
             prompt_length=prompt_len, scores=getattr(result, "scores", None))
 
+    # -- chat ---------------------------------------------------------------------------
+    def chat(self, image, msgs, tokenizer, processor=None, vision_hidden_states=None, max_new_tokens=2048,
+             min_new_tokens=0, sampling=True, max_inp_length=8192, system_prompt="", stream=False,
+             max_slice_nums=None, use_image_id=None, output_attentions=None, **kwargs):
+        """Upstream's chat. With ``output_attentions`` (True or a capture spec) it returns
+        ``(answer, record)``: the answer and an :class:`AttentionRecord` (a list of both
+        for batched msgs). ``True`` captures everything; beam search (``sampling=False``)
+        captures by replaying the chosen answer through one forward pass.
+        """
+        from .attention_record import records_from_capture
+
+        batched = isinstance(msgs, list) and len(msgs) > 0 and isinstance(msgs[0], list)
+        if batched:
+            if image is not None:
+                raise ValueError("chat: with batched msgs put the images inside msgs (image must be None)")
+            images_list, msgs_list = [None] * len(msgs), msgs
+        else:
+            images_list, msgs_list = [image], [msgs]
+        if processor is None:
+            processor = self.processor
+        self._check_processor(processor)
+        if not sampling and stream:
+            raise ValueError("chat: stream=True needs sampling=True (upstream's rule)")
+        prompts, images = [], []
+        for img, conversation in zip(images_list, msgs_list):
+            prompt, imgs = chat_prompt(processor.tokenizer, img, conversation, system_prompt)
+            prompts.append(prompt)
+            images.append(imgs)
+        inputs = processor(prompts, images, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                           return_tensors="pt", max_length=max_inp_length).to(self.device)
+        if sampling:
+            generation_config = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True,
+                                 "repetition_penalty": 1.05}
+        else:
+            generation_config = {"num_beams": 3, "repetition_penalty": 1.2}
+        if min_new_tokens > 0:
+            generation_config["min_new_tokens"] = min_new_tokens
+        generation_config.update((k, kwargs[k]) for k in generation_config.keys() & kwargs.keys())
+        spec = CaptureSpec.from_flag(output_attentions)
+        model_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "tgt_sizes", "image_bound",
+                                               "attention_mask") if k in inputs}
+        replay = spec is not None and generation_config.get("num_beams", 1) > 1
+        res = self.generate(**model_inputs, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                            vision_hidden_states=vision_hidden_states, stream=stream, decode_text=True,
+                            output_attentions=None if (spec is None or replay) else spec, **generation_config)
+        if stream:
+            def stream_gen():
+                for text in res:
+                    for term in self.terminators:
+                        text = text.replace(term, "")
+                    yield text
+            return stream_gen()
+        if spec is None:
+            return res if batched else res[0]
+        if replay:
+            texts = res
+            sequences = self._answer_ids(texts, tokenizer, processor)
+            tensors, index, n_prompt = self._replay_capture(model_inputs, sequences, spec, tokenizer)
+        else:
+            texts, sequences = res.text, res.sequences
+            tensors, index, n_prompt = res.captured, res.capture_index, res.prompt_length
+        records = records_from_capture(
+            tensors, index, prompt_ids=model_inputs["input_ids"], new_ids=sequences,
+            attention_mask=model_inputs.get("attention_mask"), image_bound=model_inputs.get("image_bound"),
+            tgt_sizes=model_inputs.get("tgt_sizes"), slice_layouts=inputs.get("slice_layouts"), tokenizer=tokenizer,
+            meta=[{"prompt": p, "answer": a, "spec": spec.describe(), "replayed": replay,
+                   "model": str(getattr(self.config, "_name_or_path", ""))} for p, a in zip(prompts, texts)])
+        if batched:
+            return texts, records
+        return texts[0], records[0]
+
+    def _check_processor(self, processor):
+        ip = processor.image_processor
+        for model_key, proc_key, value in (
+                ("query_num", "image_feature_size", self.config.query_num),
+                ("patch_size", "patch_size", self.config.patch_size),
+                ("use_image_id", "use_image_id", self.config.use_image_id),
+                ("slice_config.max_slice_nums", "max_slice_nums", self.config.slice_config.max_slice_nums),
+                ("slice_mode", "slice_mode", self.config.slice_mode)):
+            if getattr(ip, proc_key, value) != value:
+                raise ValueError(f"config.json {model_key}={value!r} but preprocessor_config.json "
+                                 f"{proc_key}={getattr(ip, proc_key)!r}; they must be the same")
+
+    def _answer_ids(self, texts, tokenizer, processor):
+        """Token ids of decoded answers (+ <|im_end|>) for replay, right padded with 0."""
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        rows = [tokenizer.encode(t, add_special_tokens=False) + [end] for t in texts]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    def _replay_capture(self, model_inputs, new_ids, spec, tokenizer):
+        """One forward pass over prompt + answer with the capture (used after beam search)."""
+        new_ids = new_ids.to(self.device)
+        prompt_mask = model_inputs.get("attention_mask")
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(model_inputs["input_ids"])
+        ids = torch.cat([model_inputs["input_ids"], new_ids], 1)
+        mask = torch.cat([prompt_mask.to(new_ids.dtype), (new_ids != 0).to(new_ids.dtype)], 1)
+        data = {"input_ids": ids, "pixel_values": model_inputs.get("pixel_values"),
+                "tgt_sizes": model_inputs.get("tgt_sizes"), "image_bound": model_inputs.get("image_bound"),
+                "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+        special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
+        with torch.no_grad():
+            out = self(data, attention_mask=mask, output_attentions=spec, special_token_ids=special,
+                       prompt_length=model_inputs["input_ids"].shape[1])
+        return out.captured, out.capture_index, model_inputs["input_ids"].shape[1]
+
 
 def check_checkpoint_folder(path: str) -> None:
     """Refuse, with the reason, a folder that is not a MiniCPM-V-2.6 checkpoint."""
@@ -485,3 +597,46 @@ def check_checkpoint_tensors(path: str, cls=None) -> None:
                                     ("wrong shapes", wrong)) if keys]
     if problems:
         raise CheckpointError(f"{path}: the weights do not match MiniCPM-V-2.6's state dict: " + "; ".join(problems))
+
+
+def chat_prompt(tokenizer, image, msgs, system_prompt=""):
+    """(ChatML prompt text, images in order) for one conversation, with upstream's rules and clear errors."""
+    from copy import deepcopy
+
+    from PIL import Image
+
+    if isinstance(msgs, str):
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"chat: msgs is a string but not valid JSON ({e})") from None
+    if not isinstance(msgs, list) or len(msgs) == 0:
+        raise ValueError("chat: msgs is empty; expected a list of {'role': 'user'|'assistant', 'content': ...}")
+    msgs = deepcopy(msgs)
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"chat: msgs[{i}] must be a dict with 'role' and 'content', got {m!r:.80}")
+    if image is not None and isinstance(msgs[0]["content"], str):
+        msgs[0]["content"] = [image, msgs[0]["content"]]
+    images = []
+    for i, m in enumerate(msgs):
+        if m["role"] not in ("user", "assistant"):
+            raise ValueError(f"chat: msgs[{i}] has role {m['role']!r}; roles must be 'user' or 'assistant' "
+                             f"(use system_prompt= for a system message)")
+        if i == 0 and m["role"] != "user":
+            raise ValueError(f"chat: the first message must be from the user, got role {m['role']!r}")
+        content = m["content"] if isinstance(m["content"], list) else [m["content"]]
+        parts = []
+        for c in content:
+            if isinstance(c, Image.Image):
+                images.append(c)
+                parts.append("(<image>./</image>)")
+            elif isinstance(c, str):
+                parts.append(c)
+            else:
+                raise ValueError(f"chat: msgs[{i}] content item of type {type(c).__name__}; expected str or "
+                                 f"PIL.Image.Image")
+        m["content"] = "\n".join(parts)
+    if system_prompt:
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), images
