@@ -1,0 +1,788 @@
+"""Map captured attention back onto tokens, slices, patches and the original image.
+
+Everything here reads an :class:`~.attention_record.AttentionRecord` (one sample)
+and returns numpy arrays; nothing is plotted (see ``plotting.py``).
+
+Paths through the model
+-----------------------
+* LLM position -> image token: slice ``s`` of ``layout.slices`` owns the positions
+  ``token_span = [start, end)``; position ``start + j`` carries resampler query ``j``.
+* resampler query -> patches: ``resampler.attn[s, :, j, :h*w]`` (head-mean), the
+  patches of slice ``s`` row-major over its ``h x w`` patch grid (``tgt_size``).
+* patch -> original image: slice ``s`` covers ``box = (x0, y0, x1, y1)`` of the
+  original image; patch ``(r, c)`` covers the ``(r, c)`` cell of that box cut into
+  ``h x w`` equal cells.
+
+Image heatmaps (``image_heatmap``)
+---------------------------------
+For one LLM query row the heatmap is the attention *mass* that reaches each pixel
+of the original image::
+
+    map[y, x] = sum over image tokens t of image i:
+                    A_llm[row, t] * A_res[slice(t), query(t), patch covering (x, y)]
+                    * (share of that patch's area inside the pixel)
+
+Every patch's mass is spread evenly over its cell of the slice's box, so a pixel
+holds the attention that landed on it, in the same units whichever slice it came
+through. The source (overview) slice and the grid slices cover the same pixels;
+their maps are therefore simply **added** (``include_source`` /
+``include_slices`` pick the parts; ``source_map`` and ``slices_map`` come back
+separately too). ``map.sum()`` equals the row's attention to that image's tokens
+(resampler rows sum to 1 over real patches). ``interpolation="bilinear"`` smooths
+each slice's map inside its box (mass kept per slice) for display.
+
+Attention rollout (Abnar & Zuidema, 2020)
+----------------------------------------
+``A~ = 0.5 A + 0.5 I`` with rows renormalised, multiplied from the first selected
+layer up: ``R = A~_last @ ... @ A~_first``. It needs every query row and key column
+of each layer used (a full square map); head reduction happens per layer first.
+
+Conventions for errors: whatever is missing (a stage, a layer, a head, a query row,
+key columns, the layout) is named in a ``ValueError``, with how to capture it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .attention_record import ROLES, AttentionRecord, SliceLayout, TokenLayout
+
+__all__ = [
+    "ImageToken", "ImageHeatmap", "RoleShares",
+    "image_token_table", "lookup_image_token", "find_slice", "patch_box", "patch_boxes",
+    "place_patch_map", "llm_attention_rows", "rollout", "llm_rollout",
+    "resampler_query_maps", "query_patch_map", "image_heatmap", "row_role_shares",
+    "role_shares", "vision_attention", "vision_rollout", "vision_patch_map",
+    "vision_received_map",
+]
+
+HeadSel = Optional[Union[int, Sequence[int]]]
+LayerSel = Optional[Union[int, Sequence[int]]]
+
+
+# ----------------------------------------------------------------------------------
+# Layout lookups: LLM position -> (image, slice, query); patch -> box
+# ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageToken:
+    """What an image-token position of the LLM sequence stands for."""
+
+    position: int  # LLM position
+    image: int  # image index within the sample
+    slice: int  # index into layout.slices (= the S axis of vision/resampler tensors)
+    slice_index: int  # SliceLayout.index within its image (0 = source)
+    query: int  # resampler query id
+
+
+def _need_layout(record: AttentionRecord, what: str) -> TokenLayout:
+    if record.layout is None:
+        raise ValueError(f"{what} needs the record's token layout, but record.layout is None")
+    return record.layout
+
+
+def image_token_table(layout: TokenLayout) -> Dict[int, ImageToken]:
+    """``{LLM position: ImageToken}`` for every image token of the sample."""
+    table: Dict[int, ImageToken] = {}
+    for g, sl in enumerate(layout.slices):
+        start, end = (int(v) for v in sl.token_span)
+        for j, p in enumerate(range(start, end)):
+            table[p] = ImageToken(position=p, image=sl.image, slice=g, slice_index=sl.index, query=j)
+    return table
+
+
+def lookup_image_token(layout: TokenLayout, position: int) -> Optional[ImageToken]:
+    """The image/slice/query an LLM position carries, or ``None`` if it is no image token."""
+    for g, sl in enumerate(layout.slices):
+        start, end = (int(v) for v in sl.token_span)
+        if start <= position < end:
+            return ImageToken(position, sl.image, g, sl.index, position - start)
+    return None
+
+
+def find_slice(layout: TokenLayout, image: int = 0, slice: int = 0) -> int:
+    """Index into ``layout.slices`` of slice ``slice`` (0 = source) of image ``image``."""
+    for g, sl in enumerate(layout.slices):
+        if sl.image == image and sl.index == slice:
+            return g
+    have = sorted({(s.image, s.index) for s in layout.slices})
+    raise ValueError(f"layout has no slice {slice} of image {image}; (image, slice) pairs: {have}")
+
+
+def _patch_rc(sl: SliceLayout, patch: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    h, w = (int(v) for v in sl.tgt_size)
+    if isinstance(patch, (tuple, list)):
+        r, c = (int(v) for v in patch)
+    else:
+        r, c = divmod(int(patch), w)
+    if not (0 <= r < h and 0 <= c < w):
+        raise ValueError(f"patch {patch!r} is outside the slice's {h} x {w} patch grid")
+    return r, c
+
+
+def patch_box(sl: SliceLayout, patch: Union[int, Tuple[int, int]]) -> Tuple[float, float, float, float]:
+    """Box ``(x0, y0, x1, y1)`` in original-image pixels of one patch (row-major id or (row, col))."""
+    r, c = _patch_rc(sl, patch)
+    h, w = (int(v) for v in sl.tgt_size)
+    x0, y0, x1, y1 = (float(v) for v in sl.box)
+    pw, ph = (x1 - x0) / w, (y1 - y0) / h
+    return (x0 + c * pw, y0 + r * ph, x0 + (c + 1) * pw, y0 + (r + 1) * ph)
+
+
+def patch_boxes(sl: SliceLayout) -> np.ndarray:
+    """``[h, w, 4]`` boxes (x0, y0, x1, y1) of all patches of a slice."""
+    h, w = (int(v) for v in sl.tgt_size)
+    return np.array([[patch_box(sl, (r, c)) for c in range(w)] for r in range(h)], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------
+# Placing a slice's patch map into the original image
+# ----------------------------------------------------------------------------------
+def _axis_weights(n_out: int, px: float, lo: float, hi: float, n: int, interpolation: str) -> np.ndarray:
+    """[n_out, n]: share of patch cell k's mass that lands in output pixel i along one axis."""
+    step = (hi - lo) / n
+    cells = lo + np.arange(n + 1) * step
+    edges = np.arange(n_out + 1) * px
+    if interpolation == "nearest":
+        a0 = np.maximum(edges[:-1, None], cells[None, :-1])
+        a1 = np.minimum(edges[1:, None], cells[None, 1:])
+        return np.clip(a1 - a0, 0.0, None) / step
+    if interpolation == "bilinear":
+        centres = (np.arange(n_out) + 0.5) * px
+        inside = (centres >= lo) & (centres < hi)
+        u = np.clip((centres - lo) / step - 0.5, 0.0, n - 1)
+        i0 = np.floor(u).astype(int)
+        i1 = np.minimum(i0 + 1, n - 1)
+        f = u - i0
+        wts = np.zeros((n_out, n))
+        rows = np.arange(n_out)
+        np.add.at(wts, (rows, i0), 1.0 - f)
+        np.add.at(wts, (rows, i1), f)
+        wts[~inside] = 0.0
+        return wts * (px / step)  # density (per patch length) * pixel length = mass share
+    raise ValueError(f"interpolation must be 'nearest' or 'bilinear', got {interpolation!r}")
+
+
+def place_patch_map(
+    patch_map,
+    box: Sequence[float],
+    image_size: Tuple[int, int],
+    out_size: Optional[Tuple[int, int]] = None,
+    interpolation: str = "nearest",
+) -> np.ndarray:
+    """Spread a slice's patch masses ``[..., h, w]`` over its ``box`` of the original image.
+
+    ``image_size`` and ``out_size`` are ``(width, height)``; the result is
+    ``[..., H_out, W_out]`` holding the mass per output pixel. ``"nearest"`` spreads
+    each patch evenly over its cell (exact, partial pixels get their share);
+    ``"bilinear"`` interpolates the density smoothly inside the box and rescales so
+    the slice's total mass is kept.
+    """
+    m = np.asarray(patch_map, dtype=np.float64)
+    if m.ndim < 2:
+        raise ValueError(f"patch map must be [..., h, w], got shape {m.shape}")
+    W, H = (int(v) for v in image_size)
+    Wo, Ho = (W, H) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    if min(W, H, Wo, Ho) <= 0:
+        raise ValueError(f"image and output sizes must be positive, got {image_size} and {out_size}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"empty box {tuple(box)}")
+    h, w = m.shape[-2:]
+    wy = _axis_weights(Ho, H / Ho, y0, y1, h, interpolation)
+    wx = _axis_weights(Wo, W / Wo, x0, x1, w, interpolation)
+    out = np.einsum("yh,...hw,xw->...yx", wy, m, wx, optimize=True)
+    if interpolation == "bilinear":
+        tot = out.sum(axis=(-2, -1), keepdims=True)
+        want = m.sum(axis=(-2, -1), keepdims=True)
+        out = np.where(tot > 0, out * (want / np.where(tot > 0, tot, 1.0)), out)
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Reading tensors: layers, heads, rows, columns
+# ----------------------------------------------------------------------------------
+def _idx(record: AttentionRecord, name: str) -> dict:
+    return record.index.get(name) or {}
+
+
+def _positions(idx: dict, key: str, n: int) -> List[int]:
+    v = idx.get(key)
+    return list(range(n)) if v is None else [int(x) for x in v]
+
+
+def _as_list(x) -> Optional[List[int]]:
+    if x is None:
+        return None
+    if isinstance(x, (int, np.integer)):
+        return [int(x)]
+    return [int(v) for v in x]
+
+
+def _stage_layers(record: AttentionRecord, stage: str, layers: LayerSel) -> List[int]:
+    have = [int(n.split(".")[2]) for n in record.names(stage) if n.endswith(".attn") and n.count(".") == 3]
+    if not have:
+        raise ValueError(
+            f"record has no {stage} attention ({stage}.layers.*.attn); capture stage {stage!r}"
+        )
+    if layers is None:
+        return have
+    want = [have[l] if -len(have) <= l < 0 else l for l in _as_list(layers)]  # -1 = last captured
+    missing = [l for l in want if l not in have]
+    if missing:
+        raise ValueError(
+            f"record has no {', '.join(f'{stage}.layers.{l}.attn' for l in missing)}; "
+            f"captured {stage} layers: {have}"
+        )
+    return want
+
+
+def _select_heads(t: torch.Tensor, idx: dict, name: str, heads: HeadSel, axis: int):
+    """Pick heads along ``axis`` by their model head id; returns (tensor, head labels)."""
+    reduce = idx.get("reduce") or "none"
+    if reduce != "none":
+        if heads is not None:
+            raise ValueError(
+                f"{name} was captured with heads reduced by {reduce!r}; cannot select heads "
+                f"{_as_list(heads)}; capture with reduce='none' to study single heads"
+            )
+        return t, [reduce]
+    kept = _positions(idx, "heads", t.shape[axis])
+    if heads is None:
+        return t, kept
+    want = _as_list(heads)
+    missing = [h for h in want if h not in kept]
+    if missing:
+        raise ValueError(f"{name} has no head(s) {missing}; captured heads: {kept}")
+    sel = torch.tensor([kept.index(h) for h in want])
+    return t.index_select(axis, sel), want
+
+
+def _reduce_heads(t: torch.Tensor, how: Optional[str], axis: int) -> torch.Tensor:
+    if how is None or how == "none":
+        return t
+    if how == "mean":
+        return t.mean(axis)
+    if how == "max":
+        return t.amax(axis)
+    raise ValueError(f"head_reduce must be 'mean', 'max' or None, got {how!r}")
+
+
+def _tensor(record: AttentionRecord, name: str, hint: str, convert: bool = True) -> torch.Tensor:
+    if name not in record.tensors:
+        raise ValueError(f"record has no {name}; {hint}")
+    t = record.tensors[name].detach()
+    return _f64(t) if convert else t
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cpu", torch.float64)
+
+
+def _seq_len(record: AttentionRecord) -> int:
+    n = len(record.layout.input_ids) if record.layout is not None else 0
+    for name in record.names("llm"):
+        t, idx = record.tensors[name], _idx(record, name)
+        n = max(n, max(_positions(idx, "rows", t.shape[-2]), default=-1) + 1,
+                max(_positions(idx, "cols", t.shape[-1]), default=-1) + 1)
+    return n
+
+
+def _span(ps: List[int]) -> str:
+    if not ps:
+        return "none"
+    if ps == list(range(ps[0], ps[-1] + 1)):
+        return f"{ps[0]}..{ps[-1]}"
+    return str(ps if len(ps) <= 12 else ps[:6] + ["..."] + ps[-3:])
+
+
+def llm_attention_rows(
+    record: AttentionRecord,
+    layer: int,
+    positions: Sequence[int],
+    heads: HeadSel = None,
+    head_reduce: Optional[str] = "mean",
+) -> Tuple[np.ndarray, np.ndarray, list]:
+    """Query rows of one LLM layer spread over all key positions.
+
+    Returns ``(weights, covered, head_labels)``: ``weights`` is ``[n_pos, L]``
+    (``[n_heads, n_pos, L]`` if ``head_reduce`` is None) with zeros at key positions
+    the record did not capture; ``covered`` ``[L]`` marks captured key positions.
+    """
+    name = f"llm.layers.{int(layer)}.attn"
+    t = _tensor(record, name, "capture stage 'llm' with this layer", convert=False)
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be [heads, rows, cols], got shape {tuple(t.shape)}")
+    idx = _idx(record, name)
+    rows = _positions(idx, "rows", t.shape[1])
+    cols = _positions(idx, "cols", t.shape[2])
+    L = _seq_len(record)
+    want = [int(p) + L if int(p) < 0 else int(p) for p in positions]
+    row_set = set(rows)
+    missing = [p for p in want if p not in row_set]
+    if missing:
+        raise ValueError(
+            f"{name} has no query row for position(s) {missing} (captured rows: {_span(rows)}); "
+            f"capture rows that include them"
+        )
+    if len(cols) > t.shape[2]:
+        raise ValueError(f"{name}: index lists {len(cols)} key columns but the tensor has {t.shape[2]}")
+    where = {p: i for i, p in enumerate(rows)}
+    # columns past len(cols) are batch padding (a sample with fewer selected keys)
+    t = _f64(t[:, torch.tensor([where[p] for p in want], dtype=torch.long).to(t.device), : len(cols)])
+    t, labels = _select_heads(t, idx, name, heads, 0)
+    t = _reduce_heads(t, head_reduce, 0)
+    full = torch.zeros(t.shape[:-1] + (L,), dtype=torch.float64)
+    full[..., cols] = t
+    covered = np.zeros(L, dtype=bool)
+    covered[cols] = True
+    return full.numpy(), covered, labels
+
+
+# ----------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------
+def rollout(mats: Sequence, residual: float = 0.5) -> np.ndarray:
+    """Attention rollout of square maps given first layer first: ``prod (r I + (1-r) A)``,
+    rows renormalised before multiplying (Abnar & Zuidema, 2020)."""
+    if len(mats) == 0:
+        raise ValueError("rollout needs at least one attention map")
+    out = None
+    for a in mats:
+        a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+        if a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise ValueError(f"rollout needs square [n, n] maps, got shape {tuple(a.shape)}")
+        a = (1.0 - residual) * a + residual * torch.eye(a.shape[0], dtype=torch.float64)
+        a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
+        out = a if out is None else a @ out
+    return out.numpy()
+
+
+def _full_square(record: AttentionRecord, name: str, t: torch.Tensor, n: Optional[int] = None):
+    idx = _idx(record, name)
+    rows = _positions(idx, "rows", t.shape[-2])
+    cols = _positions(idx, "cols", t.shape[-1])
+    n = max(len(rows), len(cols)) if n is None else n
+    if rows != list(range(n)) or cols != list(range(n)):
+        raise ValueError(
+            f"attention rollout needs full square maps, but {name} holds rows {_span(rows)} and "
+            f"cols {_span(cols)} of {n} positions; capture all rows and all cols of every layer used"
+        )
+
+
+def llm_rollout(
+    record: AttentionRecord,
+    layers: LayerSel = None,
+    heads: HeadSel = None,
+    head_reduce: str = "mean",
+    residual: float = 0.5,
+) -> np.ndarray:
+    """Rollout ``[L, L]`` over the selected (default: all captured) LLM layers, in order.
+
+    Skipping layers makes the rollout an approximation; with every layer captured
+    from 0 it is the standard one.
+    """
+    if head_reduce not in ("mean", "max"):
+        raise ValueError(f"rollout needs one map per layer: head_reduce must be 'mean' or 'max', got {head_reduce!r}")
+    layers = sorted(_stage_layers(record, "llm", layers))
+    L = _seq_len(record)
+    mats = []
+    for l in layers:
+        name = f"llm.layers.{l}.attn"
+        t = _tensor(record, name, "capture stage 'llm'")
+        _full_square(record, name, t, L)
+        t, _ = _select_heads(t[:, :L, :L], _idx(record, name), name, heads, 0)
+        mats.append(_reduce_heads(t, head_reduce, 0))
+    return rollout(mats, residual)
+
+
+# ----------------------------------------------------------------------------------
+# Resampler
+# ----------------------------------------------------------------------------------
+def _slice_axis(record: AttentionRecord, name: str, t: torch.Tensor, layout: TokenLayout) -> List[int]:
+    """Which ``layout.slices`` entry each index of the tensor's S axis is."""
+    idx = _idx(record, name)
+    if idx.get("slices") is not None:
+        return [int(s) for s in idx["slices"]]
+    if t.shape[0] != len(layout.slices):
+        raise ValueError(
+            f"{name} holds {t.shape[0]} slices but the layout lists {len(layout.slices)}"
+        )
+    return list(range(t.shape[0]))
+
+
+def _resampler(record: AttentionRecord, heads: HeadSel, head_reduce: Optional[str]):
+    name = "resampler.attn"
+    t = _tensor(record, name, "capture stage 'resampler'")
+    if t.ndim != 4:
+        raise ValueError(f"{name} must be [slices, heads, queries, patches], got shape {tuple(t.shape)}")
+    t, labels = _select_heads(t, _idx(record, name), name, heads, 1)
+    return _reduce_heads(t, head_reduce, 1), labels, name
+
+
+def _slice_pos(axis: List[int], g: int, name: str) -> int:
+    if g not in axis:
+        raise ValueError(f"{name} does not hold slice {g} of the layout (holds {axis})")
+    return axis.index(g)
+
+
+def resampler_query_maps(
+    record: AttentionRecord,
+    image: int = 0,
+    slice: int = 0,
+    heads: HeadSel = None,
+    head_reduce: Optional[str] = "mean",
+) -> np.ndarray:
+    """``[Q, h, w]`` resampler attention of every query over one slice's patch grid
+    (``[n_heads, Q, h, w]`` with ``head_reduce=None``)."""
+    layout = _need_layout(record, "resampler maps")
+    t, _, name = _resampler(record, heads, head_reduce)
+    g = find_slice(layout, image, slice)
+    s = _slice_pos(_slice_axis(record, name, t, layout), g, name)
+    h, w = (int(v) for v in layout.slices[g].tgt_size)
+    a = t[s]
+    if a.shape[-1] < h * w:
+        raise ValueError(f"{name} has {a.shape[-1]} patch columns, slice needs {h}x{w}")
+    return a[..., : h * w].reshape(*a.shape[:-1], h, w).numpy()
+
+
+def query_patch_map(record: AttentionRecord, query: int, image: int = 0, slice: int = 0,
+                    heads: HeadSel = None, head_reduce: Optional[str] = "mean") -> np.ndarray:
+    """``[h, w]`` patches one resampler query (= one image token) attends to."""
+    m = resampler_query_maps(record, image, slice, heads, head_reduce)
+    if not 0 <= query < m.shape[-3]:
+        raise ValueError(f"query {query} out of range (resampler has {m.shape[-3]} queries)")
+    return m[..., query, :, :]
+
+
+# ----------------------------------------------------------------------------------
+# Role shares
+# ----------------------------------------------------------------------------------
+def _role_masks(layout: TokenLayout, L: int) -> Dict[str, np.ndarray]:
+    roles = list(layout.roles) + ["text"] * max(0, L - len(layout.roles))
+    arr = np.array(roles[:L])
+    return {r: arr == r for r in ROLES}
+
+
+def row_role_shares(weights: np.ndarray, covered: np.ndarray, layout: TokenLayout,
+                    positions: Sequence[int]) -> Dict[str, np.ndarray]:
+    """Per role, the mass of each row (``weights [..., n_pos, L]``) on that role's keys.
+
+    A role's share is NaN for a row where some key of that role at or before the
+    row's position (padding aside) was not captured.
+    """
+    L = weights.shape[-1]
+    masks = _role_masks(layout, L)
+    pos_ok = np.arange(L) >= int(layout.padding)
+    out = {}
+    for r in ROLES:
+        s = (weights * masks[r]).sum(-1)
+        missing = np.nonzero(masks[r] & ~covered & pos_ok)[0]
+        if missing.size:
+            bad = np.asarray(positions) >= missing[0]
+            s = np.where(bad, np.nan, s)
+        out[r] = s
+    return out
+
+
+def _resolve_rows(record: AttentionRecord, rows, captured: List[int]) -> List[int]:
+    layout = record.layout
+    L = _seq_len(record)
+    if rows is None:
+        pad = int(layout.padding) if layout is not None else 0
+        return [p for p in captured if p >= pad]
+    if isinstance(rows, str):
+        if layout is None:
+            raise ValueError(f"rows={rows!r} needs the record's layout")
+        n_prompt = int(layout.n_prompt) if layout.n_prompt else L
+        if rows == "generated":
+            sel = list(range(n_prompt, L))
+            if not sel:
+                raise ValueError("rows='generated': the record has no generated tokens (n_prompt covers all)")
+            return sel
+        if rows == "prompt":
+            return list(range(int(layout.padding), n_prompt))
+        if rows == "last":
+            return [L - 1]
+        raise ValueError(f"rows must be None, 'generated', 'prompt', 'last', a position or positions; got {rows!r}")
+    return [p + L if p < 0 else p for p in _as_list(rows)]
+
+
+@dataclass
+class RoleShares:
+    """Mean share of attention (over the chosen query rows) going to each token role."""
+
+    layers: List[int]
+    rows: List[int]
+    heads: Optional[list]  # head labels when per_head, else None
+    shares: Dict[str, np.ndarray]  # role -> [n_layers] or [n_layers, n_heads]; NaN = not captured
+
+    def __getitem__(self, role: str) -> np.ndarray:
+        return self.shares[role]
+
+
+def role_shares(
+    record: AttentionRecord,
+    rows=None,
+    layers: LayerSel = None,
+    heads: HeadSel = None,
+    per_head: bool = False,
+    head_reduce: str = "mean",
+    chunk: int = 256,
+) -> RoleShares:
+    """Text / image / special share of attention per LLM layer (and per head).
+
+    ``rows``: None (every captured row but left padding), ``"generated"``,
+    ``"prompt"``, ``"last"``, a position or a list of positions (negative counts
+    from the end). Shares are raw attention mass averaged over the rows; a row's
+    roles sum to 1 when its heads are kept or mean-reduced.
+    """
+    layout = _need_layout(record, "role shares")
+    layers = _stage_layers(record, "llm", layers)
+    res: Dict[str, list] = {r: [] for r in ROLES}
+    labels = None
+    sel_rows = None
+    for l in layers:
+        name = f"llm.layers.{l}.attn"
+        t = record.tensors[name]
+        captured = _positions(_idx(record, name), "rows", t.shape[-2])
+        sel = _resolve_rows(record, rows, captured)
+        if not sel:
+            raise ValueError(f"{name}: no query rows to average (captured rows: {_span(captured)})")
+        sums = {r: 0.0 for r in ROLES}
+        for c in range(0, len(sel), chunk):  # bounded memory: [heads, chunk, L] at a time
+            part = sel[c: c + chunk]
+            wts, cov, lab = llm_attention_rows(record, l, part, heads, None if per_head else head_reduce)
+            if per_head:
+                if labels is not None and list(lab) != list(labels):
+                    raise ValueError(f"per-head shares need the same heads in every layer; "
+                                     f"{name} has {lab}, earlier {labels}")
+                labels = lab
+            sh = row_role_shares(wts, cov, layout, part)
+            for r in ROLES:
+                sums[r] = sums[r] + sh[r].sum(-1)
+        for r in ROLES:
+            res[r].append(sums[r] / len(sel))
+        sel_rows = sel
+    return RoleShares(layers=layers, rows=sel_rows, heads=labels if per_head else None,
+                      shares={r: np.stack(v) for r, v in res.items()})
+
+
+# ----------------------------------------------------------------------------------
+# Image heatmap of one LLM query row
+# ----------------------------------------------------------------------------------
+def _squeeze(x):
+    x = np.asarray(x, dtype=np.float64)
+    return float(x) if x.ndim == 0 else x
+
+
+@dataclass
+class ImageHeatmap:
+    """Where one LLM query row's attention lands on an original image (see module doc).
+
+    Maps are ``[..., H, W]`` attention mass per output pixel, with leading axes
+    ``[n_layers]`` if ``layer_reduce`` is None, then ``[n_heads]`` if ``head_reduce``
+    is None.
+    """
+
+    map: np.ndarray  # included parts added
+    source_map: Optional[np.ndarray]  # through the source (overview) slice; None if excluded
+    slices_map: Optional[np.ndarray]  # through the grid slices; None if excluded or unsliced
+    shares: Dict[str, Union[float, np.ndarray]]  # role -> share of the row's attention (NaN = not captured)
+    image_share: Union[float, np.ndarray]  # share of the row's attention on this image's tokens
+    position: int
+    token: Optional[str]
+    image: int
+    image_size: Tuple[int, int]  # original (width, height)
+    layers: List[int]
+    heads: list
+    layer_reduce: Optional[str]
+    head_reduce: Optional[str]
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def image_heatmap(
+    record: AttentionRecord,
+    row_position: int,
+    *,
+    layers: LayerSel = None,
+    heads: HeadSel = None,
+    head_reduce: Optional[str] = "mean",
+    layer_reduce: Optional[str] = "mean",
+    image: int = 0,
+    out_size: Optional[Tuple[int, int]] = None,
+    include_source: bool = True,
+    include_slices: bool = True,
+    resampler_heads: HeadSel = None,
+    interpolation: str = "nearest",
+) -> ImageHeatmap:
+    """Heatmap over original image ``image`` of LLM query row ``row_position``.
+
+    ``layers``: LLM layers (default all captured); ``layer_reduce``: ``"mean"`` of
+    the layers' rows, ``"rollout"`` (row of the rollout over the layers; needs full
+    square maps) or None (one map per layer). ``heads`` / ``head_reduce`` select and
+    reduce LLM heads; the resampler is head-averaged (over ``resampler_heads``).
+    ``out_size`` = (width, height), default the original image size.
+    """
+    layout = _need_layout(record, "image_heatmap")
+    images = {im.index: im for im in layout.images}
+    if image not in images:
+        raise ValueError(f"layout has no image {image}; images: {sorted(images)}")
+    im = images[image]
+    if not include_source and not include_slices:
+        raise ValueError("include_source and include_slices are both False: nothing to draw")
+    L = _seq_len(record)
+    pos = int(row_position) + L if int(row_position) < 0 else int(row_position)
+    layers = _stage_layers(record, "llm", layers)
+
+    # LLM weights of the row over all key positions: [*lead, L]
+    if layer_reduce == "rollout":
+        R = llm_rollout(record, layers, heads, head_reduce)
+        wts, covered, labels = R[pos], np.ones(L, dtype=bool), (
+            [head_reduce] if heads is None else _as_list(heads))
+        layers = sorted(layers)
+    elif layer_reduce in ("mean", None):
+        per, covered, labels = [], np.ones(L, dtype=bool), None
+        for l in layers:
+            w_l, cov, lab = llm_attention_rows(record, l, [pos], heads, head_reduce)
+            if labels is not None and head_reduce is None and list(lab) != list(labels):
+                raise ValueError(f"head_reduce=None needs the same heads in every layer; "
+                                 f"llm.layers.{l}.attn has {lab}, earlier layers {labels}")
+            labels = lab if head_reduce is None else ([head_reduce] if heads is None else _as_list(heads))
+            per.append(w_l[..., 0, :])
+            covered &= cov
+        stack = np.stack(per)
+        wts = stack.mean(0) if layer_reduce == "mean" else stack
+    else:
+        raise ValueError(f"layer_reduce must be 'mean', 'rollout' or None, got {layer_reduce!r}")
+
+    shares = {r: _squeeze(v[..., 0])
+              for r, v in row_role_shares(wts[..., None, :], covered, layout, [pos]).items()}
+
+    res, _, rname = _resampler(record, resampler_heads, "mean")  # [S, Q, P]
+    axis = _slice_axis(record, rname, res, layout)
+    W, H = (int(v) for v in im.size)
+    Wo, Ho = (W, H) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    lead = wts.shape[:-1]
+    src = np.zeros(lead + (Ho, Wo)) if include_source else None
+    grid = np.zeros(lead + (Ho, Wo)) if include_slices and any(s.kind != "source" for s in im.slices) else None
+    img_share = np.zeros(lead)
+    for g, sl in enumerate(layout.slices):
+        if sl.image != image:
+            continue
+        start, end = (int(v) for v in sl.token_span)
+        toks = np.arange(start, end)
+        miss = toks[(toks <= pos) & ~covered[np.clip(toks, 0, L - 1)]]
+        if miss.size:
+            raise ValueError(
+                f"the record lacks the key columns of image {image}'s tokens (positions {_span(miss.tolist())}); "
+                f"capture cols including image tokens"
+            )
+        w_tok = wts[..., start:end]  # [*lead, Q]
+        img_share = img_share + w_tok.sum(-1)
+        target = src if sl.kind == "source" else grid
+        if target is None:
+            continue
+        s = _slice_pos(axis, g, rname)
+        h, w = (int(v) for v in sl.tgt_size)
+        a = res[s, : end - start, : h * w].numpy()  # [Q, h*w]
+        m = (w_tok @ a).reshape(lead + (h, w))
+        target += place_patch_map(m, sl.box, (W, H), (Wo, Ho), interpolation)
+    total = sum(x for x in (src, grid) if x is not None)
+    tok = layout.tokens[pos] if pos < len(layout.tokens) else None
+    return ImageHeatmap(
+        map=np.asarray(total, dtype=np.float32),
+        source_map=None if src is None else src.astype(np.float32),
+        slices_map=None if grid is None else grid.astype(np.float32),
+        shares=shares, image_share=_squeeze(img_share), position=pos, token=tok, image=image,
+        image_size=(W, H), layers=list(layers), heads=list(labels),
+        layer_reduce=layer_reduce, head_reduce=head_reduce,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Vision tower (SigLIP) maps
+# ----------------------------------------------------------------------------------
+def vision_attention(
+    record: AttentionRecord,
+    layer: int,
+    image: int = 0,
+    slice: int = 0,
+    heads: HeadSel = None,
+    head_reduce: Optional[str] = "mean",
+) -> np.ndarray:
+    """``[n, n]`` SigLIP attention among one slice's n = h*w real patches (query rows,
+    key cols; ``[n_heads, n, n]`` with ``head_reduce=None``)."""
+    layout = _need_layout(record, "vision maps")
+    name = f"vision.layers.{int(layer)}.attn"
+    if name not in record.tensors:
+        _stage_layers(record, "vision", [int(layer)])  # names what is missing
+    t = _tensor(record, name, "capture stage 'vision'", convert=False)
+    if t.ndim != 4:
+        raise ValueError(f"{name} must be [slices, heads, patches, patches], got shape {tuple(t.shape)}")
+    g = find_slice(layout, image, slice)
+    s = _slice_pos(_slice_axis(record, name, t, layout), g, name)
+    h, w = (int(v) for v in layout.slices[g].tgt_size)
+    n = h * w
+    if t.shape[-1] < n:
+        raise ValueError(f"{name} has {t.shape[-1]} patches per slice, slice needs {h}x{w}")
+    a, _ = _select_heads(_f64(t[s]), _idx(record, name), name, heads, 0)
+    return _reduce_heads(a[:, :n, :n], head_reduce, 0).numpy()
+
+
+def vision_rollout(
+    record: AttentionRecord,
+    image: int = 0,
+    slice: int = 0,
+    layers: LayerSel = None,
+    heads: HeadSel = None,
+    head_reduce: str = "mean",
+    residual: float = 0.5,
+) -> np.ndarray:
+    """``[n, n]`` rollout over the selected (default all captured) vision layers of one slice."""
+    if head_reduce not in ("mean", "max"):
+        raise ValueError(f"rollout needs one map per layer: head_reduce must be 'mean' or 'max', got {head_reduce!r}")
+    layers = sorted(_stage_layers(record, "vision", layers))
+    return rollout([vision_attention(record, l, image, slice, heads, head_reduce) for l in layers], residual)
+
+
+def _vision_map(record, layer, image, slice, heads, head_reduce) -> np.ndarray:
+    if layer == "rollout":
+        return vision_rollout(record, image, slice, None, heads, head_reduce or "mean")
+    return vision_attention(record, int(layer), image, slice, heads, head_reduce)
+
+
+def vision_patch_map(
+    record: AttentionRecord,
+    patch: Union[int, Tuple[int, int]],
+    layer: Union[int, str],
+    image: int = 0,
+    slice: int = 0,
+    heads: HeadSel = None,
+    head_reduce: Optional[str] = "mean",
+) -> np.ndarray:
+    """``[h, w]`` attention of one query patch (row-major id or (row, col)) over its
+    slice; ``layer="rollout"`` uses the rollout over all captured vision layers."""
+    layout = _need_layout(record, "vision maps")
+    sl = layout.slices[find_slice(layout, image, slice)]
+    r, c = _patch_rc(sl, patch)
+    h, w = (int(v) for v in sl.tgt_size)
+    a = _vision_map(record, layer, image, slice, heads, head_reduce)
+    return a[..., r * w + c, :].reshape(*a.shape[:-2], h, w)
+
+
+def vision_received_map(
+    record: AttentionRecord,
+    layer: Union[int, str],
+    image: int = 0,
+    slice: int = 0,
+    heads: HeadSel = None,
+    head_reduce: Optional[str] = "mean",
+) -> np.ndarray:
+    """``[h, w]`` mean attention each patch receives (mean over the slice's real query patches)."""
+    layout = _need_layout(record, "vision maps")
+    h, w = (int(v) for v in layout.slices[find_slice(layout, image, slice)].tgt_size)
+    a = _vision_map(record, layer, image, slice, heads, head_reduce)
+    return a.mean(-2).reshape(*a.shape[:-2], h, w)
