@@ -466,7 +466,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                                                "attention_mask") if k in inputs}
         replay = spec is not None and generation_config.get("num_beams", 1) > 1
         res = self.generate(**model_inputs, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                            vision_hidden_states=vision_hidden_states, stream=stream, decode_text=True,
+                            vision_hidden_states=vision_hidden_states, stream=stream, decode_text=not replay,
                             output_attentions=None if (spec is None or replay) else spec, **generation_config)
         if stream:
             def stream_gen():
@@ -478,8 +478,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if spec is None:
             return res if batched else res[0]
         if replay:
-            texts = res
-            sequences = self._answer_ids(texts, tokenizer, processor)
+            sequences = res.sequences if hasattr(res, "sequences") else res
+            texts = self._decode_text(sequences, tokenizer)
             tensors, index, n_prompt = self._replay_capture(model_inputs, sequences, spec, tokenizer)
         else:
             texts, sequences = res.text, res.sequences
@@ -506,30 +506,33 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 raise ValueError(f"config.json {model_key}={value!r} but preprocessor_config.json "
                                  f"{proc_key}={getattr(ip, proc_key)!r}; they must be the same")
 
-    def _answer_ids(self, texts, tokenizer, processor):
-        """Token ids of decoded answers (+ <|im_end|>) for replay, right padded with 0."""
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        rows = [tokenizer.encode(t, add_special_tokens=False) + [end] for t in texts]
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-
     def _replay_capture(self, model_inputs, new_ids, spec, tokenizer):
-        """One forward pass over prompt + answer with the capture (used after beam search)."""
+        """Capture by one forward pass over prompt + answer (used after beam search).
+
+        The last new token is never fed during generation, so it is not replayed either:
+        rows and columns come out as generate's online capture lays them out.
+        """
         new_ids = new_ids.to(self.device)
+        prompt = model_inputs["input_ids"]
+        n_prompt, n_new = prompt.shape[1], new_ids.shape[1]
         prompt_mask = model_inputs.get("attention_mask")
         if prompt_mask is None:
-            prompt_mask = torch.ones_like(model_inputs["input_ids"])
-        ids = torch.cat([model_inputs["input_ids"], new_ids], 1)
-        mask = torch.cat([prompt_mask.to(new_ids.dtype), (new_ids != 0).to(new_ids.dtype)], 1)
+            prompt_mask = torch.ones_like(prompt)
+        fed = new_ids[:, :-1]
+        ids = torch.cat([prompt, fed], 1)
+        mask = torch.cat([prompt_mask.to(fed.dtype), (fed != 0).to(fed.dtype)], 1)
         data = {"input_ids": ids, "pixel_values": model_inputs.get("pixel_values"),
                 "tgt_sizes": model_inputs.get("tgt_sizes"), "image_bound": model_inputs.get("image_bound"),
                 "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
         special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
         with torch.no_grad():
             out = self(data, attention_mask=mask, output_attentions=spec, special_token_ids=special,
-                       prompt_length=model_inputs["input_ids"].shape[1])
-        return out.captured, out.capture_index, model_inputs["input_ids"].shape[1]
-
+                       prompt_length=n_prompt)
+        tensors = dict(out.captured)
+        for name, t in tensors.items():
+            if name.startswith("llm.") and out.capture_index[name].get("cols") is None:
+                tensors[name] = torch.nn.functional.pad(t, (0, n_prompt + n_new - t.shape[-1]))
+        return tensors, out.capture_index, n_prompt
 
 def check_checkpoint_folder(path: str) -> None:
     """Refuse, with the reason, a folder that is not a MiniCPM-V-2.6 checkpoint."""
