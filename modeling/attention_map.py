@@ -498,7 +498,9 @@ def _resolve_rows(record: AttentionRecord, rows, captured: List[int]) -> List[in
             raise ValueError(f"rows={rows!r} needs the record's layout")
         n_prompt = int(layout.n_prompt) if layout.n_prompt else L
         if rows == "generated":
-            sel = list(range(n_prompt, L))
+            # the rows that produced each generated token: the last prompt row, then the
+            # rows of every generated token but the final one (capture's convention)
+            sel = list(range(n_prompt - 1, L - 1))
             if not sel:
                 raise ValueError("rows='generated': the record has no generated tokens (n_prompt covers all)")
             return sel

@@ -461,6 +461,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if min_new_tokens > 0:
             generation_config["min_new_tokens"] = min_new_tokens
         generation_config.update((k, kwargs[k]) for k in generation_config.keys() & kwargs.keys())
+        if kwargs.get("streamer") is not None and not stream:  # e.g. a progress bar
+            generation_config["streamer"] = kwargs["streamer"]
         spec = CaptureSpec.from_flag(output_attentions)
         model_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "tgt_sizes", "image_bound",
                                                "attention_mask") if k in inputs}

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import attention_map as am
-from .attention_record import ROLES, AttentionRecord
+from .attention_record import ROLES, AttentionRecord, atomic_write_bytes
 
 __all__ = [
     "plot_token_heatmaps", "plot_head_image_share", "plot_attention_matrix",
@@ -41,18 +40,12 @@ def _figure(figsize, dpi):
 
 
 def _save(fig, path, dpi) -> str:
+    import io
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -128,8 +121,9 @@ def plot_token_heatmaps(
     figsize: Optional[Tuple[float, float]] = None,
     dpi: int = 100,
 ) -> str:
-    """Grid of image heatmaps, one per query token (default: the generated tokens,
-    else the last position), each titled with its token and image-attention share.
+    """Grid of image heatmaps, one per query row (default: the rows that produced the
+    generated tokens, else the last position), each titled with the token it produced
+    ("pos -> 'tok'") or its own token, and its image-attention share.
 
     ``image`` (PIL image, path or array) is drawn under the maps when given.
     Colours: attention mass per displayed pixel (see ``attention_map.image_heatmap``);
@@ -139,7 +133,7 @@ def plot_token_heatmaps(
     L = am._seq_len(record)
     if positions is None:
         n_prompt = int(layout.n_prompt) if layout.n_prompt else L
-        positions = list(range(n_prompt, L)) or [L - 1]
+        positions = list(range(n_prompt - 1, L - 1)) or [L - 1]
     positions = [int(p) + L if int(p) < 0 else int(p) for p in positions][:max_tokens]
     if not positions:
         raise ValueError("plot_token_heatmaps: no token positions to draw")
@@ -177,7 +171,12 @@ def plot_token_heatmaps(
         top = vmax if shared_scale else float(hm.map.max())
         last = ax.imshow(hm.map, extent=ext, cmap=cmap, vmin=0.0, vmax=top if top > 0 else 1.0,
                          alpha=alpha if pil is not None else 1.0, interpolation="nearest")
-        ax.set_title(f"{hm.position}: '{_label(hm.token)}'  image {hm.image_share:.0%}", fontsize=9)
+        n_prompt = int(layout.n_prompt) if layout.n_prompt else L
+        if n_prompt - 1 <= hm.position < L - 1:  # this row produced the next (generated) token
+            title = f"{hm.position} -> '{_label(layout.tokens[hm.position + 1])}'"
+        else:
+            title = f"{hm.position}: '{_label(hm.token)}'"
+        ax.set_title(f"{title}  image {hm.image_share:.0%}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         if not shared_scale:

@@ -330,7 +330,7 @@ def test_role_shares_per_layer_and_head():
     layout = build_layout([((300, 200), (3, 2), (4, 6), (5, 5))], padding=1)
     rec = build_record(layout, seed=6)
     roles = np.array(layout.roles)
-    gen = list(range(layout.n_prompt, len(roles)))
+    gen = list(range(layout.n_prompt - 1, len(roles) - 1))  # rows that produced the generated tokens
     rs = role_shares(rec, rows="generated")
     assert rs.layers == [0, 1] and rs.rows == gen
     for l in (0, 1):
