@@ -1,0 +1,146 @@
+"""chat() end to end on a golden checkpoint with the shipped tokenizer, with and without attention."""
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from golden import case_dir
+from minicpmv_attn import AttentionRecord, CaptureError, MiniCPMV
+from minicpmv_attn.tokenization_minicpmv_fast import demo_tokenizer_path
+
+MSGS = [{"role": "user", "content": "Describe please."}]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoProcessor
+
+    folder = tmp_path_factory.mktemp("ckpt") / "single_image"
+    shutil.copytree(case_dir("single_image"), folder)
+    for name in os.listdir(str(demo_tokenizer_path())):
+        shutil.copy(os.path.join(str(demo_tokenizer_path()), name), folder)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    model = MiniCPMV.from_pretrained(str(folder)).eval()
+    image = Image.open(folder / "image_0_0.png")
+    return model, processor, image
+
+
+def test_chat_plain(setup):
+    model, processor, image = setup
+    torch.manual_seed(0)
+    answer = model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=6)
+    assert isinstance(answer, str)
+    greedy = model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=6, sampling=False)
+    assert greedy == model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=6,
+                                sampling=False)
+    # the processor is found from the checkpoint folder when not given
+    assert model.chat(image, MSGS, processor.tokenizer, max_new_tokens=6, sampling=False) == greedy
+
+
+def test_chat_record_layout_matches_processor(setup, tmp_path):
+    model, processor, image = setup
+    answer, record = model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=5,
+                                sampling=False, num_beams=1, output_attentions=True)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "(<image>./</image>)\nDescribe please."}], tokenize=False,
+        add_generation_prompt=True)
+    inputs = processor([prompt], [[image]], return_tensors="pt")
+    lay = record.layout
+    assert lay.image_bound == [tuple(map(int, r)) for r in inputs["image_bound"][0].tolist()]
+    assert lay.input_ids[: lay.n_prompt] == inputs["input_ids"][0].tolist()
+    assert len(lay.images) == 1 and lay.images[0].size == image.size and lay.images[0].grid == (3, 2)
+    sizes = inputs["tgt_sizes"][0].tolist()
+    assert [list(s.tgt_size) for s in lay.slices] == sizes
+    assert lay.slices[0].box == (0.0, 0.0, 300.0, 200.0)
+    for s, (a, b) in zip(lay.slices, lay.image_bound):
+        assert s.token_span == (a, b) and all(r == "image" for r in lay.roles[a:b])
+    assert lay.roles[0] == "special" and lay.tokens[0] == "<|im_start|>"
+    L = lay.n_prompt + 5
+    assert len(lay.tokens) == L
+    assert record["llm.layers.0.attn"].shape == (4, L - 1, L)
+    assert record["vision.layers.1.attn"].shape == (7, 4, 64, 64)
+    assert record["resampler.attn"].shape == (7, 2, 16, 64)
+    record.save(str(tmp_path / "rec"))
+    again = AttentionRecord.load(str(tmp_path / "rec.json"))
+    assert again.equals(record)
+    assert record.meta["answer"] == answer
+
+
+def test_replay_equals_online_capture(setup):
+    """Beam search captures by replay; on greedy decoding both routes must agree."""
+    model, processor, image = setup
+    spec = {"rows": "generated", "stages": ["llm"]}
+    answer, online = model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=5,
+                                sampling=False, num_beams=1, output_attentions=spec)
+    ids = torch.tensor([online.layout.input_ids[online.layout.n_prompt:]])
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "(<image>./</image>)\nDescribe please."}], tokenize=False,
+        add_generation_prompt=True)
+    inputs = processor([prompt], [[image]], return_tensors="pt")
+    model_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "tgt_sizes", "image_bound", "attention_mask")}
+    from minicpmv_attn.capture import CaptureSpec
+
+    tensors, index, n_prompt = model._replay_capture(model_inputs, ids, CaptureSpec(**spec), processor.tokenizer)
+    for name, t in tensors.items():
+        assert index[name]["rows"] == online.index[name]["rows"]
+        torch.testing.assert_close(t[0], online[name], atol=1e-5, rtol=0)
+    _, beam = model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=5, sampling=False,
+                         output_attentions=spec)
+    assert beam.meta["replayed"] is True and beam["llm.layers.0.attn"].shape[1] == 5
+
+
+def test_batched_chat_returns_records(setup):
+    model, processor, image = setup
+    small = image.resize((90, 90))
+    msgs = [[{"role": "user", "content": [image, "Describe please."]}],
+            [{"role": "user", "content": ["Compare", small, image]}]]
+    answers, records = model.chat(None, msgs, processor.tokenizer, processor=processor, max_new_tokens=3,
+                                  sampling=False, num_beams=1, output_attentions={"rows": "last", "reduce": "max"})
+    assert len(answers) == 2 and len(records) == 2
+    assert len(records[0].layout.images) == 1 and len(records[1].layout.images) == 2
+    assert records[1].layout.images[0].grid is None
+    n1 = len(records[1].layout.slices)
+    assert records[1]["resampler.attn"].shape[0] == n1 and records[0]["resampler.attn"].shape[0] == 7
+    # the shorter prompt is left padded: its padding positions are role "special"
+    pads = [r.layout.padding for r in records]
+    assert min(pads) == 0 and max(pads) > 0
+    padded = records[pads.index(max(pads))]
+    assert all(r == "special" for r in padded.layout.roles[: padded.layout.padding])
+
+
+def test_stream(setup):
+    model, processor, image = setup
+    chunks = list(model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=4, stream=True))
+    assert all(isinstance(c, str) for c in chunks)
+    with pytest.raises(CaptureError, match="stream"):
+        model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=4, stream=True,
+                   output_attentions=True)
+
+
+@pytest.mark.parametrize("msgs, words", [
+    ([], "msgs is empty"),
+    ([{"role": "assistant", "content": "hi"}], "first message must be from the user"),
+    ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}], "role 'robot'"),
+    ([{"content": "a"}], "must be a dict with 'role' and 'content'"),
+    ("[not json", "not valid JSON"),
+    ([{"role": "user", "content": ["a", 3]}], "content item of type int"),
+])
+def test_bad_messages(setup, msgs, words):
+    model, processor, image = setup
+    with pytest.raises(ValueError, match=words):
+        model.chat(None, msgs, processor.tokenizer, processor=processor, max_new_tokens=2)
+
+
+def test_placeholder_cut_by_max_inp_length(setup):
+    model, processor, image = setup
+    with pytest.raises(ValueError, match="max"):
+        model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=2, max_inp_length=40)
+
+
+def test_tag_image_mismatch(setup):
+    model, processor, image = setup
+    with pytest.raises(ValueError, match="image"):
+        model.chat(None, [{"role": "user", "content": "(<image>./</image>) two tags (<image>./</image>)"}],
+                   processor.tokenizer, processor=processor, max_new_tokens=2)

@@ -1,0 +1,124 @@
+"""The command-line tools end to end on the embedded demo model (no download)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minicpmv_attn import AttentionRecord
+
+
+@pytest.fixture(autouse=True, scope="module")
+def demo_cache(tmp_path_factory):
+    old = os.environ.get("MINICPMV_ATTN_CACHE")
+    os.environ["MINICPMV_ATTN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MINICPMV_ATTN_CACHE", None)
+    else:
+        os.environ["MINICPMV_ATTN_CACHE"] = old
+
+
+def test_visualize_default_end_to_end(tmp_path, capsys):
+    from minicpmv_attn.scripts.visualize_attention import main
+
+    out = tmp_path / "attention_out"
+    assert main(["--out", str(out), "--quiet", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["attention_matrix_layer3.png", "head_image_share.png", "resampler_queries.png",
+                    "role_shares.png", "token_heatmaps.png"]
+    for name in pngs:
+        with Image.open(out / name) as im:
+            w, h = im.size
+            arr = np.asarray(im.convert("L"), dtype=np.float32)
+        assert 300 <= w <= 4000 and 200 <= h <= 4000, (name, im.size)
+        assert arr.std() > 5, f"{name} looks blank"
+    # 4 generated tokens in a grid of 4 columns: one row of panels, wider than tall
+    with Image.open(out / "token_heatmaps.png") as im:
+        assert im.size[0] > im.size[1]
+    html = (out / "index.html").read_text()
+    assert all(name in html for name in pngs) and "random weights" in html
+    rec = AttentionRecord.load(str(out / "record"))
+    lay = rec.layout
+    assert len(lay.input_ids) == lay.n_prompt + 4
+    assert rec["llm.layers.0.attn"].shape == (4, lay.n_prompt + 3, lay.n_prompt + 4)
+    assert rec["resampler.attn"].shape[0] == len(lay.slices) > 1
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_visualize_bad_image(tmp_path, capsys):
+    from minicpmv_attn.scripts.visualize_attention import main
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    assert main(["--image", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def write_jobs(tmp_path):
+    from minicpmv_attn.demo import demo_image_path
+
+    img = Image.open(demo_image_path()).resize((140, 98))
+    img.save(tmp_path / "small.png")
+    lines = [json.dumps({"image": "small.png", "prompt": "What is this?", "id": "a"}),
+             "{not json",
+             json.dumps({"image": "missing.png", "prompt": "hm"}),
+             json.dumps({"image": demo_image_path(), "prompt": "Describe.", "id": "b"}),
+             json.dumps({"image": "small.png", "prompt": "Colour?", "id": "c"}),
+             json.dumps({"image": "small.png"})]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_extract_resumes_without_redoing(tmp_path, monkeypatch, capsys):
+    import minicpmv_attn.pipeline as pipeline
+    from minicpmv_attn.scripts import extract_attention
+
+    jobs = write_jobs(tmp_path)
+    out = tmp_path / "out"
+    real = pipeline.capture_chat
+    calls = []
+
+    def interrupted(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(a[3])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "capture_chat", interrupted)
+    argv = [str(jobs), "--out", str(out), "--max-new-tokens", "3", "--quiet", "--reduce", "mean"]
+    with pytest.raises(KeyboardInterrupt):
+        extract_attention.main(argv)
+    assert calls == ["What is this?", "Describe."]
+    first = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in first if r["status"] == "ok"] == [1, 4]
+
+    calls.clear()
+    monkeypatch.setattr(pipeline, "capture_chat", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
+    assert extract_attention.main(argv) == 0
+    assert calls == ["Colour?"]  # only the line not finished before
+    summary = capsys.readouterr().out
+    assert "6 lines: 1 ok, 3 error, 2 skipped (already done)" in summary
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    ok = {r["line"]: r for r in rows if r["status"] == "ok"}
+    assert sorted(ok) == [1, 4, 5]
+    errors = {r["line"]: r["error"] for r in rows if r["status"] == "error"}
+    assert "not valid JSON" in errors[2] and "missing.png" in errors[3] and "'image' and 'prompt'" in errors[6]
+    for line, r in ok.items():
+        rec = AttentionRecord.load(str(out / r["record"]))
+        assert rec.meta["line"] == line and rec["llm.layers.0.attn"].shape[0] == 1  # head mean
+    assert sorted(p.name for p in (out / "records").iterdir()) == [
+        "a.json", "a.safetensors", "b.json", "b.safetensors", "c.json", "c.safetensors"]
+
+
+def test_extract_rejects_bad_spec(tmp_path, capsys):
+    from minicpmv_attn.scripts.extract_attention import main
+
+    jobs = write_jobs(tmp_path)
+    assert main([str(jobs), "--out", str(tmp_path / "o"), "--spec", '{"reduce": "sum"}']) == 2
+    assert "valid values" in capsys.readouterr().err
