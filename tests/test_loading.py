@@ -114,3 +114,35 @@ def test_non_strict_allows_missing(tmp_path):
 def test_dtypes_load(dtype):
     model = MiniCPMV.from_pretrained(str(case_dir("text_only")), torch_dtype=dtype)
     assert model.dtype == dtype and model.resampler.query.dtype == dtype
+
+
+def test_drop_in_remote_code(tmp_path):
+    """modeling/*.py copied over a checkpoint folder loads as remote code (without importing the package)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = copy_case(tmp_path)
+    src = Path(minicpmv_attn.__file__).parent
+    for f in src.glob("*.py"):
+        shutil.copy(f, folder)
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from transformers import AutoModel
+m = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+assert "minicpmv_attn" not in sys.modules
+from golden import load_inputs, load_expected
+data, mask = load_inputs("single_image")
+exp = load_expected("single_image")
+with torch.no_grad():
+    out = m(data, attention_mask=mask, output_attentions=True)
+real = mask.bool()
+print("MAXDIFF", float((out.logits - exp["logits"])[real].abs().max()), len(out.vision_attentions))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [l for l in res.stdout.splitlines() if l.startswith("MAXDIFF")][0]
+    diff, n_vision = float(line.split()[1]), int(line.split()[2])
+    assert diff < 1e-4 and n_vision == 2
