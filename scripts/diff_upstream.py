@@ -1,0 +1,106 @@
+"""Diff the fork against upstream MiniCPM-V-2.6 (and the installed transformers' attention code).
+
+Examples::
+
+    python scripts/diff_upstream.py --upstream ~/.cache/huggingface/hub/models--openbmb--MiniCPM-V-2_6/snapshots/<rev>
+    python scripts/diff_upstream.py --revision main --numeric
+    python scripts/diff_upstream.py --upstream DIR --write-pin patches/UPSTREAM.json   # re-pin after review
+
+Exit status: 0 nothing needs attention, 1 something does (rows marked ``!!`` in the
+summary table), 2 bad usage or the upstream copy could not be obtained.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from minicpmv_attn import upstream_diff as ud
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minicpmv-attn-diff-upstream",
+        description=(
+            "Compare the fork (minicpmv_attn) with an upstream copy of openbmb/MiniCPM-V-2_6's remote code: "
+            "(1) which upstream files match the pin in patches/UPSTREAM.json, changed since, or are missing; "
+            "(2) unified diffs fork vs upstream per file; (3) a symbol inventory diff (classes, functions, "
+            "methods, signatures) where undocumented differences need attention; (4) structural parity: both "
+            "MiniCPMV classes built on the meta device, state-dict keys/shapes and config fields compared; "
+            "(5) with --numeric, logits on the same random weights and inputs. Also checks the installed "
+            "transformers' Qwen2/SigLIP/SDPA attention code against the pinned snapshot."),
+        epilog="Exit status: 0 clean, 1 needs attention, 2 usage error or upstream unavailable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--upstream", metavar="DIR", type=Path,
+                     help="a folder with upstream's files, e.g. a Hugging Face snapshot folder")
+    src.add_argument("--revision", metavar="REV",
+                     help="download upstream at this revision with huggingface_hub (needs network)")
+    p.add_argument("--repo-id", default=ud.UPSTREAM_REPO_ID, help="upstream Hub repository for --revision")
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
+                   help="where diffs, report.json and summary.txt go (default: patches/generated/)")
+    p.add_argument("--pin", metavar="FILE", type=Path, default=None,
+                   help="the pin to compare with (default: patches/UPSTREAM.json)")
+    p.add_argument("--fork", metavar="DIR", type=Path, default=None,
+                   help="the fork's package folder (default: the installed minicpmv_attn)")
+    p.add_argument("--config", metavar="FILE", type=Path, default=None,
+                   help="config.json for the parity checks (default: the upstream copy's, else class defaults)")
+    p.add_argument("--numeric", action="store_true",
+                   help="also run both models on the same random weights and inputs and compare logits")
+    p.add_argument("--atol", type=float, default=1e-4, help="logit tolerance for --numeric")
+    p.add_argument("--seed", type=int, default=0, help="seed for --numeric weights and inputs")
+    p.add_argument("--fork-attn", default=None, metavar="IMPL",
+                   help="attn_implementation of the fork for --numeric (default: the fork's default)")
+    p.add_argument("--no-structural", action="store_true", help="skip the meta-device parity check")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers attention-code check")
+    p.add_argument("--write-pin", metavar="FILE", type=Path, default=None,
+                   help="after review: write a pin for this upstream copy and the installed transformers to FILE "
+                        "(keeps the change notes of --pin) and exit")
+    p.add_argument("--full", action="store_true", help="print every row, not the informational counts")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = ud._quiet if args.quiet else ud._stderr
+    if args.upstream is not None:
+        upstream = args.upstream
+        if not upstream.is_dir():
+            print(f"error: --upstream {upstream} is not a folder", file=sys.stderr)
+            return 2
+    else:
+        log(f"downloading {args.repo_id}@{args.revision} ...")
+        try:
+            upstream = ud.download_upstream(args.revision, repo_id=args.repo_id)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:
+        pin = ud.load_pin(args.pin)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read the pin: {e}", file=sys.stderr)
+        return 2
+
+    if args.write_pin is not None:
+        new = ud.make_pin(upstream, base_pin=pin, repo_id=args.repo_id if args.revision else None,
+                          revision=args.revision)
+        ud.atomic_write_json(args.write_pin, new)
+        log(f"wrote {args.write_pin} ({len(new['upstream']['files'])} upstream files, "
+            f"transformers {new['transformers']['version']})")
+        return 0
+
+    findings, report = ud.run_diff(
+        upstream, out_dir=args.out, pin_path=args.pin, fork=args.fork, numeric=args.numeric,
+        structural=not args.no_structural, check_transformers=not args.no_transformers, config_path=args.config,
+        atol=args.atol, seed=args.seed, fork_attn=args.fork_attn, log=log)
+    rows = findings if args.full else ud.summarize(findings)
+    print(ud.format_table(rows))
+    print(f"\ndiffs and report.json in {report['out_dir']}")
+    return 1 if ud.needs_attention(findings) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

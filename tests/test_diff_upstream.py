@@ -1,0 +1,461 @@
+"""scripts/diff_upstream.py and minicpmv_attn.upstream_diff.
+
+"Upstream-like" folders are built from the fork's own files (the upstream-named files
+plus the fork modules they import), pinned, then given deliberate edits: every edit must
+be reported and the exit code must say so.
+"""
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from minicpmv_attn import upstream_diff as ud
+from minicpmv_attn.scripts import diff_upstream
+
+REPO = Path(__file__).resolve().parents[1]
+FORK = REPO / "modeling"
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN_CONFIG = GOLDEN / "minicpmv26" / "single_image" / "config.json"
+
+ISSUE_HASHES = {
+    "configuration_minicpm.py": "e07b81b20d94d1535e5f651f6737272c49639e8b2c3417f077d0ba39c18c04ff",
+    "image_processing_minicpmv.py": "954f6c515644c8e2cc9acc227b889e1b1324cdbf0e54ba938a693fab2cb82499",
+    "modeling_minicpmv.py": "777fbd5f51d3b47852649386eb2a4754de8ed736c969c29cc9a81b03d030e338",
+    "modeling_navit_siglip.py": "c71ca316fe7405325b7097364f98f71c317fff8c9f5c8820f30d3362b1ed5bfa",
+    "processing_minicpmv.py": "6fcce591845589e7034ba8c757084d951ad3b8542b756491bb81d3479dde247e",
+    "resampler.py": "45c4d94fd144c9c0a2ffeb06aa0443d3d4ed4a091e1ad9a8dee5127d2bcd286c",
+    "tokenization_minicpmv_fast.py": "4eb76984f6945cfdbfb5b2fece8cb3ebbdac96aea15e28af3eadbdba471f9b55",
+}
+
+
+# ----------------------------------------------------------------------------------------
+# helpers: build an upstream-like folder, edit it through the AST
+# ----------------------------------------------------------------------------------------
+def make_upstream_like(tmp_path: Path) -> Path:
+    """``tmp_path/upstream``: the fork's remote code as an upstream stand-in.
+
+    The fork itself is snapshotted to ``tmp_path/fork`` first and the run compares with
+    that snapshot (``--fork``), so edits made to the working tree while the tests run
+    cannot leak into one side only.
+    """
+    fork = tmp_path / "fork"
+    fork.mkdir()
+    for p in FORK.glob("*.py"):
+        shutil.copy2(p, fork / p.name)
+    up = tmp_path / "upstream"
+    up.mkdir()
+    files, _ = ud.remote_code_files(fork)
+    for name in files:
+        shutil.copy2(fork / name, up / name)
+    shutil.copy2(GOLDEN_CONFIG, up / "config.json")
+    return up
+
+
+def write_pin(up: Path, path: Path, changes=()) -> Path:
+    pin = ud.make_pin(up, base_pin={"changes": list(changes)})
+    ud.atomic_write_json(path, pin)
+    return path
+
+
+def run_cli(up: Path, pin: Path, out: Path, *extra):
+    rc = diff_upstream.main(["--upstream", str(up), "--pin", str(pin), "--out", str(out),
+                             "--fork", str(up.parent / "fork"), "-q", *extra])
+    report = json.loads((out / "report.json").read_text())
+    return rc, report
+
+
+def rows(report, section=None, attention=None):
+    out = []
+    for f in report["findings"]:
+        if section is not None and f["section"] != section:
+            continue
+        if attention is not None and f["attention"] != attention:
+            continue
+        out.append(f)
+    return out
+
+
+def find_def(tree: ast.Module, qualname: str):
+    body, node = tree.body, None
+    for part in qualname.split("."):
+        node = next(n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                    and n.name == part)
+        body = node.body
+    return node
+
+
+def replace_def(path: Path, qualname: str, new_source: str = None):
+    """Replace (or with ``None`` remove) the definition ``qualname`` in ``path``."""
+    src = path.read_text()
+    node = find_def(ast.parse(src), qualname)
+    lines = src.splitlines(True)
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+    indent = " " * node.col_offset
+    new = [] if new_source is None else [indent + line if line.strip() else line
+                                         for line in (new_source.rstrip("\n") + "\n").splitlines(True)]
+    path.write_text("".join(lines[:start] + new + lines[node.end_lineno:]))
+
+
+def pick_method_with_param(path: Path, cls: str):
+    tree = ast.parse(path.read_text())
+    for n in find_def(tree, cls).body:
+        if isinstance(n, ast.FunctionDef) and not n.decorator_list:
+            params = [a.arg for a in n.args.args[1:]]
+            if params:
+                return f"{cls}.{n.name}", params[0]
+    raise AssertionError(f"no method with a parameter in {cls}")
+
+
+def rename_param(path: Path, qualname: str, old: str, new: str):
+    """Rename a parameter and its uses inside one function (attribute names untouched)."""
+    node = find_def(ast.parse(path.read_text()), qualname)
+
+    class Renamer(ast.NodeTransformer):
+        def visit_arg(self, a):
+            if a.arg == old:
+                a.arg = new
+            return a
+
+        def visit_Name(self, n):
+            if n.id == old:
+                n.id = new
+            return n
+
+    Renamer().visit(node)
+    replace_def(path, qualname, ast.unparse(node))
+
+
+def add_parameter_to_init(path: Path, cls: str, line: str):
+    """Append ``line`` as the last statement of ``cls.__init__``."""
+    src = path.read_text()
+    init = find_def(ast.parse(src), f"{cls}.__init__")
+    last = init.body[-1]
+    lines = src.splitlines(True)
+    lines.insert(last.end_lineno, " " * last.col_offset + line + "\n")
+    path.write_text("".join(lines))
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    up = make_upstream_like(tmp_path)
+    pin = write_pin(up, tmp_path / "pin.json")
+    return up, pin, tmp_path / "out"
+
+
+# ----------------------------------------------------------------------------------------
+# the pin and the package layout
+# ----------------------------------------------------------------------------------------
+def test_pin_records_upstream_identity_and_notes():
+    pin = json.loads((REPO / "patches" / "UPSTREAM.json").read_text())
+    assert pin["upstream"]["repo_id"] == "openbmb/MiniCPM-V-2_6"
+    assert "revision" in pin["upstream"]
+    assert ud.pinned_files(pin) == ISSUE_HASHES
+    assert pin["changes"], "one entry per changed upstream symbol"
+    for entry in pin["changes"]:
+        assert entry["file"] in ISSUE_HASHES, entry
+        assert entry["symbol"] and entry["what"] and entry["why"], entry
+        assert entry.get("kind", "changed") in ("changed", "added", "removed", "replaced"), entry
+        assert (REPO / "patches" / entry["note"]).is_file(), entry["note"]
+    assert pin["transformers"]["files"], "the transformers attention code snapshot"
+
+
+def test_generated_folder_is_git_ignored():
+    assert "patches/generated/" in (REPO / ".gitignore").read_text().split()
+    assert ud.default_out_dir() == REPO / "patches" / "generated"
+
+
+def test_help_describes_the_cli(capsys):
+    with pytest.raises(SystemExit) as e:
+        diff_upstream.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--upstream", "--revision", "--numeric", "--out", "--pin", "--write-pin"):
+        assert flag in text
+
+
+def test_missing_upstream_folder_is_a_usage_error(tmp_path, capsys):
+    assert diff_upstream.main(["--upstream", str(tmp_path / "nope"), "-q"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_revision_offline_gives_a_clear_error(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "minicpmv_attn.scripts.diff_upstream", "--revision", "main",
+                           "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "could not download openbmb/MiniCPM-V-2_6@main" in proc.stderr
+    assert "--upstream DIR" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# symbol inventory (pure AST)
+# ----------------------------------------------------------------------------------------
+def test_symbol_inventory_signatures_and_bodies():
+    a = textwrap.dedent('''
+        class A(Base):
+            x = 1
+            def f(self, a, b=2, *args, c, d=None, **kw):
+                """doc"""
+                return a + b  # comment
+            @staticmethod
+            def g(x: int) -> int:
+                return x
+        def h(p, /, q):
+            pass
+    ''')
+    inv = ud.symbol_inventory(a)
+    assert set(inv) == {"A", "A.f", "A.g", "h"}
+    assert inv["A"].kind == "class" and inv["A.f"].kind == "method" and inv["h"].kind == "function"
+    assert inv["A.f"].signature == "(self, a, b=2, *args, c, d=None, **kw)"
+    assert inv["h"].signature == "(p, /, q)"
+
+    def changes(b):
+        return {(c.qualname, c.change) for c in ud.diff_inventories(ud.symbol_inventory(b), inv, "m.py")}
+
+    # docstrings, comments, formatting and annotations are not changes
+    b = a.replace('"""doc"""', '"""other doc"""').replace("# comment", "").replace("x: int", "x: 'int'")
+    assert changes(b) == set()
+    assert changes(a.replace("b=2", "b=3")) == {("A.f", "signature")}
+    assert changes(a.replace("a + b", "a - b")) == {("A.f", "body")}
+    assert changes(a.replace("x = 1", "x = 2")) == {("A", "body")}
+    assert changes(a.replace("    @staticmethod\n", "")) == {("A.g", "signature")}
+    assert changes(a.replace("def h(p, /, q)", "def h2(p, /, q)")) == {("h", "removed"), ("h2", "added")}
+    assert changes(a.replace("class A(Base)", "class A(Other)")) == {("A", "signature")}
+
+
+def test_documented_changes_match_by_file_pattern_and_kind():
+    pin = {"changes": [{"file": "r.py", "symbol": "Resampler.*", "kind": "changed"},
+                       {"file": "r.py", "symbol": "MultiheadAttention*", "kind": "removed"}]}
+    ch = ud.SymbolChange
+    assert ud.documented_by(ch("r.py", "Resampler.forward", "signature", "method"), pin)
+    assert not ud.documented_by(ch("r.py", "Resampler.forward", "removed", "method"), pin)
+    assert not ud.documented_by(ch("x.py", "Resampler.forward", "signature", "method"), pin)
+    assert ud.documented_by(ch("r.py", "MultiheadAttention.forward", "removed", "method"), pin)
+    assert not ud.documented_by(ch("r.py", "MultiheadAttention", "added", "class"), pin)
+
+
+def test_typing_shim_fixes_upstreams_star_import(tmp_path):
+    """Upstream resampler.py relies on ``from torch.nn.functional import *`` providing List."""
+    (tmp_path / "resampler.py").write_text(textwrap.dedent('''
+        from torch.nn.functional import *
+        def f(x: List[int]) -> Optional[int]:
+            return None
+    '''))
+    pkg = ud.load_folder_package(tmp_path, "noshim", typing_shim=False)
+    try:
+        with pytest.raises(NameError, match="List"):
+            ud.import_from_package(pkg, "resampler")
+    finally:
+        ud.unload_package(pkg)
+    pkg = ud.load_folder_package(tmp_path, "shim", typing_shim=True)
+    try:
+        assert ud.import_from_package(pkg, "resampler").f([1]) is None
+    finally:
+        ud.unload_package(pkg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resampler.py"], "nothing written to the folder"
+
+
+# ----------------------------------------------------------------------------------------
+# whole runs on upstream-like folders (need the fork's model)
+# ----------------------------------------------------------------------------------------
+def test_unedited_copy_needs_no_attention(upstream, capsys):
+    up, pin, out = upstream
+    rc, report = run_cli(up, pin, out)
+    printed = capsys.readouterr().out
+    assert rc == 0, [f for f in report["findings"] if f["attention"]]
+    assert not report["needs_attention"]
+    assert any(f["status"] == "ok" for f in rows(report, "state_dict"))
+    assert {f["status"] for f in rows(report, "config")} == {"ok"}
+    assert all(f["status"] == "matches pin" for f in rows(report, "files"))
+    assert "section" in printed and "nothing needs attention" in printed  # the summary table
+    assert (out / "summary.txt").is_file()
+    diffs = list((out / "files").glob("*.diff")) if (out / "files").exists() else []
+    assert diffs == [], "identical files give no diff"
+
+
+def test_renamed_parameter_is_reported(upstream):
+    up, pin, out = upstream
+    qual, param = pick_method_with_param(up / "modeling_minicpmv.py", "MiniCPMV")
+    rename_param(up / "modeling_minicpmv.py", qual, param, param + "_renamed")
+    rc, report = run_cli(up, pin, out, "--no-transformers")
+    assert rc == 1
+    sym = [f for f in rows(report, "symbols", attention=True) if f["item"] == f"modeling_minicpmv.py::{qual}"]
+    assert sym and sym[0]["status"] == "signature (undocumented)"
+    assert param + "_renamed" in sym[0]["detail"]
+    assert any(f["item"] == "modeling_minicpmv.py" and f["status"] == "changed since pin" for f in rows(report, "files"))
+    diff = (out / "files" / "modeling_minicpmv.py.diff").read_text()
+    assert diff.startswith("--- upstream/modeling_minicpmv.py\n+++ fork/modeling_minicpmv.py\n")
+    assert param + "_renamed" in diff
+
+
+def test_documented_change_is_not_flagged(tmp_path):
+    up = make_upstream_like(tmp_path)
+    qual, param = pick_method_with_param(up / "modeling_minicpmv.py", "MiniCPMV")
+    rename_param(up / "modeling_minicpmv.py", qual, param, param + "_renamed")
+    entry = {"file": "modeling_minicpmv.py", "symbol": qual, "kind": "changed", "what": "w", "why": "y",
+             "note": "notes/x.md"}
+    pin = write_pin(up, tmp_path / "pin.json", changes=[entry])  # pinned after the edit: hashes match
+    rc, report = run_cli(up, pin, tmp_path / "out", "--no-transformers")
+    assert rc == 0, rows(report, attention=True)
+    sym = [f for f in rows(report, "symbols") if f["item"] == f"modeling_minicpmv.py::{qual}"]
+    assert sym[0]["status"] == "signature (documented)" and not sym[0]["attention"]
+
+
+def test_removed_method_is_reported(upstream):
+    up, pin, out = upstream
+    replace_def(up / "modeling_minicpmv.py", "MiniCPMV.set_decoder", None)
+    rc, report = run_cli(up, pin, out, "--no-transformers")
+    assert rc == 1
+    sym = [f for f in rows(report, "symbols", attention=True)
+           if f["item"] == "modeling_minicpmv.py::MiniCPMV.set_decoder"]
+    assert sym and sym[0]["status"] == "added (undocumented)"  # the fork has it, upstream does not
+
+
+def test_added_state_dict_key_is_reported(upstream):
+    up, pin, out = upstream
+    add_parameter_to_init(up / "modeling_minicpmv.py", "MiniCPMV",
+                          "self.extra_upstream_param = torch.nn.Parameter(torch.zeros(3, 5))")
+    rc, report = run_cli(up, pin, out, "--no-transformers")
+    assert rc == 1
+    sd = rows(report, "state_dict", attention=True)
+    assert [(f["item"], f["status"]) for f in sd] == [("extra_upstream_param", "upstream only")]
+    assert "(3, 5)" in sd[0]["detail"]
+
+
+def test_changed_file_hash_is_reported(upstream):
+    up, pin, out = upstream
+    with open(up / "resampler.py", "a") as f:
+        f.write("\n# an upstream edit that changes nothing but the bytes\n")
+    rc, report = run_cli(up, pin, out, "--no-transformers")
+    assert rc == 1
+    att = rows(report, attention=True)
+    assert [(f["section"], f["item"], f["status"]) for f in att] == [("files", "resampler.py", "changed since pin")]
+
+
+def test_missing_file_is_reported(upstream):
+    up, pin, out = upstream
+    (up / "resampler.py").rename(up / "resampler_renamed.py.bak")
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 1
+    assert any(f["item"] == "resampler.py" and f["status"] == "missing" and f["attention"]
+               for f in rows(report, "files"))
+
+
+def test_every_edit_reported_together(upstream):
+    up, pin, out = upstream
+    qual, param = pick_method_with_param(up / "modeling_minicpmv.py", "MiniCPMV")
+    rename_param(up / "modeling_minicpmv.py", qual, param, param + "_renamed")
+    replace_def(up / "modeling_minicpmv.py", "MiniCPMV.set_decoder", None)
+    add_parameter_to_init(up / "modeling_minicpmv.py", "MiniCPMV",
+                          "self.extra_upstream_param = torch.nn.Parameter(torch.zeros(2))")
+    with open(up / "configuration_minicpm.py", "a") as f:
+        f.write("# edited\n")
+    rc, report = run_cli(up, pin, out, "--no-transformers")
+    assert rc == 1
+    items = {(f["section"], f["item"]) for f in rows(report, attention=True)}
+    assert ("symbols", f"modeling_minicpmv.py::{qual}") in items
+    assert ("symbols", "modeling_minicpmv.py::MiniCPMV.set_decoder") in items
+    assert ("state_dict", "extra_upstream_param") in items
+    assert ("files", "configuration_minicpm.py") in items
+    assert ("files", "modeling_minicpmv.py") in items
+
+
+def test_config_field_difference_is_reported(upstream):
+    up, pin, out = upstream
+    cfg = json.loads((up / "config.json").read_text())
+    # a config class default changed upstream: edit the copy's class, not config.json
+    src = (up / "configuration_minicpm.py").read_text()
+    assert "vision_batch_size=16" in src
+    (up / "configuration_minicpm.py").write_text(src.replace("vision_batch_size=16", "vision_batch_size=8"))
+    pin = write_pin(up, out.parent / "pin2.json")
+    rc, report = run_cli(up, pin, out, "--no-transformers")
+    assert rc == 1
+    att = rows(report, "config", attention=True)
+    assert [(f["item"], f["status"]) for f in att] == [("defaults:vision_batch_size", "differs")]
+    assert cfg["vision_batch_size"] == 16  # from config.json both agree
+
+
+def test_numeric_parity_and_a_numeric_change(upstream):
+    up, pin, out = upstream
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers")
+    num = rows(report, "numeric")
+    assert rc == 0 and num[0]["status"] == "ok", num
+    with open(up / "modeling_minicpmv.py", "a") as f:
+        f.write(textwrap.dedent('''
+
+            _plain_forward = MiniCPMV.forward
+
+
+            def _scaled_forward(self, *args, **kwargs):
+                out = _plain_forward(self, *args, **kwargs)
+                out.logits.mul_(1.01)
+                return out
+
+
+            MiniCPMV.forward = _scaled_forward
+        '''))
+    pin = write_pin(up, out.parent / "pin2.json", changes=[
+        {"file": "modeling_minicpmv.py", "symbol": "_scaled_forward", "kind": "removed", "what": "-", "why": "-",
+         "note": "-"}])
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers")
+    num = rows(report, "numeric")
+    assert rc == 1 and num[0]["status"] == "differs" and num[0]["attention"], num
+    assert [f["item"] for f in rows(report, attention=True)] == ["logits"]
+
+
+def test_numeric_runs_upstream_with_its_known_breakages_shimmed(upstream):
+    """The copy gets upstream's breakages back: star import + List, processor load in __init__."""
+    up, _, out = upstream
+    res = up / "resampler.py"
+    res.write_text("from torch.nn.functional import *\n" + res.read_text() + textwrap.dedent('''
+
+        def _upstream_style_annotation(x: List[int]) -> None:
+            return None
+    '''))
+    add_parameter_to_init(up / "modeling_minicpmv.py", "MiniCPMV",
+                          "self._upstream_processor = AutoProcessor.from_pretrained("
+                          "self.config._name_or_path, trust_remote_code=True)")
+    mod = up / "modeling_minicpmv.py"
+    mod.write_text("from transformers import AutoProcessor\n" + mod.read_text())
+    before = {p.name: ud.sha256_file(p) for p in up.iterdir()}
+    pin = write_pin(up, out.parent / "pin2.json")
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers")
+    num = rows(report, "numeric")
+    assert num[0]["status"] == "ok", num
+    assert {f["status"] for f in rows(report, "state_dict")} == {"ok"}
+    assert {p.name: ud.sha256_file(p) for p in up.iterdir()} == before, "upstream files never edited"
+
+
+# ----------------------------------------------------------------------------------------
+# transformers' attention code
+# ----------------------------------------------------------------------------------------
+def test_installed_transformers_matches_the_pin():
+    """Fails when a transformers upgrade changes the Qwen2/SigLIP/SDPA code the fork mirrors."""
+    pin = ud.load_pin()
+    findings, details = ud.compare_transformers(pin, FORK, None, log=ud._quiet)
+    assert not [f for f in findings if f.attention], [f for f in findings if f.attention]
+
+
+def test_transformers_change_is_flagged(tmp_path):
+    pin = ud.load_pin()
+    qwen = pin["transformers"]["files"]["models/qwen2/modeling_qwen2.py"]
+    qwen["symbols"]["eager_attention_forward"]["body"] = "0" * 16
+    qwen["symbols"]["Qwen2Attention.forward"]["signature"] = "(self, hidden_states)"
+    del qwen["symbols"]["repeat_kv"]
+    pin["transformers"]["version"] = "0.0.0"
+    findings, _ = ud.compare_transformers(pin, FORK, tmp_path, log=ud._quiet)
+    att = {(f.item, f.status) for f in findings if f.attention}
+    p = "models/qwen2/modeling_qwen2.py::"
+    assert (p + "eager_attention_forward", "body changed since pin") in att
+    assert any(item == p + "Qwen2Attention.forward" and s.startswith("signature changed") for item, s in att)
+    assert (p + "repeat_kv", "added since pin") in att
+    assert len(att) == 3  # a version bump alone needs no attention
+    diffs = list((tmp_path / "transformers").glob("*.diff"))
+    assert diffs and all(d.read_text().startswith("--- transformers/") for d in diffs)

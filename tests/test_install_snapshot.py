@@ -1,0 +1,316 @@
+"""scripts/install_into_snapshot.py: install the fork's remote code into a checkpoint folder and undo it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from minicpmv_attn import upstream_diff as ud
+from minicpmv_attn.scripts import install_into_snapshot as cli
+
+REPO = Path(__file__).resolve().parents[1]
+FORK = REPO / "modeling"
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+CASES = ["single_image", "two_images_batch", "text_only"]
+
+
+def tree(folder: Path):
+    """Everything under ``folder``: bytes, links, modes (byte-for-byte comparison)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(root) / name
+            rel = str(p.relative_to(folder))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", p.stat().st_mode & 0o7777)
+            else:
+                out[rel] = ("file", p.read_bytes(), p.stat().st_mode & 0o7777)
+    return out
+
+
+def golden_copy(tmp_path: Path, case: str = "single_image") -> Path:
+    dst = tmp_path / case
+    shutil.copytree(GOLDEN / "minicpmv26" / case, dst)
+    # the shared fixtures are read-only; a user's checkpoint folder is writable
+    os.chmod(dst, 0o755)
+    for p in dst.iterdir():
+        os.chmod(p, 0o644)
+    return dst
+
+
+def tiny_checkpoint(folder: Path, config=None, keys=None) -> Path:
+    """A minimal MiniCPM-V-2.6-shaped folder: golden config.json and a tiny safetensors file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((GOLDEN / "minicpmv26" / "single_image" / "config.json").read_text())
+    if config is not None:
+        cfg = config(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    keys = keys or ["llm.model.layers.0.self_attn.q_proj.bias", "llm.lm_head.weight", "vpm.post_layernorm.weight",
+                    "resampler.query"]
+    save_file({k: torch.zeros(2) for k in keys}, str(folder / "model.safetensors"))
+    return folder
+
+
+def expected_files():
+    files, _ = ud.remote_code_files(FORK)
+    return files
+
+
+# ----------------------------------------------------------------------------------------
+# the file list
+# ----------------------------------------------------------------------------------------
+def test_remote_code_files_follow_relative_imports():
+    files = expected_files()
+    for root in ("configuration_minicpm.py", "modeling_minicpmv.py", "modeling_navit_siglip.py", "resampler.py"):
+        assert root in files
+    for name in files:  # closed under relative imports
+        mods, _ = ud.relative_imports(FORK / name)
+        assert {m + ".py" for m in mods} <= set(files), name
+    # everything transformers' remote-code loader will look for is installed
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    needed = {Path(p).name for p in get_relative_import_files(str(FORK / "modeling_minicpmv.py"))}
+    assert needed <= set(files)
+    assert "__init__.py" not in files and "upstream_diff.py" not in files
+
+
+def test_relative_import_scan(tmp_path):
+    (tmp_path / "modeling_minicpmv.py").write_text("from .a import x\nfrom . import b\ndef f():\n    from .c import y\n")
+    (tmp_path / "configuration_minicpm.py").write_text("import os\n")
+    (tmp_path / "a.py").write_text("from .d import z\n")
+    for n in ("b", "c", "d"):
+        (tmp_path / f"{n}.py").write_text("")
+    files, warnings = ud.remote_code_files(tmp_path)
+    assert files == ["a.py", "b.py", "c.py", "configuration_minicpm.py", "d.py", "modeling_minicpmv.py"]
+    assert any("from . import b" in w for w in warnings)
+
+
+def test_list_files_cli(capsys):
+    assert cli.main(["--list-files", "-q"]) == 0
+    assert capsys.readouterr().out.split() == expected_files()
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--restore" in out and "MiniCPM-V-2.6" in out
+
+
+# ----------------------------------------------------------------------------------------
+# golden round trip and loading
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_install_restore_round_trips_byte_for_byte(tmp_path, case):
+    folder = golden_copy(tmp_path, case)
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    for name in expected_files():
+        assert (folder / name).read_bytes() == (FORK / name).read_bytes()
+    assert (folder / ud.BACKUP_DIRNAME / ud.MANIFEST_NAME).is_file()
+    # golden config.json already points auto_map at MiniCPMVConfig / MiniCPMV: left untouched
+    assert (folder / "config.json").read_bytes() == before["config.json"][1]
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert tree(folder) == before
+
+
+LOAD_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, sys.argv[2])
+    from golden import load_expected, load_inputs
+    from transformers import AutoModel
+
+    folder, case = sys.argv[1], sys.argv[3]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    model.eval()
+    data, mask = load_inputs(case)
+    with torch.no_grad():
+        out = model(data, attention_mask=mask)
+    expected = load_expected(case)["logits"]
+    real = mask.bool()
+    print(json.dumps({"module": type(model).__module__,
+                      "shape": list(out.logits.shape), "expected_shape": list(expected.shape),
+                      "max_diff": (out.logits.float() - expected).abs()[real].max().item()}))
+''')
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_installed_folder_loads_with_trust_remote_code_and_reproduces_golden_logits(tmp_path, case):
+    folder = golden_copy(tmp_path, case)
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    # a fresh process with its own modules cache: only the folder's code can be loaded
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1",
+               PYTHONPATH="")
+    proc = subprocess.run([sys.executable, str(script), str(folder), str(Path(__file__).parent), case],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["module"].startswith("transformers_modules."), res["module"]
+    assert res["shape"] == res["expected_shape"]
+    assert res["max_diff"] <= 1e-4, res
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert tree(folder) == before
+
+
+# ----------------------------------------------------------------------------------------
+# backups, auto_map, symlinks, refusals
+# ----------------------------------------------------------------------------------------
+def test_second_install_keeps_the_first_backup(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "ck")
+    (folder / "modeling_minicpmv.py").write_text("# upstream's modeling file\n")
+    (folder / "resampler.py").write_text("# upstream's resampler\n")
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    assert cli.main([str(folder), "-q"]) == 0  # the installed files are not "originals"
+    manifest = json.loads((folder / ud.BACKUP_DIRNAME / ud.MANIFEST_NAME).read_text())
+    assert manifest["files"]["modeling_minicpmv.py"]["state"] == "file"
+    assert manifest["files"]["capture.py"]["state"] == "absent"
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert tree(folder) == before
+
+
+def test_auto_map_is_pointed_at_the_fork(tmp_path):
+    def cfg(c):
+        c["auto_map"] = {"AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+                         "AutoModel": "modeling_minicpmv_old.MiniCPMV"}
+        return c
+
+    folder = tiny_checkpoint(tmp_path / "ck", config=cfg)
+    os.chmod(folder / "config.json", 0o640)
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+                        "AutoModel": "modeling_minicpmv.MiniCPMV",
+                        "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV"}
+    assert (folder / "config.json").stat().st_mode & 0o777 == 0o640
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert tree(folder) == before
+
+
+def test_missing_auto_map_is_added(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "ck", config=lambda c: {k: v for k, v in c.items() if k != "auto_map"})
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_minicpmv.MiniCPMV"
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert tree(folder) == before
+
+
+def test_processor_auto_map_points_at_fork_classes(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "ck")
+    pre = {"image_processor_type": "MiniCPMVImageProcessor",
+           "auto_map": {"AutoProcessor": "processing_minicpmv.SomeOldProcessor"}}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8}))  # no auto_map: untouched
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    target = "processing_minicpmv.MiniCPMVProcessor"
+    now = json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]["AutoProcessor"]
+    assert now == (target if ud._class_in_fork(target, FORK) else "processing_minicpmv.SomeOldProcessor")
+    assert (folder / "tokenizer_config.json").read_bytes() == before["tokenizer_config.json"][1]
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert tree(folder) == before
+
+
+def test_hugging_face_snapshot_symlinks_are_never_written_through(tmp_path):
+    """A hub cache layout: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    src = tiny_checkpoint(tmp_path / "src")
+    (src / "modeling_minicpmv.py").write_text("# upstream's modeling file\n")
+    blobs, snap = tmp_path / "repo" / "blobs", tmp_path / "repo" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in src.iterdir():
+        blob = blobs / ud.sha256_file(p)
+        shutil.copy2(p, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / p.name)
+    blobs_before, snap_before = tree(blobs), tree(snap)
+    assert cli.main([str(snap), "-q"]) == 0
+    assert not (snap / "modeling_minicpmv.py").is_symlink()
+    assert (snap / "modeling_minicpmv.py").read_bytes() == (FORK / "modeling_minicpmv.py").read_bytes()
+    assert tree(blobs) == blobs_before
+    assert cli.main([str(snap), "--restore", "-q"]) == 0
+    assert tree(snap) == snap_before and tree(blobs) == blobs_before
+
+
+def test_restore_refuses_to_lose_edits_unless_forced(tmp_path, capsys):
+    folder = tiny_checkpoint(tmp_path / "ck")
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    with open(folder / "modeling_minicpmv.py", "a") as f:
+        f.write("# my local edit\n")
+    assert cli.main([str(folder), "--restore", "-q"]) == 1
+    assert "modified after install" in capsys.readouterr().err
+    assert cli.main([str(folder), "--restore", "--force", "-q"]) == 0
+    assert tree(folder) == before
+
+
+def test_restore_without_backup_and_dry_runs(tmp_path, capsys):
+    folder = tiny_checkpoint(tmp_path / "ck")
+    before = tree(folder)
+    assert cli.main([str(folder), "--restore", "-q"]) == 1
+    assert "nothing to restore" in capsys.readouterr().err
+    assert cli.main([str(folder), "--dry-run"]) == 0
+    assert "would copy modeling_minicpmv.py" in capsys.readouterr().err
+    assert tree(folder) == before
+
+
+def _llama_keys():
+    return ["llm.model.layers.0.self_attn.q_proj.weight", "vpm.post_layernorm.weight", "resampler.query"]
+
+
+REFUSALS = {
+    "no_config": (lambda d: (d / "config.json").unlink(), "has no config.json"),
+    "bad_json": (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    "other_model_type": (lambda d: _edit_cfg(d, model_type="llava"), "model_type is 'llava'"),
+    "not_minicpmv_fields": (lambda d: _edit_cfg(d, drop="vision_config"), "lacks MiniCPM-V field"),
+    "minicpmv_2_0": (lambda d: _edit_cfg(d, scale_emb=12), "MiniCPM-V 2.0"),
+    "version_2_5": (lambda d: (d / "preprocessor_config.json").write_text('{"version": 2.5}'), "not 2.6"),
+    "no_weights": (lambda d: (d / "model.safetensors").unlink(), "has no weights"),
+    "llama_llm": (lambda d: save_file({k: torch.zeros(1) for k in _llama_keys()}, str(d / "model.safetensors")),
+                  "not Qwen2"),
+    "not_minicpmv_weights": (lambda d: save_file({"model.layers.0.self_attn.q_proj.bias": torch.zeros(1)},
+                                                 str(d / "model.safetensors")), "top-level modules"),
+}
+
+
+def _edit_cfg(d, drop=None, **kv):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(kv)
+    cfg.pop(drop, None)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("name", sorted(REFUSALS))
+def test_refuses_folders_that_are_not_minicpmv26_checkpoints(tmp_path, capsys, name):
+    folder = tiny_checkpoint(tmp_path / "ck")
+    edit, reason = REFUSALS[name]
+    edit(folder)
+    before = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("refused: ") and reason in err, err
+    assert tree(folder) == before
+
+
+def test_refuses_a_path_that_is_not_a_folder(tmp_path, capsys):
+    assert cli.main([str(tmp_path / "missing"), "-q"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_folder_is_required(capsys):
+    assert cli.main([]) == 2
