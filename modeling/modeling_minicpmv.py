@@ -13,13 +13,12 @@ from threading import Thread
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes
 from .configuration_minicpm import MiniCPMVConfig
 from .modeling_navit_siglip import SiglipVisionTransformer
-from .modeling_qwen2 import Qwen2ForCausalLM, init_module_weights
+from .modeling_qwen2 import Qwen2ForCausalLM, Qwen2PreTrainedModel
 from .resampler import Resampler
 
 TERMINATORS = ["<|im_end|>", "<|endoftext|>"]
@@ -66,18 +65,9 @@ class CheckpointError(ValueError):
     """A folder that is not a loadable MiniCPM-V-2.6 checkpoint (names the file / keys)."""
 
 
-class MiniCPMVPreTrainedModel(PreTrainedModel):
+class MiniCPMVPreTrainedModel(Qwen2PreTrainedModel):
     config_class = MiniCPMVConfig
-    base_model_prefix = ""
-    supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flash_attn_2 = True
-    _supports_cache_class = True
-
-    def _init_weights(self, module):
-        init_module_weights(self.config, module)
 
 
 class MiniCPMV(MiniCPMVPreTrainedModel):
