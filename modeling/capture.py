@@ -347,34 +347,39 @@ class AttentionCapture:
             return
         col_idx, col_valid = self._col_index(B, Lk, query.device) if stage == "llm" else (None, None)
         q = query.index_select(1, head_idx)
-        k = key.index_select(1, head_idx // n_rep)
         if row_sel is not None:
             q = q.index_select(2, row_sel)
         r_total = q.shape[2]
         out_dtype = self.spec.dtype or query.dtype
         dev = self.spec.device or query.device
-        width = B * q.shape[1] * Lk
-        step = max(1, int(self.spec.chunk_elements) // max(width, 1))
+        local_rows = row_sel if row_sel is not None else torch.arange(r_total, device=query.device)
+        qv = None if mask.query_valid is None else mask.query_valid.to(query.device).index_select(1, local_rows)
+        fused = self._fused_kernel(query, key)
+        k = None if fused is not None else key.index_select(1, head_idx // n_rep).float()
+        step = max(1, int(self.spec.chunk_elements) // max(B * (1 if fused else q.shape[1]) * Lk, 1))
         chunks = []
         for start in range(0, r_total, step):
             stop = min(r_total, start + step)
-            local = torch.arange(start, stop, device=query.device)
-            rows_abs = local if row_sel is None else row_sel[start:stop]
-            scores = torch.matmul(q[:, :, start:stop].float(), k.float().transpose(-1, -2)) * scaling
-            allowed = mask.allowed(Lq, Lk, rows=rows_abs, device=query.device)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-            probs = torch.softmax(scores, dim=-1)
-            if mask.query_valid is not None:
-                qv = mask.query_valid.to(query.device).index_select(1, rows_abs)  # [B, r]
-                probs = probs * qv[:, None, :, None].to(probs.dtype)
-            if col_idx is not None:
+            rows = local_rows[start:stop]
+            if fused is not None:  # GPU: scores, softmax and head reduction in one Triton kernel
+                probs = fused(q[:, :, start:stop], key, scaling, rows, mask.q_offset, mask.causal, mask.key_valid,
+                              self.spec.reduce, torch.float32, head_map=head_idx // n_rep,
+                              row_valid=None if qv is None else qv[:, start:stop])
+            else:
+                scores = torch.matmul(q[:, :, start:stop].float(), k.transpose(-1, -2)) * scaling
+                allowed = mask.allowed(Lq, Lk, rows=rows, device=query.device)
+                if allowed is not None:
+                    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+                probs = torch.softmax(scores, dim=-1)
+                if qv is not None:
+                    probs = probs * qv[:, None, start:stop, None].to(probs.dtype)
+                if self.spec.reduce == "mean":
+                    probs = probs.mean(1, keepdim=True)
+                elif self.spec.reduce == "max":
+                    probs = probs.amax(1, keepdim=True)
+            if col_idx is not None:  # the same key columns for every head: gather after the reduction
                 gather = col_idx[:, None, None, :].expand(B, probs.shape[1], probs.shape[2], -1)
                 probs = probs.gather(-1, gather) * col_valid[:, None, None, :].to(probs.dtype)
-            if self.spec.reduce == "mean":
-                probs = probs.mean(1, keepdim=True)
-            elif self.spec.reduce == "max":
-                probs = probs.amax(1, keepdim=True)
             chunks.append(probs.to(out_dtype).to(dev))
         tensor = torch.cat(chunks, 2) if len(chunks) > 1 else chunks[0]
         rows_abs = None
@@ -383,6 +388,18 @@ class AttentionCapture:
             rows_abs = base if row_sel is None else base[row_sel.cpu()]
         self.add(name, _Piece(tensor, rows_abs, None if col_idx is None else col_idx.cpu(),
                               None if col_valid is None else col_valid.cpu()))
+
+    def _fused_kernel(self, query, key):
+        """The Triton kernel for head-reduced maps on CUDA when nothing needs gradients, else None."""
+        if self.spec.reduce == "none" or query.device.type != "cuda" or os.environ.get("MINICPMV_ATTN_NO_TRITON"):
+            return None
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+            return None
+        try:
+            from .capture_triton import fused_reduced_probs, is_available
+        except ImportError:
+            return None
+        return fused_reduced_probs if is_available(query.device) else None
 
     def add(self, name: str, piece: _Piece):
         if self.frozen:  # e.g. recomputation under gradient checkpointing
