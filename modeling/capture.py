@@ -18,10 +18,9 @@ than dense [B, 1, Lq, Lk] tensors, so capture can build the mask of one chunk on
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -417,13 +416,11 @@ class AttentionCapture:
             heads = self.heads.get(stage)
             info = {"heads": heads, "reduce": self.spec.reduce}
             if stage != "llm":
-                tensors[name] = torch.cat([p.tensor for p in pieces], 0) if len(pieces) > 1 else pieces[0].tensor
+                tensors[name] = _join([p.tensor for p in pieces], 0)
                 info.update(rows=None, cols=None)
             else:
-                width = max(p.tensor.shape[-1] for p in pieces)
-                parts = [F.pad(p.tensor, (0, width - p.tensor.shape[-1])) for p in pieces]
-                tensors[name] = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
                 rows = torch.cat([p.rows for p in pieces])
+                tensors[name] = _join([p.tensor for p in pieces], 2)
                 full_rows = len(pieces) == 1 and rows.numel() == pieces[0].tensor.shape[2] and bool(
                     (rows == torch.arange(rows.numel())).all()) and self.spec.rows == "all"
                 info["rows"] = None if full_rows else rows.tolist()
@@ -434,6 +431,30 @@ class AttentionCapture:
                     info["cols"] = [[int(c) for c, v in zip(cr, vr) if v] for cr, vr in zip(last.cols, last.col_valid)]
             index[name] = info
         return tensors, index
+
+
+def _join(parts: List[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate along ``dim``, zero-padding the last axis to the widest part.
+
+    One part is returned as is (no copy); several are copied into one preallocated
+    tensor, so the peak is the result plus the parts, never a second padded copy.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.shape[-1] for p in parts)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    shape[-1] = width
+    out = parts[0].new_empty(shape)
+    offset = 0
+    for p in parts:
+        n = p.shape[dim]
+        target = out.narrow(dim, offset, n)
+        target[..., : p.shape[-1]] = p
+        if p.shape[-1] < width:
+            target[..., p.shape[-1]:] = 0
+        offset += n
+    return out
 
 
 def parse_name(name: str) -> Tuple[str, int]:
@@ -469,11 +490,17 @@ def _free_bytes(device: torch.device) -> int:
 
 
 def estimate_bytes(spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_len: int, new_tokens: int = 0,
-                   n_slices: int = 0, patches: int = 0, image_tokens: int = 0, compute_dtype=torch.float32) -> Dict[str, int]:
-    """Bytes the selection will hold once captured, per stage, plus the recompute workspace."""
+                   n_slices: int = 0, patches: int = 0, image_tokens: int = 0, compute_dtype=torch.float32,
+                   key_len: Optional[int] = None) -> Dict[str, int]:
+    """Bytes the selection will hold once captured, per stage, plus the recompute workspace.
+
+    ``prompt_len`` query rows (plus ``new_tokens`` generated ones) over ``key_len`` keys
+    (default: all rows, i.e. a square map).
+    """
     itemsize = torch.empty((), dtype=spec.dtype or compute_dtype).element_size()
     out = {}
     L_total = prompt_len + new_tokens
+    K_total = key_len if key_len is not None else L_total
     for stage in STAGES:
         n_layers = len(spec.layer_ids(stage, dims["layers"][stage])) if stage in dims["layers"] else 0
         if not n_layers:
@@ -491,14 +518,14 @@ def estimate_bytes(spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_l
             else:
                 r = len(rows)
             cols = spec.cols
-            c = L_total if cols in ("all", "text") else (image_tokens if cols == "image" else
-                                                         (L_total if cols == "special" else len(cols)))
+            c = K_total if cols in ("all", "text") else (image_tokens if cols == "image" else
+                                                         (K_total if cols == "special" else len(cols)))
             out[stage] = n_layers * batch * h * r * c * itemsize
         elif stage == "vision" and n_slices:
             out[stage] = n_layers * n_slices * h * patches * patches * itemsize
         elif stage == "resampler" and n_slices:
             out[stage] = n_slices * h * dims["query_num"] * patches * itemsize
-    out["workspace"] = int(min(spec.chunk_elements, batch * dims["heads"]["llm"] * L_total * max(L_total, 1)) * 4 * 3)
+    out["workspace"] = int(min(spec.chunk_elements, batch * dims["heads"]["llm"] * L_total * max(K_total, 1)) * 4 * 3)
     return out
 
 

@@ -13,7 +13,7 @@ from threading import Thread
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes
 from .configuration_minicpm import MiniCPMVConfig
@@ -42,7 +42,7 @@ class MiniCPMVOutput(CausalLMOutputWithPast):
 
 
 @dataclass
-class MiniCPMVGenerateOutput(CausalLMOutputWithPast):
+class MiniCPMVGenerateOutput(ModelOutput):
     """What ``generate`` returns when attention is requested.
 
     sequences: new tokens [B, n_new]; text: decoded answers (``decode_text=True``);
@@ -53,6 +53,7 @@ class MiniCPMVGenerateOutput(CausalLMOutputWithPast):
 
     sequences: Optional[torch.Tensor] = None
     text: Optional[List[str]] = None
+    attentions: Optional[Tuple[Any, ...]] = None
     vision_attentions: Optional[Tuple[torch.Tensor, ...]] = None
     resampler_attentions: Optional[torch.Tensor] = None
     captured: Optional[Dict[str, torch.Tensor]] = None
@@ -280,7 +281,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return roles
 
     @staticmethod
-    def _split_capture(capture: AttentionCapture, n_llm_layers: int):
+    def _split_capture(capture: AttentionCapture):
         tensors, index = capture.result()
         llm = tuple(v for k, v in tensors.items() if k.startswith("llm."))
         vision = tuple(v for k, v in tensors.items() if k.startswith("vision."))
@@ -314,7 +315,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         result = MiniCPMVOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
                                 hidden_states=out.hidden_states)
         if capture is not None:
-            tensors, index, llm, vision, resampler = self._split_capture(capture, self.config.num_hidden_layers)
+            tensors, index, llm, vision, resampler = self._split_capture(capture)
             result.attentions, result.vision_attentions, result.resampler_attentions = llm, vision, resampler
             result.captured, result.capture_index = tensors, index
         return result if return_dict else result.to_tuple()
@@ -401,7 +402,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     def _generate_output(self, result, capture, tokenizer, decode_text, prompt_len, per_step):
         seqs = result.sequences if hasattr(result, "sequences") else result
-        tensors, index, llm, vision, resampler = self._split_capture(capture, self.config.num_hidden_layers)
+        tensors, index, llm, vision, resampler = self._split_capture(capture)
         total = prompt_len + seqs.shape[1]
         for name, t in list(tensors.items()):
             if name.startswith("llm.") and t.shape[-1] < total and index[name].get("cols") is None:
@@ -472,10 +473,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if replay:
             sequences = res.sequences if hasattr(res, "sequences") else res
             texts = self._decode_text(sequences, tokenizer)
-            tensors, index, n_prompt = self._replay_capture(model_inputs, sequences, spec, tokenizer)
+            tensors, index = self._replay_capture(model_inputs, sequences, spec, tokenizer)
         else:
             texts, sequences = res.text, res.sequences
-            tensors, index, n_prompt = res.captured, res.capture_index, res.prompt_length
+            tensors, index = res.captured, res.capture_index
         records = records_from_capture(
             tensors, index, prompt_ids=model_inputs["input_ids"], new_ids=sequences,
             attention_mask=model_inputs.get("attention_mask"), image_bound=model_inputs.get("image_bound"),
@@ -524,7 +525,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         for name, t in tensors.items():
             if name.startswith("llm.") and out.capture_index[name].get("cols") is None:
                 tensors[name] = torch.nn.functional.pad(t, (0, n_prompt + n_new - t.shape[-1]))
-        return tensors, out.capture_index, n_prompt
+        return tensors, out.capture_index
 
 def check_checkpoint_folder(path: str) -> None:
     """Refuse, with the reason, a folder that is not a MiniCPM-V-2.6 checkpoint."""

@@ -22,7 +22,7 @@ try:
 except ImportError:  # very old transformers: PreTrainedModel is the mixin
     GenerationMixin = object
 
-from .capture import AttentionCapture, AttnMask, CaptureSpec, attention_forward
+from .capture import AttentionCapture, AttnMask, CaptureSpec, attention_forward, check_fits, estimate_bytes
 from .modeling_navit_siglip import checkpoint_call
 
 
@@ -276,6 +276,10 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
                 layers, heads = self.capture_dims()
                 own = attention_capture = AttentionCapture(spec, layers, heads)
                 past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+                x = inputs_embeds if inputs_embeds is not None else input_ids
+                est = estimate_bytes(spec, {"layers": layers, "heads": heads, "query_num": 0}, x.shape[0],
+                                     x.shape[1], compute_dtype=self.dtype, key_len=past + x.shape[1])
+                check_fits(spec, est, self.device)
                 if past == 0:
                     n = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
                     own.begin_llm(n)

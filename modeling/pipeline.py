@@ -3,7 +3,7 @@
 Kept out of the CLI files so notebooks and other scripts can reuse it.
 """
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 

@@ -1,4 +1,19 @@
+import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def demo_cache(tmp_path_factory):
+    """Build the tiny demo checkpoint once per session, in a temporary folder (not ~/.cache)."""
+    old = os.environ.get("MINICPMV_ATTN_CACHE")
+    os.environ["MINICPMV_ATTN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MINICPMV_ATTN_CACHE", None)
+    else:
+        os.environ["MINICPMV_ATTN_CACHE"] = old

@@ -1,6 +1,5 @@
 """Bad and unusual image inputs: clear errors, no crashes, sane pixels, nothing written."""
 import io
-import os
 
 import numpy as np
 import pytest

@@ -4,8 +4,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from golden import case_dir, load_expected, load_inputs, real_patch_counts
-from minicpmv_attn import CaptureError, CaptureSpec, CaptureTooLarge, MiniCPMV
+from golden import load_expected, load_inputs, real_patch_counts
+from minicpmv_attn import CaptureError, CaptureSpec, CaptureTooLarge
 from test_golden import FakeTokenizer, load
 
 TOL = 1e-5
@@ -200,3 +200,27 @@ def test_cpu_offload_and_dtype():
                                                                   "stages": ["llm"], "rows": "last"})
     t = out.captured["llm.layers.0.attn"]
     assert t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.shape == (1, 4, 1, mask.shape[1])
+
+
+def test_llm_only_forward_refuses_oversize_capture():
+    model = load("text_only")
+    data, mask = load_inputs("text_only")
+    with pytest.raises(CaptureTooLarge, match="max_bytes"):
+        model.llm(input_ids=data["input_ids"], attention_mask=mask,
+                  output_attentions={"stages": ["llm"], "max_bytes": 1000})
+
+
+def test_joined_capture_is_not_copied_twice():
+    from minicpmv_attn.capture import AttentionCapture, _Piece
+
+    cap = AttentionCapture(CaptureSpec(stages=["llm"]), {"llm": 1}, {"llm": 2})
+    t = torch.rand(1, 2, 8, 8)
+    cap.add("llm.layers.0.attn", _Piece(t, torch.arange(8), None))
+    assert cap.result()[0]["llm.layers.0.attn"].data_ptr() == t.data_ptr()
+    cap = AttentionCapture(CaptureSpec(stages=["llm"]), {"llm": 1}, {"llm": 2})
+    a, b = torch.rand(1, 2, 3, 5), torch.rand(1, 2, 1, 6)
+    cap.add("llm.layers.0.attn", _Piece(a, torch.arange(3), None))
+    cap.add("llm.layers.0.attn", _Piece(b, torch.tensor([3]), None))
+    out = cap.result()[0]["llm.layers.0.attn"]
+    assert out.shape == (1, 2, 4, 6)
+    assert torch.equal(out[:, :, :3, :5], a) and (out[:, :, :3, 5] == 0).all() and torch.equal(out[:, :, 3:], b)

@@ -82,7 +82,7 @@ def test_replay_equals_online_capture(setup):
     model_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "tgt_sizes", "image_bound", "attention_mask")}
     from minicpmv_attn.capture import CaptureSpec
 
-    tensors, index, n_prompt = model._replay_capture(model_inputs, ids, CaptureSpec(**spec), processor.tokenizer)
+    tensors, index = model._replay_capture(model_inputs, ids, CaptureSpec(**spec), processor.tokenizer)
     for name, t in tensors.items():
         assert index[name]["rows"] == online.index[name]["rows"]
         torch.testing.assert_close(t[0], online[name], atol=1e-5, rtol=0)

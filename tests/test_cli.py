@@ -1,23 +1,11 @@
 """The command-line tools end to end on the embedded demo model (no download)."""
 import json
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from minicpmv_attn import AttentionRecord
-
-
-@pytest.fixture(autouse=True, scope="module")
-def demo_cache(tmp_path_factory):
-    old = os.environ.get("MINICPMV_ATTN_CACHE")
-    os.environ["MINICPMV_ATTN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("MINICPMV_ATTN_CACHE", None)
-    else:
-        os.environ["MINICPMV_ATTN_CACHE"] = old
 
 
 def test_visualize_default_end_to_end(tmp_path, capsys):

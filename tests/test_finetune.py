@@ -16,17 +16,6 @@ needs_peft = pytest.mark.skipif(not ft.peft_available(),
                                 reason="peft is not installed (optional extra: pip install peft); LoRA path untested")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def demo_cache(tmp_path_factory):
-    old = os.environ.get("MINICPMV_ATTN_CACHE")
-    os.environ["MINICPMV_ATTN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("MINICPMV_ATTN_CACHE", None)
-    else:
-        os.environ["MINICPMV_ATTN_CACHE"] = old
-
-
 @pytest.fixture(scope="module")
 def processor_and_examples(demo_cache):
     _, processor, _ = ft.load_model()
