@@ -26,9 +26,12 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default 8)")
     p.add_argument("--layers", default=None, help="LLM layers to capture: '0,3', '2:6', 'all' (default all)")
     p.add_argument("--heads", default=None, help="LLM heads to capture (default all)")
-    p.add_argument("--rows", choices=["all", "generated"], default="all",
-                   help="LLM query rows to keep: 'all' (full matrix, needed for the matrix plot and rollout) "
-                        "or 'generated' (cheaper for long prompts); default all")
+    p.add_argument("--rows", choices=["all", "generated"], default=None,
+                   help="LLM query rows to keep: 'all' (full matrix, needed for the matrix plot) or "
+                        "'generated' (the rows that produced each new token; far cheaper for long prompts). "
+                        "Default: all for the demo model, generated with --model")
+    p.add_argument("--vision-layers", default="-1",
+                   help="SigLIP layers to keep (e.g. '-1', '0,13', 'all', 'none'); default the last one")
     p.add_argument("--max-plot-tokens", type=int, default=16, help="generated tokens shown in the heatmap grid")
     p.add_argument("--out", default="attention_out", help="output folder (default ./attention_out)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
     try:
         layers = parse_index_list(args.layers, "layers")
         heads = parse_index_list(args.heads, "heads")
+        no_vision = str(args.vision_layers).lower() == "none"
+        vision_layers = None if no_vision else parse_index_list(args.vision_layers, "vision-layers")
         image_path = args.image or demo_image_path()
         image = load_image(image_path)
     except (ValueError, FileNotFoundError) as e:
@@ -71,8 +76,14 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    spec = {"rows": args.rows, "dtype": "float32", "device": "cpu",
-            "layers": {"llm": layers} if layers is not None else None,
+    if args.rows is None:
+        args.rows = "all" if is_demo else "generated"
+    stages = ["llm", "resampler"]
+    layer_sel = {"llm": layers}
+    if not no_vision:
+        stages.append("vision")
+        layer_sel["vision"] = vision_layers
+    spec = {"stages": stages, "rows": args.rows, "dtype": "float32", "device": "cpu", "layers": layer_sel,
             "heads": {"llm": heads} if heads is not None else None}
     prompt = args.prompt or DEFAULT_PROMPT
     try:

@@ -110,3 +110,14 @@ def test_extract_rejects_bad_spec(tmp_path, capsys):
     jobs = write_jobs(tmp_path)
     assert main([str(jobs), "--out", str(tmp_path / "o"), "--spec", '{"reduce": "sum"}']) == 2
     assert "valid values" in capsys.readouterr().err
+
+
+def test_visualize_rejects_bad_selection_before_loading(tmp_path, capsys, monkeypatch):
+    import minicpmv_attn.pipeline as pipeline
+    from minicpmv_attn.scripts.visualize_attention import main
+
+    monkeypatch.setattr(pipeline, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["--layers", "x:y", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--layers" in capsys.readouterr().err
+    assert main(["--vision-layers", "1,a", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--vision-layers" in capsys.readouterr().err
