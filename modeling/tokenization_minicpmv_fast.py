@@ -38,6 +38,20 @@ class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
     im_id_start = "<image_id>"
     im_id_end = "</image_id>"
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load from ``tokenizer.json``; a local folder with only Qwen2's ``vocab.json`` +
+        ``merges.txt`` is built through transformers' Qwen2 tokenizer first."""
+        path = str(pretrained_model_name_or_path)
+        files = ("vocab.json", "merges.txt")
+        if ("tokenizer_object" not in kwargs and os.path.isdir(path)
+                and not os.path.isfile(os.path.join(path, "tokenizer.json"))
+                and all(os.path.isfile(os.path.join(path, f)) for f in files)):
+            from transformers import Qwen2TokenizerFast
+
+            kwargs["tokenizer_object"] = Qwen2TokenizerFast.from_pretrained(path, *args, **kwargs).backend_tokenizer
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def _marker_id(self, token: str) -> int:
         idx = self.convert_tokens_to_ids(token)
         if idx is None or (idx == self.unk_token_id and token != self.unk_token):

@@ -367,3 +367,31 @@ def test_auto_processor_from_pretrained_without_remote_code(tmp_path, tokenizer)
     proc.save_pretrained(str(tmp_path / "saved"))
     again = AutoProcessor.from_pretrained(str(tmp_path / "saved"))
     assert type(again) is MiniCPMVProcessor and again.image_processor.image_feature_size == 16
+
+
+def test_tokenizer_from_vocab_and_merges_only(tmp_path):
+    """A checkpoint folder with Qwen2's vocab.json + merges.txt but no tokenizer.json still loads."""
+    import json as _json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    import minicpmv_attn  # noqa: F401  (registers the classes)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, this is a small corpus"] * 20, trainer)
+    tok.model.save(str(tmp_path))
+    markers = ["<|im_start|>", "<|im_end|>", "<image>", "</image>", "<slice>", "</slice>", "<image_id>",
+               "</image_id>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>", "<unk>"]
+    (tmp_path / "tokenizer_config.json").write_text(_json.dumps({
+        "tokenizer_class": "MiniCPMVTokenizerFast", "eos_token": "<|im_end|>", "unk_token": "<unk>",
+        "pad_token": "<|endoftext|>", "additional_special_tokens": markers}))
+    assert not (tmp_path / "tokenizer.json").exists()
+    t = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(t).__name__ == "MiniCPMVTokenizerFast"
+    ids = t("hello <image>world</image>").input_ids
+    assert t.im_start_id in ids and t.im_end_id in ids and t.decode(ids) == "hello <image>world</image>"
