@@ -262,7 +262,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         patches = max([int(h) * int(w) for h, w in sizes], default=0)
         n_image = max([sum(int(b) - int(a) for a, b in bound) for bound in (data.get("image_bound") or [])], default=0)
         est = estimate_bytes(spec, dims, input_ids.shape[0], input_ids.shape[1], new_tokens, len(sizes), patches,
-                             n_image, self.dtype)
+                             n_image, self.dtype, device=self.device)
         check_fits(spec, est, self.device)
         capture.estimate = est
         return capture

@@ -278,7 +278,8 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
                 past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
                 x = inputs_embeds if inputs_embeds is not None else input_ids
                 est = estimate_bytes(spec, {"layers": layers, "heads": heads, "query_num": 0}, x.shape[0],
-                                     x.shape[1], compute_dtype=self.dtype, key_len=past + x.shape[1])
+                                     x.shape[1], compute_dtype=self.dtype, key_len=past + x.shape[1],
+                                     device=self.device)
                 check_fits(spec, est, self.device)
                 if past == 0:
                     n = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]

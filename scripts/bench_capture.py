@@ -461,7 +461,7 @@ def capture_precheck(row: Row, models: Models, n: int, capture_max_bytes: Option
     cfg = models.llm_cfg
     dims = {"layers": {"llm": cfg["num_hidden_layers"]}, "heads": {"llm": cfg["num_attention_heads"]},
             "query_num": 64}
-    est = estimate_bytes(spec, dims, 1, n, compute_dtype=models.dtype)
+    est = estimate_bytes(spec, dims, 1, n, compute_dtype=models.dtype, device=models.device)
     stored = sum(v for k, v in est.items() if k != "workspace")
     target = torch.device(spec.device) if spec.device is not None else models.device
     need = stored + (est.get("workspace", 0) if target == models.device else 0)
@@ -471,13 +471,12 @@ def capture_precheck(row: Row, models: Models, n: int, capture_max_bytes: Option
         return spec_dict, Result(row.name, n, "refused", f"refused (needs {_size(need)})", estimate=est,
                                  note=str(e).split(". Select")[0])
     if target.type == "cpu":
-        # AttentionCapture.result() holds a copy of every LLM tensor next to its pieces, so
-        # the host peak is about twice the capture; stay well inside the free host memory.
+        # the maps land in host memory next to the pieces being computed; stay well inside it
         avail = host_available_bytes()
-        if 2 * stored > host_fraction * avail:
+        if stored > host_fraction * avail:
             return spec_dict, Result(
-                row.name, n, "skipped", f"skipped (needs ~{_size(2 * stored)} host)", estimate=est,
-                note=f"2 x {stored / GIB:.1f} GiB captured > {host_fraction:g} x {avail / GIB:.0f} GiB free host "
+                row.name, n, "skipped", f"skipped (needs ~{_size(stored)} host)", estimate=est,
+                note=f"{stored / GIB:.1f} GiB captured > {host_fraction:g} x {avail / GIB:.0f} GiB free host "
                      f"memory (--host-fraction)")
     return spec_dict, Result(row.name, n, estimate=est)
 
