@@ -82,11 +82,21 @@ class AttnMask:
         return out
 
     def additive(self, dtype: torch.dtype, q_len: int, k_len: int, rows=None, device=None):
+        """Additive float mask (0 / dtype min) [B|1, 1, r, Lk], or None; built once per forward
+        and shared by all layers (the AttnMask lives for one forward call)."""
+        key = (dtype, q_len, k_len, str(device))
+        cache = self.__dict__.setdefault("_additive_cache", {})
+        if rows is None and key in cache:
+            return cache[key]
         allowed = self.allowed(q_len, k_len, rows, device)
         if allowed is None:
-            return None
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))
+            out = None
+        else:
+            zero = torch.zeros((), dtype=dtype, device=device)
+            out = torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))
+        if rows is None:
+            cache[key] = out
+        return out
 
     def has_padding(self) -> bool:
         return self.key_valid is not None and not bool(self.key_valid.all())

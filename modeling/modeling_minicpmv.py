@@ -207,6 +207,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     def get_vllm_embedding(self, data, capture: Optional[AttentionCapture] = None):
         """Text embeddings with each sample's resampler outputs scattered into its image_bound rows."""
+        check_data(data)
         input_ids = data["input_ids"]
         if "vision_hidden_states" in data and data["vision_hidden_states"] is not None:
             vision_hidden_states = data["vision_hidden_states"]
@@ -636,3 +637,26 @@ def chat_prompt(tokenizer, image, msgs, system_prompt=""):
     if system_prompt:
         msgs = [{"role": "system", "content": system_prompt}] + msgs
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), images
+
+
+def check_data(data) -> None:
+    """Clear errors for a malformed ``data`` dict (upstream fails deep inside with an IndexError)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"data: expected a dict with input_ids, pixel_values, tgt_sizes, image_bound, "
+                        f"position_ids; got {type(data).__name__}")
+    ids = data.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"data['input_ids']: expected a [batch, length] tensor, got {got}")
+    b = ids.shape[0]
+    for key in ("pixel_values", "tgt_sizes", "image_bound"):
+        value = data.get(key)
+        if value is not None and len(value) != b:
+            raise ValueError(f"data[{key!r}]: expected one entry per sample ({b}), got {len(value)}")
+    for i, bound in enumerate(data.get("image_bound") or []):
+        for a, e in (bound.tolist() if isinstance(bound, torch.Tensor) else bound):
+            if not 0 <= int(a) <= int(e) <= ids.shape[1]:
+                raise ValueError(f"data['image_bound'][{i}]: span ({a}, {e}) is outside the {ids.shape[1]} positions")
+    pos = data.get("position_ids")
+    if pos is not None and tuple(pos.shape) != tuple(ids.shape):
+        raise ValueError(f"data['position_ids']: expected shape {tuple(ids.shape)}, got {tuple(pos.shape)}")

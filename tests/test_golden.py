@@ -187,3 +187,19 @@ def test_bfloat16_close_to_float32_golden(case):
     diff = (out.logits.float() - exp["logits"])[real].abs()
     assert diff.max().item() < BF16_MAX and diff.mean().item() < BF16_MEAN, (diff.max().item(), diff.mean().item())
     assert out.attentions[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d.pop("input_ids"), "input_ids"),
+    (lambda d: d.__setitem__("tgt_sizes", d["tgt_sizes"][:0]), "tgt_sizes.*one entry per sample"),
+    (lambda d: d.__setitem__("image_bound", [torch.tensor([[150, 400]])]), "outside the 166 positions"),
+    (lambda d: d.__setitem__("position_ids", d["position_ids"][:, :5]), "position_ids"),
+    (lambda d: d["pixel_values"][0].__setitem__(1, torch.zeros(3, 14, 20)), r"pixel_values\[0\]\[1\]: expected shape"),
+    (lambda d: d.__setitem__("image_bound", [d["image_bound"][0][:3]]), "image_bound covers 48 positions"),
+])
+def test_malformed_data_is_named(edit, words):
+    model = load("single_image")
+    data, mask = load_inputs("single_image")
+    edit(data)
+    with pytest.raises(ValueError, match=words):
+        model(data, attention_mask=mask)
