@@ -64,7 +64,8 @@ import numpy as np
 import torch
 
 from . import attention_map as am
-from .attention_record import AttentionRecord, TokenLayout, atomic_write_text, layout_for_sample, records_from_capture
+from .attention_record import (AttentionRecord, TokenLayout, atomic_write_bytes, atomic_write_text, layout_for_sample,
+                               records_from_capture)
 from .capture import CaptureSpec
 
 ATTN_LOSSES = ("none", "box", "teacher")
@@ -618,10 +619,7 @@ def _umask() -> int:
     return mask
 
 
-def write_text(path: str, text: str) -> None:
-    """Atomic text write (temporary file + rename) with the usual file permissions."""
-    atomic_write_text(path, text)
-    os.chmod(path, 0o666 & ~_umask())
+write_text = atomic_write_text  # temporary file + rename, usual permissions
 
 
 class _quiet_transformers:
@@ -1016,18 +1014,11 @@ def plot_before_after(image, box, before: np.ndarray, after: np.ndarray, path: s
 
 def save_png(fig, path: str, dpi: int = 80) -> str:
     """Save a figure as a small (palette) PNG, atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        shrink_png(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, _quantized_png(buf.getvalue()))
     return path
 
 
@@ -1042,20 +1033,21 @@ def plot_token_grid(record: AttentionRecord, enc: Encoded, path: str, layers: Op
     return shrink_png(path)
 
 
-def shrink_png(path: str, colors: int = 256) -> str:
-    """Re-save a PNG with a palette of ``colors`` (a fraction of the size), atomically."""
+def _quantized_png(data: bytes, colors: int = 256) -> bytes:
+    """PNG bytes re-encoded with a palette of ``colors`` (a fraction of the size)."""
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data)) as im:
         small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        small.save(tmp, format="PNG", optimize=True)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    out = io.BytesIO()
+    small.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def shrink_png(path: str, colors: int = 256) -> str:
+    """Re-save a PNG with a palette of ``colors`` (a fraction of the size), atomically."""
+    with open(path, "rb") as f:
+        atomic_write_bytes(path, _quantized_png(f.read(), colors))
     return path
