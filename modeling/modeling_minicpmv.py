@@ -219,10 +219,18 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 raise ValueError(f"pixel_values: one list per sample expected ({len(input_ids)} samples), "
                                  f"got {len(pixel_values_list)}")
             features, _ = self._vision_embedding(pixel_values_list, data.get("tgt_sizes"), capture)
-            vision_hidden_states, start = [], 0
-            for pixels in pixel_values_list:
-                vision_hidden_states.append(features[start:start + len(pixels)] if len(pixels) else [])
-                start += len(pixels)
+            if features is None and self.training:
+                # upstream: a text-only training batch still runs the vision side on a blank image,
+                # so its parameters take part in the graph (distributed training expects them)
+                dummy = self.vpm(torch.zeros((1, 3, 224, 224), device=self.device, dtype=self.dtype))
+                side = 224 // self.config.patch_size
+                feature = self.resampler(dummy.last_hidden_state, torch.tensor([[side, side]], dtype=torch.int32))
+                vision_hidden_states = [feature for _ in pixel_values_list]
+            else:
+                vision_hidden_states, start = [], 0
+                for pixels in pixel_values_list:
+                    vision_hidden_states.append(features[start:start + len(pixels)] if len(pixels) else [])
+                    start += len(pixels)
         embeds = self.llm.model.embed_tokens(input_ids)
         if hasattr(self.llm.config, "scale_emb"):
             embeds = embeds * self.llm.config.scale_emb

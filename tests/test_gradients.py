@@ -81,3 +81,19 @@ def test_gradient_checkpointing_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_text_only_training_keeps_vision_in_the_graph():
+    """Like upstream: a text-only training batch gives the vision side (zero) gradients."""
+    model = MiniCPMV.from_pretrained(str(case_dir("text_only"))).train()
+    data, mask = load_inputs("text_only")
+    labels = data["input_ids"].masked_fill(mask == 0, -100)
+    out = model(data, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grad = model.vpm.encoder.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and float(grad.abs().max()) == 0.0
+    assert model.resampler.query.grad is not None
+    model.eval()
+    with torch.no_grad():
+        again = model(data, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(again.loss, out.loss.detach(), atol=1e-6, rtol=0)
