@@ -391,9 +391,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 result = streamer
             else:
                 if capture is not None:
-                    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
-                    capture.begin_llm(embeds.shape[1], self.token_roles(input_ids, image_bound, attention_mask, special),
-                                      generating=True)
+                    roles = self.token_roles(input_ids, image_bound, attention_mask, special_ids(tokenizer))
+                    capture.begin_llm(embeds.shape[1], roles, generating=True)
                     if per_step:
                         gen_kwargs.update(output_attentions=True, return_dict_in_generate=True)
                         capture.layers["llm"] = set()  # transformers collects the LLM steps itself
@@ -411,11 +410,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     def _generate_output(self, result, capture, tokenizer, decode_text, prompt_len, per_step):
         seqs = result.sequences if hasattr(result, "sequences") else result
-        tensors, index, llm, vision, resampler = self._split_capture(capture)
-        total = prompt_len + seqs.shape[1]
-        for name, t in list(tensors.items()):
-            if name.startswith("llm.") and t.shape[-1] < total and index[name].get("cols") is None:
-                tensors[name] = torch.nn.functional.pad(t, (0, total - t.shape[-1]))
+        tensors, index, _, vision, resampler = self._split_capture(capture)
+        tensors = pad_llm_columns(tensors, index, prompt_len + seqs.shape[1])
         llm = tuple(v for k, v in tensors.items() if k.startswith("llm.")) or None
         return MiniCPMVGenerateOutput(
             sequences=seqs, text=self._decode_text(seqs, tokenizer) if decode_text else None,
@@ -526,15 +522,24 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         data = {"input_ids": ids, "pixel_values": model_inputs.get("pixel_values"),
                 "tgt_sizes": model_inputs.get("tgt_sizes"), "image_bound": model_inputs.get("image_bound"),
                 "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
-        special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
         with torch.no_grad():
-            out = self(data, attention_mask=mask, output_attentions=spec, special_token_ids=special,
+            out = self(data, attention_mask=mask, output_attentions=spec, special_token_ids=special_ids(tokenizer),
                        prompt_length=n_prompt)
-        tensors = dict(out.captured)
-        for name, t in tensors.items():
-            if name.startswith("llm.") and out.capture_index[name].get("cols") is None:
-                tensors[name] = torch.nn.functional.pad(t, (0, n_prompt + n_new - t.shape[-1]))
-        return tensors, out.capture_index
+        return pad_llm_columns(out.captured, out.capture_index, n_prompt + n_new), out.capture_index
+
+def special_ids(tokenizer) -> set:
+    """Ids whose role is "special" (``<unk>`` excluded: it is the image placeholder)."""
+    return set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
+
+
+def pad_llm_columns(tensors: Dict[str, torch.Tensor], index: Dict[str, Any], total: int) -> Dict[str, torch.Tensor]:
+    """Zero-pad full-width LLM maps to ``total`` key columns (prompt + every new token)."""
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if name.startswith("llm.") and index[name].get("cols") is None and t.shape[-1] < total:
+            out[name] = torch.nn.functional.pad(t, (0, total - t.shape[-1]))
+    return out
+
 
 def check_checkpoint_folder(path: str) -> None:
     """Refuse, with the reason, a folder that is not a MiniCPM-V-2.6 checkpoint."""
