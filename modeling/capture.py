@@ -33,7 +33,6 @@ COL_MODES = ("all", "image", "text", "special")
 # (measured on a 2-core CPU at 2k tokens: head-mean maps 2.6x SDPA's time with 2**20, 6.2x with 2**26)
 GPU_CHUNK_ELEMENTS = 1 << 26  # 256 MiB
 CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MiB
-DEFAULT_CHUNK_ELEMENTS = GPU_CHUNK_ELEMENTS
 
 
 def chunk_elements_for(spec, device) -> int:
