@@ -21,7 +21,7 @@ from .attention_record import ROLES, AttentionRecord, atomic_write_bytes
 
 __all__ = [
     "plot_token_heatmaps", "plot_head_image_share", "plot_attention_matrix",
-    "plot_role_shares", "plot_resampler_queries",
+    "plot_role_shares", "plot_resampler_queries", "plot_vision_received",
 ]
 
 ROLE_COLORS = {"text": "#4C72B0", "image": "#DD8452", "special": "#8C8C8C"}
@@ -456,4 +456,73 @@ def plot_resampler_queries(
         f"slice {sl.index}" + ("" if sl.grid_pos is None else f" (grid row {sl.grid_pos[0]}, col {sl.grid_pos[1]})"))
     fig.suptitle(f"Resampler queries over image {image_index}, {kind}\n{h} x {w} patches, "
                  f"box {tuple(round(float(v), 1) for v in sl.box)}", fontsize=9)
+    return _save(fig, path, dpi)
+
+
+def plot_vision_received(
+    record: AttentionRecord,
+    path,
+    image=None,
+    *,
+    image_index: int = 0,
+    layer=-1,
+    heads=None,
+    alpha: float = 0.6,
+    cmap: str = "inferno",
+    max_side: int = 320,
+    figsize: Optional[Tuple[float, float]] = None,
+    dpi: int = 100,
+) -> str:
+    """SigLIP attention each patch receives (mean over the slice's query patches, heads mean),
+    for the overview image (left) and the grid slices stitched in place (right).
+
+    ``layer``: a captured vision layer id (negative counts from the last captured one) or
+    ``"rollout"``. Each slice's map is normalised to a mean of 1, so 1 = average attention.
+    """
+    layout = am._need_layout(record, "plot_vision_received")
+    captured = [int(n.split(".")[2]) for n in record.names("vision")]
+    if not captured:
+        raise ValueError("record has no vision.layers.*.attn; capture stage 'vision'")
+    if isinstance(layer, int) and layer < 0:
+        if -layer > len(captured):
+            raise ValueError(f"layer {layer}: only {len(captured)} vision layers captured ({captured})")
+        layer = captured[layer]
+    ims = {im.index: im for im in layout.images}
+    if image_index not in ims:
+        raise ValueError(f"layout has no image {image_index}; images: {sorted(ims)}")
+    size = tuple(int(v) for v in ims[image_index].size)
+    disp = _display_size(size, max_side)
+    pil = _load_image(image)
+    if pil is not None:
+        pil = pil.resize(disp)
+    panels = {"overview": np.zeros(disp[::-1]), "grid slices": np.zeros(disp[::-1])}
+    for sl in ims[image_index].slices:
+        patch_map = am.vision_received_map(record, layer, image_index, sl.index, heads, "mean")
+        patch_map = patch_map / max(float(patch_map.mean()), 1e-12)
+        h, w = patch_map.shape
+        # density per pixel: spread masses then divide by each cell's pixel area
+        mass = am.place_patch_map(patch_map, sl.box, size, out_size=disp)
+        cell = am.place_patch_map(np.ones((h, w)), sl.box, size, out_size=disp)
+        dens = np.divide(mass, cell, out=np.zeros_like(mass), where=cell > 0)
+        panels["overview" if sl.kind == "source" else "grid slices"] += dens
+    show = [k for k in panels if panels[k].any()]
+    if figsize is None:
+        figsize = (3.4 * len(show) + 1.0, 3.4 * disp[1] / disp[0] + 0.9)
+    fig = _figure(figsize, dpi)
+    axes = np.atleast_1d(fig.subplots(1, len(show), squeeze=False)).ravel()
+    vmax = max(float(panels[k].max()) for k in show) or 1.0
+    ext = (0, disp[0], disp[1], 0)
+    im = None
+    for ax, key in zip(axes, show):
+        if pil is not None:
+            ax.imshow(pil, extent=ext)
+        im = ax.imshow(panels[key], extent=ext, cmap=cmap, vmin=0.0, vmax=vmax,
+                       alpha=alpha if pil is not None else 1.0, interpolation="nearest")
+        ax.set_title(key, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cb = fig.colorbar(im, ax=list(axes), shrink=0.85)
+    cb.set_label("attention received / slice mean")
+    fig.suptitle(f"SigLIP layer {layer}: attention each patch receives (heads mean) on image {image_index}",
+                 fontsize=9)
     return _save(fig, path, dpi)

@@ -113,6 +113,10 @@ def main(argv=None) -> int:
         ("resampler_queries.png", "Resampler query maps over the overview slice",
          lambda p: pl.plot_resampler_queries(record, p, image=image, slice=0)),
     ]
+    if not no_vision:
+        plots.append(("vision_received.png", "SigLIP: attention each patch receives (last captured layer), "
+                                              "overview and grid slices",
+                      lambda p: pl.plot_vision_received(record, p, image=image)))
     if args.rows == "all":
         plots.insert(2, (f"attention_matrix_layer{llm_layers[-1]}.png",
                          f"LLM attention matrix, layer {llm_layers[-1]}, mean over heads, with token roles",

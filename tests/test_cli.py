@@ -17,7 +17,7 @@ def test_visualize_default_end_to_end(tmp_path, capsys):
     assert str(out) in printed
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["attention_matrix_layer3.png", "head_image_share.png", "resampler_queries.png",
-                    "role_shares.png", "token_heatmaps.png"]
+                    "role_shares.png", "token_heatmaps.png", "vision_received.png"]
     for name in pngs:
         with Image.open(out / name) as im:
             w, h = im.size

@@ -102,3 +102,11 @@ def test_modules_import_matplotlib_lazily():
     code = ("import sys, minicpmv_attn.attention_map, minicpmv_attn.plotting; "
             "sys.exit(1 if 'matplotlib' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_vision_received(rec, photo, tmp_path):
+    p = plotting.plot_vision_received(rec, tmp_path / "vision.png", image=photo, figsize=(7, 3), dpi=60)
+    check_png(p, size=(420, 180))
+    with pytest.raises(ValueError, match="only 2 vision layers captured"):
+        plotting.plot_vision_received(rec, tmp_path / "bad.png", layer=-3)
+    assert not (tmp_path / "bad.png").exists()
