@@ -8,6 +8,7 @@ from typing import Union
 from transformers import PretrainedConfig, Qwen2Config
 from transformers.utils import logging
 
+from .capture import AttnMask  # noqa: F401  (transformers 4.4x copies only the direct relative imports of remote code)
 from .modeling_navit_siglip import SiglipVisionConfig
 
 logger = logging.get_logger(__name__)

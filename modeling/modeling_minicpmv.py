@@ -120,7 +120,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if self._processor is None:
             from transformers import AutoProcessor
 
+            # the processor's own modules, named here for transformers 4.4x's remote-code copier
+            from .image_processing_minicpmv import MiniCPMVImageProcessor  # noqa: F401
             from .processing_minicpmv import register_processing
+            from .tokenization_minicpmv_fast import MiniCPMVTokenizerFast  # noqa: F401
 
             register_processing()
             self._processor = AutoProcessor.from_pretrained(self.config._name_or_path)

@@ -132,7 +132,7 @@ LOAD_SCRIPT = textwrap.dedent('''
     from transformers import AutoModel
 
     folder, case = sys.argv[1], sys.argv[3]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, torch_dtype=torch.float32)
     model.eval()
     data, mask = load_inputs(case)
     with torch.no_grad():
