@@ -83,6 +83,15 @@ def _display_size(size: Tuple[int, int], max_side: Optional[int]) -> Tuple[int, 
     return max(1, round(w * k)), max(1, round(h * k))
 
 
+def _image_geometry(layout, image_index: int, max_side: Optional[int]):
+    """(ImageLayout, original (w, h), display (w, h)) of one image of a layout."""
+    ims = {im.index: im for im in layout.images}
+    if image_index not in ims:
+        raise ValueError(f"layout has no image {image_index}; images: {sorted(ims)}")
+    size = tuple(int(v) for v in ims[image_index].size)
+    return ims[image_index], size, _display_size(size, max_side)
+
+
 def _heads_desc(heads, head_reduce) -> str:
     if head_reduce is None:
         return "per head"
@@ -137,11 +146,7 @@ def plot_token_heatmaps(
     positions = [int(p) + L if int(p) < 0 else int(p) for p in positions][:max_tokens]
     if not positions:
         raise ValueError("plot_token_heatmaps: no token positions to draw")
-    ims = {im.index: im for im in layout.images}
-    if image_index not in ims:
-        raise ValueError(f"layout has no image {image_index}; images: {sorted(ims)}")
-    size = tuple(int(v) for v in ims[image_index].size)
-    disp = _display_size(size, max_side)
+    im_layout, size, disp = _image_geometry(layout, image_index, max_side)
     pil = _load_image(image)
     if pil is not None:
         pil = pil.resize(disp)
@@ -487,16 +492,12 @@ def plot_vision_received(
         if -layer > len(captured):
             raise ValueError(f"layer {layer}: only {len(captured)} vision layers captured ({captured})")
         layer = captured[layer]
-    ims = {im.index: im for im in layout.images}
-    if image_index not in ims:
-        raise ValueError(f"layout has no image {image_index}; images: {sorted(ims)}")
-    size = tuple(int(v) for v in ims[image_index].size)
-    disp = _display_size(size, max_side)
+    im_layout, size, disp = _image_geometry(layout, image_index, max_side)
     pil = _load_image(image)
     if pil is not None:
         pil = pil.resize(disp)
     panels = {"overview": np.zeros(disp[::-1]), "grid slices": np.zeros(disp[::-1])}
-    for sl in ims[image_index].slices:
+    for sl in im_layout.slices:
         patch_map = am.vision_received_map(record, layer, image_index, sl.index, heads, "mean")
         patch_map = patch_map / max(float(patch_map.mean()), 1e-12)
         h, w = patch_map.shape
