@@ -1,5 +1,18 @@
 """minicpmv-attn: MiniCPM-V-2.6 that returns its attention weights."""
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+
+def verified_transformers() -> str:
+    """``transformers>=MIN,<CAP`` from modeling/modeling_qwen2.py, the one place the range is kept."""
+    source = (Path(__file__).resolve().parent / "modeling" / "modeling_qwen2.py").read_text(encoding="utf-8")
+    found = dict(re.findall(r'^(TRANSFORMERS_MIN|TRANSFORMERS_CAP) = "([0-9.]+)"$', source, re.M))
+    if set(found) != {"TRANSFORMERS_MIN", "TRANSFORMERS_CAP"}:
+        raise RuntimeError("modeling/modeling_qwen2.py: TRANSFORMERS_MIN / TRANSFORMERS_CAP not found")
+    return f"transformers>={found['TRANSFORMERS_MIN']},<{found['TRANSFORMERS_CAP']}"
+
 
 setup(
     name="minicpmv-attn",
@@ -11,12 +24,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["minicpmv_attn", "minicpmv_attn.scripts"],
+    packages=["minicpmv_attn", "minicpmv_attn.upstream", "minicpmv_attn.scripts"],
     package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts"},
     package_data={"minicpmv_attn": ["demo_tokenizer/*.json"]},
     install_requires=[
         "torch>=2.1",
-        "transformers>=4.40",
+        verified_transformers(),  # the releases the generation path is verified on
         "safetensors",
         "einops",
         "numpy",
@@ -36,6 +49,7 @@ setup(
             "minicpmv-attn-diff-upstream=minicpmv_attn.scripts.diff_upstream:main",
             "minicpmv-attn-install=minicpmv_attn.scripts.install_into_snapshot:main",
             "minicpmv-attn-finetune=minicpmv_attn.scripts.finetune_attention:main",
+            "minicpmv-attn-sweep-transformers=minicpmv_attn.scripts.sweep_transformers:main",
         ]
     },
 )

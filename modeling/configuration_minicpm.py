@@ -44,7 +44,7 @@ class MiniCPMVConfig(Qwen2Config):
     """
 
     model_type = "minicpmv"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     default_vision_config = {
         "hidden_size": 1152,

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes
 from .configuration_minicpm import MiniCPMVConfig
 from .modeling_navit_siglip import SiglipVisionTransformer
-from .modeling_qwen2 import Qwen2ForCausalLM, Qwen2PreTrainedModel
+from .modeling_qwen2 import CACHE_FIELD, Qwen2ForCausalLM, Qwen2PreTrainedModel, dtype_kwargs, output_cache
 from .resampler import Resampler
 
 TERMINATORS = ["<|im_end|>", "<|endoftext|>"]
@@ -143,10 +143,12 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
         """Load an upstream MiniCPM-V-2.6 checkpoint (local folder or hub id).
 
+        ``dtype=`` (or the older ``torch_dtype=``) works on every supported transformers.
         With ``strict`` (default) a missing, unexpected or wrong-shaped tensor is an error
         naming the keys, and a folder of another model type is refused before loading.
         """
         path = str(pretrained_model_name_or_path)
+        dtype_kwargs(kwargs)  # dtype= (current name) or torch_dtype= (older), on every transformers
         if os.path.isdir(path):
             check_checkpoint_folder(path)
             if strict:
@@ -324,8 +326,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 capture.begin_llm(int(prompt_length), roles, generating=True)
         out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                        labels=labels, output_hidden_states=output_hidden_states, attention_capture=capture, **kwargs)
-        result = MiniCPMVOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
-                                hidden_states=out.hidden_states)
+        result = MiniCPMVOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
+                                **{CACHE_FIELD: output_cache(out)})
         if capture is not None:
             tensors, index, llm, vision, resampler = self._split_capture(capture)
             result.attentions, result.vision_attentions, result.resampler_attentions = llm, vision, resampler
@@ -390,8 +392,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
                 streamer = TextIteratorStreamer(tokenizer=tokenizer)
                 gen_kwargs["streamer"] = streamer
-                Thread(target=self.llm.generate, kwargs=gen_kwargs).start()
-                result = streamer
+                result = _ThreadedStream(streamer, self.llm.generate, gen_kwargs)
             else:
                 if capture is not None:
                     roles = self.token_roles(input_ids, image_bound, attention_mask, special_ids(tokenizer))
@@ -529,6 +530,33 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             out = self(data, attention_mask=mask, output_attentions=spec, special_token_ids=special_ids(tokenizer),
                        prompt_length=n_prompt)
         return pad_llm_columns(out.captured, out.capture_index, n_prompt + n_new), out.capture_index
+
+class _ThreadedStream:
+    """Iterates a streamer fed by ``generate`` in a thread; an error there is raised here.
+
+    (A bare thread would print the error and leave the reader waiting forever.)
+    """
+
+    def __init__(self, streamer, generate, kwargs):
+        self.streamer, self.error = streamer, None
+
+        def run():
+            try:
+                generate(**kwargs)
+            except BaseException as e:  # handed to the reader below
+                self.error = e
+                streamer.end()
+
+        self.thread = Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def __iter__(self):
+        for text in self.streamer:
+            yield text
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
 
 def special_ids(tokenizer) -> set:
     """Ids whose role is "special" (``<unk>`` excluded: it is the image placeholder)."""

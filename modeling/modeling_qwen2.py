@@ -8,9 +8,11 @@ transformers APIs only (``PreTrainedModel``, ``GenerationMixin``, ``DynamicCache
 runs on transformers 4.4x and 5.x alike. Every attention is a capture hook point
 ``llm.layers.{i}.attn``; see :mod:`capture`.
 """
+import threading
 from typing import Optional, Tuple
 
 import torch
+import transformers
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
@@ -24,6 +26,147 @@ except ImportError:  # very old transformers: PreTrainedModel is the mixin
 
 from .capture import AttentionCapture, AttnMask, CaptureSpec, attention_forward, check_fits, estimate_bytes
 from .modeling_navit_siglip import checkpoint_call
+
+#: The transformers releases whose generation loop the fork is verified on (every 5.x minor
+#: in between too; ``scripts/sweep_transformers.py`` writes the README's table). setup.py
+#: reads these two lines and declares ``transformers>=TRANSFORMERS_MIN,<TRANSFORMERS_CAP``.
+TRANSFORMERS_MIN = "4.40.0"
+TRANSFORMERS_CAP = "5.25"
+TRANSFORMERS_NEWEST_VERIFIED = "5.24.0"
+
+#: What transformers calls the KV cache in model inputs and outputs: ``cache`` from 5.24 on,
+#: ``past_key_values`` before. The fork accepts both names and writes the current one.
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _release(version: str) -> Tuple[int, ...]:
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:3])
+
+
+#: ``from_pretrained``'s dtype keyword: ``dtype`` from transformers 4.56 on (``torch_dtype``
+#: deprecated), ``torch_dtype`` before.
+DTYPE_KWARG = "dtype" if _release(transformers.__version__) >= (4, 56) else "torch_dtype"
+
+
+def dtype_kwargs(kwargs: dict) -> dict:
+    """Accept ``dtype=`` or ``torch_dtype=`` on every transformers; pass the name it reads."""
+    if "dtype" in kwargs and "torch_dtype" in kwargs:
+        raise ValueError("from_pretrained: pass dtype= (or the older torch_dtype=), not both")
+    for name in ("dtype", "torch_dtype"):
+        if name in kwargs:
+            kwargs[DTYPE_KWARG] = kwargs.pop(name)
+    return kwargs
+
+
+def verified_range() -> str:
+    return f"transformers {TRANSFORMERS_MIN} to {TRANSFORMERS_NEWEST_VERIFIED}"
+
+
+def take_cache(past_key_values, kwargs: dict):
+    """The KV cache passed as ``past_key_values`` or (transformers >= 5.24) ``cache``; pops ``cache``."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as cache= (transformers >= 5.24) or past_key_values=, not both")
+    return past_key_values if cache is None else cache
+
+
+def output_cache(output):
+    """The KV cache of a model output, under whichever name the installed transformers uses."""
+    return getattr(output, CACHE_FIELD, None)
+
+
+class GenerationInvariantError(RuntimeError):
+    """transformers' generation loop broke an invariant the fork relies on.
+
+    Raised during ``generate`` instead of returning wrong tokens or wrong attention: the
+    message names the step, what was expected and got, the installed transformers and the
+    verified range.
+    """
+
+
+class GenerationGuard:
+    """Checks, at every decoding step of ``generate``, what the fork relies on from the loop.
+
+    - the first step feeds the prompt (on an empty cache or the caller's prefix cache);
+    - every later step feeds exactly the tokens that are not in the KV cache yet (one per
+      step, unless an assisted mode proposes several) on the cache the previous step returned;
+    - the attention mask covers cache + fed positions;
+    - the cache grows by exactly what was fed;
+    - captured LLM rows are the positions fed in that step (by the guard's own count, not the
+      cache's) and advance by one per generated token;
+    - at the end, one step per generated token.
+    Costs a few integer comparisons per step.
+    """
+
+    def __init__(self, one_token_steps: bool = True):
+        self.one_token_steps = one_token_steps
+        self.steps = 0
+        self.cache_len: Optional[int] = None  # what the cache held after the previous step
+        self._step = None
+
+    def fail(self, what: str):
+        raise GenerationInvariantError(
+            f"minicpmv_attn: generate step {self.steps}: {what}. The installed transformers "
+            f"{transformers.__version__} drives generation in a way the fork is not verified for "
+            f"(verified: {verified_range()}); install a verified release, e.g. "
+            f"pip install 'transformers>={TRANSFORMERS_MIN},<{TRANSFORMERS_CAP}'")
+
+    def before(self, past: int, n_fed: int, mask_len: Optional[int], uses_cache: bool, capture=None):
+        """Called by the decoder before a step: ``past`` cached positions, ``n_fed`` new ones."""
+        self.steps += 1
+        if n_fed < 1:
+            self.fail("fed no position")
+        if self.steps > 1 and uses_cache:
+            if past != self.cache_len:
+                self.fail(f"the KV cache passed in holds {past} positions, expected the {self.cache_len} of the "
+                          f"previous step (the cache was dropped or replaced)")
+            if self.one_token_steps and n_fed != 1:
+                self.fail(f"fed {n_fed} positions, expected 1 new token")
+        if self.steps > 1 and not uses_cache and mask_len is not None and n_fed != mask_len:
+            self.fail(f"without a KV cache a step must feed the whole sequence of {mask_len} positions, it fed {n_fed}")
+        if mask_len is not None and mask_len != past + n_fed:
+            self.fail(f"the attention mask covers {mask_len} positions but cache ({past}) + fed ({n_fed}) = "
+                      f"{past + n_fed}")
+        pieces = None
+        if capture is not None and uses_cache:
+            pieces = {k: len(v) for k, v in capture.pieces.items() if k.startswith("llm.")}
+        self._step = (past, n_fed, uses_cache, pieces)
+
+    def after(self, cache, capture=None):
+        """Called by the decoder after a step with the cache it returns."""
+        past, n_fed, uses_cache, pieces = self._step
+        if not uses_cache:
+            return
+        got = cache.get_seq_length() if cache is not None else 0
+        if got != past + n_fed:
+            self.fail(f"the KV cache holds {got} positions after the step, expected {past} + {n_fed} fed")
+        self.cache_len = got
+        if capture is None or pieces is None:
+            return
+        rows_mode = capture.spec.rows if isinstance(capture.spec.rows, str) else None
+        for name, all_pieces in capture.pieces.items():
+            if not name.startswith("llm."):
+                continue
+            new = all_pieces[pieces.get(name, 0):]
+            rows = torch.cat([p.rows for p in new]).tolist() if new else []
+            if any(r < past or r >= past + n_fed for r in rows):
+                self.fail(f"{name} captured rows {rows} but this step fed positions {past}..{past + n_fed - 1}")
+            if self.steps > 1 and rows_mode in ("generated", "all") and len(rows) != n_fed:
+                self.fail(f"{name} captured {len(rows)} rows for the {n_fed} position(s) fed (rows must advance "
+                          f"by one per generated token)")
+
+    def finish(self, n_new: int, exact: bool):
+        """After generate: one decoding step per new token (at least, for beam search)."""
+        if (exact and self.steps != n_new) or self.steps < n_new:
+            self.fail(f"generation returned {n_new} new tokens after {self.steps} decoding steps (expected one step "
+                      f"per token)")
+
+
+_ACTIVE = threading.local()
+
+
+def active_guard(model) -> Optional[GenerationGuard]:
+    return getattr(_ACTIVE, "guards", {}).get(id(model))
 
 
 def rope_theta(config) -> float:
@@ -96,15 +239,15 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, cos_sin, mask: AttnMask, past_key_values: Optional[Cache] = None,
+    def forward(self, hidden_states, cos_sin, mask: AttnMask, cache: Optional[Cache] = None,
                 capture: Optional[AttentionCapture] = None):
         b, n, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         out, _ = attention_forward(self, q, k, v, mask, self.scaling,
                                    self.attention_dropout if self.training else 0.0, capture=capture,
                                    implementation=self.config._attn_implementation or "sdpa")
@@ -119,9 +262,9 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, cos_sin, mask, past_key_values=None, capture=None):
+    def forward(self, hidden_states, cos_sin, mask, cache=None, capture=None):
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos_sin, mask,
-                                                       past_key_values, capture)
+                                                       cache, capture)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -136,7 +279,7 @@ class Qwen2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
@@ -174,6 +317,8 @@ class Qwen2Model(Qwen2PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=False,
                 attention_capture: Optional[AttentionCapture] = None, **kwargs) -> BaseModelOutputWithPast:
+        """The decoder. The KV cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+        cache = take_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Qwen2Model: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -182,11 +327,11 @@ class Qwen2Model(Qwen2PreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        elif past_key_values is not None and not isinstance(past_key_values, Cache):
-            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        elif cache is not None and not isinstance(cache, Cache):
+            cache = DynamicCache.from_legacy_cache(cache)
+        past = cache.get_seq_length() if cache is not None else 0
         k_len = past + q_len
         if attention_mask is not None:
             if attention_mask.dim() != 2:
@@ -212,7 +357,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
                                  inputs_embeds.dtype)
         hidden = inputs_embeds
         states = (hidden,) if output_hidden_states else None
-        cache = past_key_values if use_cache else None
+        cache = cache if use_cache else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 hidden = checkpoint_call(self, layer, hidden, cos_sin, mask, cache, attention_capture)
@@ -223,7 +368,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         hidden = self.norm(hidden)
         if output_hidden_states:
             states = states[:-1] + (hidden,)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states, **{CACHE_FIELD: cache})
 
 
 class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
@@ -269,26 +414,37 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, logits_to_keep=0,
                 attention_capture: Optional[AttentionCapture] = None, **kwargs) -> CausalLMOutputWithPast:
+        """Upstream's Qwen2 LM forward; the KV cache comes as ``cache`` (transformers >= 5.24) or
+        ``past_key_values``, and the output carries it under transformers' current name."""
+        cache = take_cache(past_key_values, kwargs)
+        x = inputs_embeds if inputs_embeds is not None else input_ids
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         own = None
         if attention_capture is None and output_attentions:
             spec = CaptureSpec.from_flag(output_attentions)
             if "llm" in spec.stages:
                 layers, heads = self.capture_dims()
                 own = attention_capture = AttentionCapture(spec, layers, heads)
-                past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
-                x = inputs_embeds if inputs_embeds is not None else input_ids
                 est = estimate_bytes(spec, {"layers": layers, "heads": heads, "query_num": 0}, x.shape[0],
                                      x.shape[1], compute_dtype=self.dtype, key_len=past + x.shape[1],
                                      device=self.device)
                 check_fits(spec, est, self.device)
                 if past == 0:
-                    n = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-                    own.begin_llm(n)
+                    own.begin_llm(x.shape[1])
                 else:
-                    own.prompt_len = past + (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+                    own.prompt_len = past + x.shape[1]
+        guard = active_guard(self)
+        if guard is not None:
+            uses_cache = self.config.use_cache if use_cache is None else use_cache
+            guard.before(past, x.shape[1], None if attention_mask is None else attention_mask.shape[-1],
+                         bool(uses_cache) and not (self.model.gradient_checkpointing and self.training),
+                         attention_capture)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=bool(output_hidden_states), attention_capture=attention_capture)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=bool(output_hidden_states), attention_capture=attention_capture,
+                             **{CACHE_FIELD: cache})
+        if guard is not None:
+            guard.after(output_cache(outputs), attention_capture)
         hidden = outputs.last_hidden_state
         keep = kwargs.get("num_logits_to_keep", logits_to_keep)
         if isinstance(keep, int) and keep > 0:
@@ -302,13 +458,17 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
         if own is not None:
             tensors, _ = own.result()
             attentions = tuple(tensors.values())
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=attentions, **{CACHE_FIELD: output_cache(outputs)})
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):
-        """Works for transformers 4.4x and 5.x: new tokens = mask length - cached length."""
-        past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+        """Works for transformers 4.4x and 5.x: new tokens = mask length - cached length.
+
+        The cache arrives as ``cache`` (5.24 on) or ``past_key_values`` (before); both are read.
+        """
+        cache = take_cache(past_key_values, kwargs)
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if inputs_embeds is not None and past == 0:
             inputs = {"inputs_embeds": inputs_embeds, "input_ids": None}
         else:
@@ -317,8 +477,38 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
             else:
                 n_new = 1 if past else input_ids.shape[1]
             inputs = {"input_ids": input_ids[:, -n_new:]}
-        inputs.update(past_key_values=past_key_values, attention_mask=attention_mask)
+        inputs.update(attention_mask=attention_mask, **{CACHE_FIELD: cache})
         for key in ("cache_position", "next_sequence_length", "is_first_iteration", "position_ids"):
             kwargs.pop(key, None)
         inputs.update(kwargs)
         return inputs
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, with the fork's invariants checked at every step.
+
+        See :class:`GenerationGuard`: a loop that drops the cache, re-feeds the prompt or skips
+        a captured row raises :class:`GenerationInvariantError` instead of returning wrong tokens.
+        """
+        assisted = any(kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens",
+                                                            "assistant_early_exit"))
+        guard = GenerationGuard(one_token_steps=not assisted)
+        guards = getattr(_ACTIVE, "guards", None)
+        if guards is None:
+            guards = _ACTIVE.guards = {}
+        previous = guards.get(id(self))
+        guards[id(self)] = guard
+        try:
+            result = super().generate(*args, **kwargs)
+        finally:
+            if previous is None:
+                guards.pop(id(self), None)
+            else:
+                guards[id(self)] = previous
+        sequences = result.sequences if hasattr(result, "sequences") else result
+        if isinstance(sequences, torch.Tensor) and sequences.dim() == 2:
+            prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            n_new = sequences.shape[1] - (prompt.shape[1] if isinstance(prompt, torch.Tensor) else 0)
+            beams = kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", None) or \
+                getattr(self.generation_config, "num_beams", 1) or 1
+            guard.finish(n_new, exact=beams == 1 and not assisted)
+        return result

@@ -56,7 +56,7 @@ def load_model_and_processor(model: Optional[str] = None, device: Optional[str] 
         raise FileNotFoundError(f"--model {model}: is a file, expected a checkpoint folder or a hub id")
     kwargs = {"attn_implementation": attn_implementation}
     if resolve_dtype(dtype) is not None:
-        kwargs["torch_dtype"] = resolve_dtype(dtype)
+        kwargs["dtype"] = resolve_dtype(dtype)
     net = MiniCPMV.from_pretrained(model, **kwargs).eval()
     if device:
         net = net.to(device)

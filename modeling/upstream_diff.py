@@ -220,7 +220,7 @@ def needs_attention(findings: Iterable[Finding]) -> bool:
     return any(f.attention for f in findings)
 
 
-def format_table(findings: Sequence[Finding], max_detail: int = 100) -> str:
+def format_table(findings: Sequence[Finding], max_detail: int = 70) -> str:
     """A fixed-width table: a ``!!`` in the first column marks rows needing attention."""
     head = ("", "section", "item", "status", "detail")
     rows = []
@@ -954,6 +954,23 @@ DEFAULT_TRANSFORMERS_TRACK = {
         "fork_counterpart_class": None,
         "attention_function": "sdpa_attention_forward",
     },
+    # the generation interface the fork's Qwen2ForCausalLM plugs into: how the loop hands the
+    # KV cache and inputs to prepare_inputs_for_generation / forward and reads them back
+    # (5.24 renamed past_key_values -> cache here, which silently broke generation)
+    "generation/utils.py": {
+        "track": ["GenerationMixin.prepare_inputs_for_generation", "GenerationMixin._update_model_kwargs_for_generation",
+                  "GenerationMixin._prepare_cache_for_generation", "GenerationMixin._extract_past_from_model_output",
+                  "GenerationMixin._cache_dependant_input_preparation"],
+        "ignore": [],
+        "fork_counterpart": None,
+        "fork_counterpart_class": None,
+    },
+    "modeling_outputs.py": {
+        "track": ["BaseModelOutputWithPast", "CausalLMOutputWithPast"],
+        "ignore": [],
+        "fork_counterpart": None,
+        "fork_counterpart_class": None,
+    },
 }
 
 
@@ -969,16 +986,29 @@ def _tracked(qualname: str, spec: Dict[str, Any]) -> bool:
     return any(fnmatch.fnmatchcase(qualname, p) for p in spec.get("track", ["*"]))
 
 
-def transformers_snapshot(base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The pin's ``transformers`` section from the installed package (after review)."""
-    import transformers
+def _version_key(version: str) -> Tuple[int, ...]:
+    out = []
+    for part in version.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
 
-    base = base or {}
+
+def transformers_snapshots(tpin: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``{version: {"files": ...}}`` of a pin's transformers section (old one-version pins too)."""
+    snaps = dict(tpin.get("snapshots") or {})
+    if tpin.get("files") and tpin.get("version"):  # pin format 1: one snapshot
+        snaps.setdefault(tpin["version"], {"files": tpin["files"]})
+    return snaps
+
+
+def snapshot_installed_transformers(base_files: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``{"files": ...}``: the tracked symbols of the installed transformers."""
     tdir = transformers_dir()
     files = {}
     for rel, default_spec in DEFAULT_TRANSFORMERS_TRACK.items():
         spec = dict(default_spec)
-        spec.update({k: v for k, v in base.get("files", {}).get(rel, {}).items() if k not in ("sha256", "symbols")})
+        spec.update({k: v for k, v in (base_files or {}).get(rel, {}).items() if k not in ("sha256", "symbols")})
         path = tdir / rel
         if not path.is_file():
             continue
@@ -987,12 +1017,23 @@ def transformers_snapshot(base: Optional[Dict[str, Any]] = None) -> Dict[str, An
         spec["symbols"] = {q: {"signature": s.signature, "body": s.body_hash}
                            for q, s in sorted(inv.items()) if _tracked(q, spec)}
         files[rel] = spec
-    out = {"version": transformers.__version__, "files": files}
-    for k in ("fork_attention_functions",):
-        if k in base:
-            out[k] = base[k]
-    out.setdefault("fork_attention_functions", ["capture.py::attention_forward"])
-    return out
+    return {"files": files}
+
+
+def transformers_snapshot(base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The pin's ``transformers`` section with the installed release's snapshot added (after review).
+
+    One snapshot per verified release: the check compares the installed transformers with the
+    snapshot of the same release, so it runs (and must be silent) on every release CI tests.
+    """
+    import transformers
+
+    base = base or {}
+    snaps = transformers_snapshots(base)
+    newest = max(snaps, key=_version_key) if snaps else None
+    snaps[transformers.__version__] = snapshot_installed_transformers(snaps[newest]["files"] if newest else None)
+    return {"snapshots": {v: snaps[v] for v in sorted(snaps, key=_version_key)},
+            "fork_attention_functions": base.get("fork_attention_functions", ["capture.py::attention_forward"])}
 
 
 def _fork_module_with_class(fork: Path, cls: str) -> Optional[str]:
@@ -1017,51 +1058,102 @@ def _function_source(path: Path, qualname: str) -> Optional[str]:
     return ast.get_source_segment(source, node)
 
 
+def _split_signature(sig: str) -> Tuple[List[str], Dict[str, str]]:
+    """``"@dec(...) (a, b=1, *, c)"`` -> (decorators, {name: "name=default"})."""
+    depth, start = 0, 0
+    for i in range(len(sig) - 1, -1, -1):  # the parameter list is the last parenthesised group
+        depth += {")": 1, "(": -1}.get(sig[i], 0)
+        if depth == 0:
+            start = i
+            break
+    prefix = " " + sig[:start].strip()
+    decorators = ["@" + d.strip() for d in prefix.split(" @") if d.strip()]
+    params, depth, cur = {}, 0, ""
+    for ch in sig[start + 1:-1] + ",":
+        if ch == "," and depth == 0:
+            part = cur.strip()
+            if part and part not in ("/", "*"):
+                params[part.partition("=")[0].lstrip("*")] = part
+            cur = ""
+            continue
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+        cur += ch
+    return decorators, params
+
+
+def signature_change(old: str, new: str) -> str:
+    """A one-line parameter diff, e.g. ``-past_key_values +cache +@deprecate_kwarg(...)``."""
+    (da, a), (db, b) = _split_signature(old), _split_signature(new)
+    parts = [f"-{n}" for n in a if n not in b] + [f"+{n}" for n in b if n not in a]
+    parts += [f"~{b[n]}" for n in b if n in a and a[n] != b[n]]
+    parts += [f"-{d.split('(')[0]}" for d in da if d not in db] + [f"+{d.split('(')[0]}" for d in db if d not in da]
+    if not parts and list(a) != list(b):
+        parts.append("parameters reordered")
+    return " ".join(parts) or "parameter kinds changed"
+
+
 def compare_transformers(pin: Dict[str, Any], fork: Path, out_dir: Optional[Path], log: Log = _stderr
                          ) -> Tuple[List[Finding], Dict[str, Any]]:
-    """Installed transformers vs the pinned snapshot (attention), and vs the fork (informational)."""
+    """Installed transformers vs the pinned snapshot of the same release (its attention code and
+    the generation interface the fork relies on); the fork's counterparts informational.
+
+    A release without a snapshot is compared with the newest snapshot older than it and
+    flagged: it is not verified.
+    """
     import transformers
 
+    installed = transformers.__version__
     findings: List[Finding] = []
-    details: Dict[str, Any] = {"installed_version": transformers.__version__}
+    details: Dict[str, Any] = {"installed_version": installed}
     tpin = pin.get("transformers") or {}
+    snaps = transformers_snapshots(tpin)
     tdir = transformers_dir()
-    pinned_version = tpin.get("version")
-    if not tpin.get("files"):
+    if not snaps:
         findings.append(Finding("transformers", "pin", "missing",
                                 "no transformers snapshot in the pin; run with --write-pin after review",
                                 attention=True))
-    elif pinned_version != transformers.__version__:
-        findings.append(Finding("transformers", "version", "differs",
-                                f"pinned {pinned_version}, installed {transformers.__version__}"))
+        return findings, details
+    if installed in snaps:
+        ref = installed
+        findings.append(Finding("transformers", "version", "ok", f"{installed} (a pinned, verified release)"))
     else:
-        findings.append(Finding("transformers", "version", "ok", transformers.__version__))
+        older = [v for v in snaps if _version_key(v) <= _version_key(installed)]
+        ref = max(older or snaps, key=_version_key)
+        findings.append(Finding("transformers", "version", "not verified",
+                                f"{installed} has no snapshot; compared with {ref} (pinned: {', '.join(snaps)})",
+                                attention=True))
+    details["compared_with"] = ref
+    snap_files = snaps[ref].get("files", {})
     fork_attn_fns = list(tpin.get("fork_attention_functions", ["capture.py::attention_forward"]))
     for rel, default_spec in DEFAULT_TRANSFORMERS_TRACK.items():
         spec = dict(default_spec)
-        spec.update(tpin.get("files", {}).get(rel, {}))
+        spec.update(snap_files.get(rel, {}))
         path = tdir / rel
+        pinned_syms = snap_files[rel].get("symbols") if rel in snap_files else None
         if not path.is_file():
-            findings.append(Finding("transformers", rel, "missing", f"not in transformers {transformers.__version__}",
-                                    attention=True))
+            if rel in snap_files:
+                findings.append(Finding("transformers", rel, "missing", f"not in transformers {installed}",
+                                        attention=True))
             continue
         inv = symbol_inventory(path.read_text(encoding="utf-8"), str(path))
         tracked_now = {q: s for q, s in inv.items() if _tracked(q, spec)}
-        pinned_syms = spec.get("symbols")
-        changed = []
-        if pinned_syms is not None:
+        if pinned_syms is None:
+            findings.append(Finding("transformers", rel, "added since pin",
+                                    f"{len(tracked_now)} tracked symbols not in the {ref} snapshot", attention=True))
+        else:
+            changed = []
             for q in sorted(set(tracked_now) | set(pinned_syms)):
                 now, then = tracked_now.get(q), pinned_syms.get(q)
                 if now is None:
-                    changed.append((q, "removed since pin"))
+                    changed.append((q, "removed since pin", ""))
                 elif then is None:
-                    changed.append((q, "added since pin"))
+                    changed.append((q, "added since pin", ""))
                 elif now.signature != then["signature"]:
-                    changed.append((q, f"signature changed: {now.display}"))
+                    changed.append((q, "signature changed", signature_change(then["signature"], now.signature)))
                 elif now.body_hash != then["body"]:
-                    changed.append((q, "body changed since pin"))
-            for q, what in changed:
-                findings.append(Finding("transformers", f"{rel}::{q}", what, "review the fork's mirror of it",
+                    changed.append((q, "body changed since pin", ""))
+            for q, what, detail in changed:
+                findings.append(Finding("transformers", f"{rel}::{q}", what, detail or "review the fork's use of it",
                                         attention=True))
             if not changed:
                 same_file = spec.get("sha256") == sha256_file(path)
@@ -1078,7 +1170,8 @@ def compare_transformers(pin: Dict[str, Any], fork: Path, out_dir: Optional[Path
             for q in common:
                 if fork_inv[q].signature != tracked_now[q].signature:
                     findings.append(Finding("transformers", f"{counterpart}::{q}", "signature differs (fork)",
-                                            f"fork {fork_inv[q].display} vs transformers {tracked_now[q].display}"))
+                                            "fork vs transformers: " + signature_change(
+                                                tracked_now[q].signature, fork_inv[q].signature)))
             details[rel] = {"fork_counterpart": counterpart, "common_symbols": common,
                             "transformers_only": sorted(set(tracked_now) - set(fork_inv)),
                             "fork_only": sorted(set(fork_inv) - set(tracked_now))}
@@ -1086,16 +1179,18 @@ def compare_transformers(pin: Dict[str, Any], fork: Path, out_dir: Optional[Path
         fn = spec.get("attention_function")
         if fn and out_dir is not None:
             theirs = _function_source(path, fn)
-            for ref in fork_attn_fns:
-                fname, _, qual = ref.partition("::")
+            for fref in fork_attn_fns:
+                fname, _, qual = fref.partition("::")
                 mine = _function_source(fork / fname, qual) if (fork / fname).is_file() else None
+                if theirs is None and fn not in (pinned_syms or {}):
+                    continue  # e.g. transformers 4.4x has no such function: nothing to compare
                 if theirs is None or mine is None:
-                    findings.append(Finding("transformers", f"{rel}::{fn} vs {ref}", "not found",
+                    findings.append(Finding("transformers", f"{rel}::{fn} vs {fref}", "not found",
                                             "attention function missing on one side", attention=theirs is None))
                     continue
                 text = "".join(difflib.unified_diff(
                     theirs.splitlines(True), mine.splitlines(True),
-                    fromfile=f"transformers/{rel}::{fn}", tofile=f"fork/{ref}"))
+                    fromfile=f"transformers/{rel}::{fn}", tofile=f"fork/{fref}"))
                 target = out_dir / "transformers" / f"{rel.replace('/', '__')}__{fn}__vs__{fname}__{qual}.diff"
                 atomic_write_text(target, text)
     return findings, details

@@ -5,6 +5,8 @@ Examples::
     python scripts/diff_upstream.py --upstream ~/.cache/huggingface/hub/models--openbmb--MiniCPM-V-2_6/snapshots/<rev>
     python scripts/diff_upstream.py --revision main --numeric
     python scripts/diff_upstream.py --upstream DIR --write-pin patches/UPSTREAM.json   # re-pin after review
+    python scripts/diff_upstream.py --transformers-only          # the installed transformers vs its snapshot
+    python scripts/diff_upstream.py --transformers-only --write-pin patches/UPSTREAM.json  # add its snapshot
 
 Exit status: 0 nothing needs attention, 1 something does (rows marked ``!!`` in the
 summary table), 2 bad usage or the upstream copy could not be obtained.
@@ -29,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
             "methods, signatures) where undocumented differences need attention; (4) structural parity: both "
             "MiniCPMV classes built on the meta device, state-dict keys/shapes and config fields compared; "
             "(5) with --numeric, logits on the same random weights and inputs. Also checks the installed "
-            "transformers' Qwen2/SigLIP/SDPA attention code against the pinned snapshot."),
+            "transformers' Qwen2/SigLIP/SDPA attention code and the generation interface the fork plugs into "
+            "(cache hand-over, output fields) against the pinned snapshot of the same release; a release "
+            "without a snapshot is not verified and needs attention."),
         epilog="Exit status: 0 clean, 1 needs attention, 2 usage error or upstream unavailable.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--upstream", metavar="DIR", type=Path,
                      help="a folder with upstream's files, e.g. a Hugging Face snapshot folder")
     src.add_argument("--revision", metavar="REV",
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attn_implementation of the fork for --numeric (default: the fork's default)")
     p.add_argument("--no-structural", action="store_true", help="skip the meta-device parity check")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers attention-code check")
+    p.add_argument("--transformers-only", action="store_true",
+                   help="only check the installed transformers against its pinned snapshot (no upstream copy "
+                        "needed); with --write-pin, add the installed release's snapshot to the pin")
     p.add_argument("--write-pin", metavar="FILE", type=Path, default=None,
                    help="after review: write a pin for this upstream copy and the installed transformers to FILE "
                         "(keeps the change notes of --pin) and exit")
@@ -64,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     log = ud._quiet if args.quiet else ud._stderr
+    if args.transformers_only:
+        return transformers_only(args, log)
+    if args.upstream is None and args.revision is None:
+        parser.error("one of --upstream, --revision or --transformers-only is required")
     if args.upstream is not None:
         upstream = args.upstream
         if not upstream.is_dir():
@@ -99,6 +111,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = findings if args.full else ud.summarize(findings)
     print(ud.format_table(rows))
     print(f"\ndiffs and report.json in {report['out_dir']}")
+    return 1 if ud.needs_attention(findings) else 0
+
+
+def transformers_only(args, log) -> int:
+    """The installed transformers vs the pin (exit 1 on drift), or add its snapshot (--write-pin)."""
+    try:
+        pin = ud.load_pin(args.pin)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read the pin: {e}", file=sys.stderr)
+        return 2
+    if args.write_pin is not None:
+        pin["transformers"] = ud.transformers_snapshot(pin.get("transformers"))
+        ud.atomic_write_json(args.write_pin, pin)
+        log(f"wrote {args.write_pin}: transformers snapshots {', '.join(pin['transformers']['snapshots'])}")
+        return 0
+    fork = args.fork if args.fork is not None else ud.fork_dir()
+    findings, details = ud.compare_transformers(pin, fork, None, log=log)
+    print(ud.format_table(findings if args.full else ud.summarize(findings)))
     return 1 if ud.needs_attention(findings) else 0
 
 

@@ -112,6 +112,7 @@ gen_specs = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.compat
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(gen_specs)
 def test_generate_capture_equals_replayed_eager_rows(params):

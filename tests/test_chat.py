@@ -12,6 +12,8 @@ from minicpmv_attn.tokenization_minicpmv_fast import demo_tokenizer_path
 
 MSGS = [{"role": "user", "content": "Describe please."}]
 
+pytestmark = pytest.mark.compat
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -8,6 +8,7 @@ from PIL import Image
 from minicpmv_attn import AttentionRecord
 
 
+@pytest.mark.compat
 def test_visualize_default_end_to_end(tmp_path, capsys):
     from minicpmv_attn.scripts.visualize_attention import main
 
@@ -63,6 +64,7 @@ def write_jobs(tmp_path):
     return path
 
 
+@pytest.mark.compat
 def test_extract_resumes_without_redoing(tmp_path, monkeypatch, capsys):
     import minicpmv_attn.pipeline as pipeline
     from minicpmv_attn.scripts import extract_attention

@@ -12,6 +12,8 @@ from minicpmv_attn import MiniCPMV
 LOGIT_TOL = 1e-4
 ATTN_TOL = 1e-5
 
+pytestmark = pytest.mark.compat
+
 
 class FakeTokenizer:
     """Just what generate() needs from a tokenizer on the golden toy vocabulary."""
@@ -32,7 +34,7 @@ _MODELS = {}
 def load(case, dtype=torch.float32, attn="sdpa"):
     key = (case, dtype, attn)
     if key not in _MODELS:
-        _MODELS[key] = MiniCPMV.from_pretrained(str(case_dir(case)), torch_dtype=dtype,
+        _MODELS[key] = MiniCPMV.from_pretrained(str(case_dir(case)), dtype=dtype,
                                                 attn_implementation=attn).eval()
     return _MODELS[key]
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from minicpmv_attn import upstream_diff as ud
+from minicpmv_attn.modeling_qwen2 import DTYPE_KWARG
 from minicpmv_attn.scripts import install_into_snapshot as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ LOAD_SCRIPT = textwrap.dedent('''
     from transformers import AutoModel
 
     folder, case = sys.argv[1], sys.argv[3]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, torch_dtype=torch.float32)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **{DTYPE_KWARG: torch.float32})
     model.eval()
     data, mask = load_inputs(case)
     with torch.no_grad():

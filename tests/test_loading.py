@@ -112,7 +112,7 @@ def test_non_strict_allows_missing(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dtypes_load(dtype):
-    model = MiniCPMV.from_pretrained(str(case_dir("text_only")), torch_dtype=dtype)
+    model = MiniCPMV.from_pretrained(str(case_dir("text_only")), dtype=dtype)
     assert model.dtype == dtype and model.resampler.query.dtype == dtype
 
 
