@@ -408,7 +408,8 @@ class MiniCPMVBatchFeature(BatchFeature):
         super().__init__(data)
         self.convert_to_tensors(tensor_type=tensor_type)
 
-    def convert_to_tensors(self, tensor_type=None):
+    def convert_to_tensors(self, tensor_type=None, skip_tensor_conversion=None):
+        """Nested lists to tensors; ``skip_tensor_conversion`` (transformers >= 5.1) keys are left as is."""
         if tensor_type is None:
             return self
         kind = str(getattr(tensor_type, "value", tensor_type))
@@ -423,8 +424,9 @@ class MiniCPMVBatchFeature(BatchFeature):
                 return v.detach().cpu().numpy()
             return v
 
+        skip = {"slice_layouts"} | set(skip_tensor_conversion or ())
         for key in list(self.keys()):
-            if key == "slice_layouts":
+            if key in skip:
                 continue
             self.data[key] = _map_nested(convert, self.data[key])
         return self

@@ -16,6 +16,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes
+from .checkpoint import CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights
 from .configuration_minicpm import MiniCPMVConfig
 from .modeling_navit_siglip import SiglipVisionTransformer
 from .modeling_qwen2 import CACHE_FIELD, Qwen2ForCausalLM, Qwen2PreTrainedModel, dtype_kwargs, output_cache
@@ -60,10 +61,6 @@ class MiniCPMVGenerateOutput(ModelOutput):
     capture_index: Optional[Dict[str, Any]] = None
     prompt_length: Optional[int] = None
     scores: Optional[Tuple[torch.Tensor, ...]] = None
-
-
-class CheckpointError(ValueError):
-    """A folder that is not a loadable MiniCPM-V-2.6 checkpoint (names the file / keys)."""
 
 
 class MiniCPMVPreTrainedModel(Qwen2PreTrainedModel):
@@ -170,6 +167,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                                 + (" ..." if len(keys) > 20 else ""))
         if strict and problems:
             raise CheckpointError(f"{path}: the weights do not match MiniCPM-V-2.6's state dict: " + "; ".join(problems))
+        if os.path.isdir(path):
+            check_loaded_weights(model, path)  # the loaded tensors hold the file's values
         return (model, info) if want_info else model
 
     # -- vision -------------------------------------------------------------------------
@@ -570,74 +569,6 @@ def pad_llm_columns(tensors: Dict[str, torch.Tensor], index: Dict[str, Any], tot
         if name.startswith("llm.") and index[name].get("cols") is None and t.shape[-1] < total:
             out[name] = torch.nn.functional.pad(t, (0, total - t.shape[-1]))
     return out
-
-
-def check_checkpoint_folder(path: str) -> None:
-    """Refuse, with the reason, a folder that is not a MiniCPM-V-2.6 checkpoint."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path}: no config.json; not a Hugging Face checkpoint folder")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("model_type") != "minicpmv":
-        raise CheckpointError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'minicpmv' "
-                              f"(a MiniCPM-V-2.6 checkpoint)")
-    for key in ("vision_config", "query_num"):
-        if key not in cfg:
-            raise CheckpointError(f"{cfg_path}: field {key!r} is missing; a MiniCPM-V-2.6 config has it")
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
-        raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(weights)})")
-
-
-def checkpoint_tensor_shapes(path: str) -> Optional[Dict[str, Tuple[int, ...]]]:
-    """Tensor name -> shape from the safetensors headers of a folder (no data read); None if not safetensors."""
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        return None
-    shapes = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{path}: weights file {name} listed in the index is missing")
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    return shapes
-
-
-def check_checkpoint_tensors(path: str, cls=None) -> None:
-    """Compare a folder's tensor names and shapes with the model its config builds (on the meta device)."""
-    found = checkpoint_tensor_shapes(path)
-    if found is None:
-        return
-    cls = cls or MiniCPMV
-    config = MiniCPMVConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = cls(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(f"{k} (expected {list(expected[k])}, got {list(found[k])})"
-                   for k in set(expected) & set(found) if expected[k] != found[k])
-    problems = [f"{label} ({len(keys)}): {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else "")
-                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("wrong shapes", wrong)) if keys]
-    if problems:
-        raise CheckpointError(f"{path}: the weights do not match MiniCPM-V-2.6's state dict: " + "; ".join(problems))
 
 
 def chat_prompt(tokenizer, image, msgs, system_prompt=""):

@@ -9,6 +9,7 @@ runs on transformers 4.4x and 5.x alike. Every attention is a capture hook point
 ``llm.layers.{i}.attn``; see :mod:`capture`.
 """
 import threading
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -60,6 +61,20 @@ def dtype_kwargs(kwargs: dict) -> dict:
 
 def verified_range() -> str:
     return f"transformers {TRANSFORMERS_MIN} to {TRANSFORMERS_NEWEST_VERIFIED}"
+
+
+def warn_if_unverified(version: str = transformers.__version__) -> bool:
+    """Warn (once per process) when the installed transformers is outside the verified range."""
+    if _release(TRANSFORMERS_MIN) <= _release(version) < _release(TRANSFORMERS_CAP):
+        return False
+    warnings.warn(f"minicpmv_attn: transformers {version} is outside the verified range ({verified_range()}); "
+                  f"generation is checked at every step and raises GenerationInvariantError rather than return "
+                  f"wrong tokens, but nothing else is verified. pip install 'transformers>={TRANSFORMERS_MIN},"
+                  f"<{TRANSFORMERS_CAP}' for a verified release.", stacklevel=2)
+    return True
+
+
+warn_if_unverified()
 
 
 def take_cache(past_key_values, kwargs: dict):
@@ -291,17 +306,26 @@ class Qwen2PreTrainedModel(PreTrainedModel):
 
 @torch.no_grad()
 def init_module_weights(config, module):
-    """Random init used for tiny test/demo models (checkpoint weights overwrite it)."""
+    """Random init used for tiny test/demo models (checkpoint weights overwrite it).
+
+    A tensor transformers marks as loaded (``_is_hf_initialized``, transformers 5.x) is left
+    alone: 5.0 initialises after loading, and re-drawing it would silently discard the
+    checkpoint's weights.
+    """
     std = getattr(config, "initializer_range", 0.02)
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        module.weight.normal_(0.0, std)
-        if module.bias is not None:
+
+    def fresh(tensor):
+        return tensor is not None and not getattr(tensor, "_is_hf_initialized", False)
+
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        if fresh(module.weight):
+            module.weight.normal_(0.0, std)
+        if fresh(getattr(module, "bias", None)):
             module.bias.zero_()
-    elif isinstance(module, nn.Embedding):
-        module.weight.normal_(0.0, std)
     elif isinstance(module, (nn.LayerNorm, Qwen2RMSNorm)):
-        module.weight.fill_(1.0)
-        if getattr(module, "bias", None) is not None:
+        if fresh(module.weight):
+            module.weight.fill_(1.0)
+        if fresh(getattr(module, "bias", None)):
             module.bias.zero_()
 
 

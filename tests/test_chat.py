@@ -146,3 +146,30 @@ def test_tag_image_mismatch(setup):
     with pytest.raises(ValueError, match="image"):
         model.chat(None, [{"role": "user", "content": "(<image>./</image>) two tags (<image>./</image>)"}],
                    processor.tokenizer, processor=processor, max_new_tokens=2)
+
+
+def test_chat_greedy_equals_a_loop_of_full_forwards(setup):
+    """chat's answer through transformers' generation loop equals one computed without it: a
+    forward over the whole sequence per token (the golden-verified forward), argmax, with
+    chat's repetition penalty on the new tokens. Catches a loop that mishandles the cache."""
+    model, processor, image = setup
+    tok = processor.tokenizer
+    n_new, penalty = 6, 1.2
+    answer = model.chat(image, MSGS, tok, processor=processor, max_new_tokens=n_new, sampling=False, num_beams=1)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "(<image>./</image>)\nDescribe please."}],
+                                     tokenize=False, add_generation_prompt=True)
+    inputs = processor([prompt], [[image]], return_tensors="pt")
+    ids, new = inputs["input_ids"], []
+    terminators = set(model._terminator_ids(tok))
+    for _ in range(n_new):
+        full = torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], 1) if new else ids
+        data = {"input_ids": full, "pixel_values": inputs["pixel_values"], "tgt_sizes": inputs["tgt_sizes"],
+                "image_bound": inputs["image_bound"], "position_ids": torch.arange(full.shape[1])[None]}
+        with torch.no_grad():
+            logits = model(data, attention_mask=torch.ones_like(full)).logits[0, -1].clone()
+        for t in set(new):
+            logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+        new.append(int(logits.argmax()))
+        if new[-1] in terminators:
+            break
+    assert answer == model._decode_text([torch.tensor(new)], tok)[0]

@@ -7,6 +7,7 @@ range, never return wrong tokens.
 """
 import functools
 import importlib.metadata
+import re
 import threading
 from pathlib import Path
 
@@ -202,3 +203,11 @@ def test_dtype_under_either_name(name):
     assert model.dtype == torch.float64 and model.llm.lm_head.weight.dtype == torch.float64
     with pytest.raises(ValueError, match="dtype"):
         MiniCPMV.from_pretrained(str(case_dir("text_only")), dtype=torch.float64, torch_dtype=torch.float32)
+
+
+def test_unverified_release_warns():
+    assert mq.warn_if_unverified(mq.TRANSFORMERS_NEWEST_VERIFIED) is False
+    assert mq.warn_if_unverified(mq.TRANSFORMERS_MIN) is False
+    for version in (mq.TRANSFORMERS_CAP + ".0", "4.39.3", "6.0.0"):
+        with pytest.warns(UserWarning, match=f"transformers {re.escape(version)} is outside the verified range"):
+            assert mq.warn_if_unverified(version) is True

@@ -146,3 +146,43 @@ print("MAXDIFF", float((out.logits - exp["logits"])[real].abs().max()), len(out.
     line = [l for l in res.stdout.splitlines() if l.startswith("MAXDIFF")][0]
     diff, n_vision = float(line.split()[1]), int(line.split()[2])
     assert diff < 1e-4 and n_vision == 2
+
+
+@pytest.mark.compat
+def test_loaded_weights_are_the_checkpoints():
+    """After loading, every tensor holds the file's values (transformers 5.0 re-drew them silently)."""
+    from minicpmv_attn.checkpoint import check_loaded_weights
+
+    folder = str(case_dir("single_image"))
+    model = MiniCPMV.from_pretrained(folder)
+    stored = load_file(str(case_dir("single_image") / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, stored[key]), key
+    with torch.no_grad():
+        model.llm.lm_head.weight[0, 3] += 1.0
+        model.vpm.post_layernorm.bias.normal_()
+    with pytest.raises(CheckpointError, match=r"2 tensor\(s\) do not hold the checkpoint's values "
+                                              r"\(llm.lm_head.weight, vpm.post_layernorm.bias\); transformers"):
+        check_loaded_weights(model, folder)
+
+
+def test_reinitialising_loader_is_refused(monkeypatch):
+    """A transformers whose loading re-runs the weight init on loaded tensors: refused, named."""
+    from transformers import PreTrainedModel
+
+    from minicpmv_attn.modeling_qwen2 import init_module_weights
+
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def loader(cls, *args, **kwargs):
+        out = original(cls, *args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        for module in model.llm.modules():
+            for t in module.parameters(recurse=False):
+                t._is_hf_initialized = False
+            init_module_weights(model.config, module)
+        return out
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(loader))
+    with pytest.raises(CheckpointError, match="do not hold the checkpoint's values.*llm.lm_head.weight"):
+        MiniCPMV.from_pretrained(str(case_dir("text_only")))
