@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-ROLES = ("text", "image", "special")
+from .capture import ROLES, hook_sort_key, parse_hook_name, token_roles
 RECORD_FORMAT = "minicpmv-attn.record/1"
 
 
@@ -132,12 +132,14 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-_atomic_write_bytes = atomic_write_bytes
-
-
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _stem(path: str) -> str:
@@ -164,14 +166,15 @@ class AttentionRecord:
 
     def names(self, stage: Optional[str] = None) -> List[str]:
         """Hook names in natural order (layers numerically), optionally of one stage."""
-        def key(n):
-            parts = n.split(".")
-            return (parts[0], int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1)
-        names = sorted(self.tensors, key=key)
-        return [n for n in names if stage is None or n.split(".")[0] == stage]
+        names = sorted(self.tensors, key=hook_sort_key)
+        return [n for n in names if stage is None or parse_hook_name(n)[0] == stage]
+
+    def layers(self, stage: str = "llm") -> List[int]:
+        """The captured layer ids of ``stage``."""
+        return [parse_hook_name(n)[1] for n in self.names(stage)]
 
     def llm_layers(self) -> List[int]:
-        return [int(n.split(".")[2]) for n in self.names("llm")]
+        return self.layers("llm")
 
     # -- persistence -------------------------------------------------------------------
     def save(self, path: str) -> Tuple[str, str]:
@@ -187,7 +190,7 @@ class AttentionRecord:
             "meta": self.meta,
             "dtypes": {k: str(v.dtype) for k, v in tensors.items()},
         }
-        _atomic_write_bytes(stem + ".safetensors", st_save(tensors) if tensors else st_save({}))
+        atomic_write_bytes(stem + ".safetensors", st_save(tensors) if tensors else st_save({}))
         atomic_write_text(stem + ".json", json.dumps(payload, indent=1))
         return stem + ".safetensors", stem + ".json"
 
@@ -238,19 +241,11 @@ def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, 
                       image_bound: Sequence[Sequence[int]], images: Sequence[Any], special_ids=(),
                       valid: Optional[Sequence[bool]] = None) -> TokenLayout:
     """TokenLayout of one sample; ``images`` = the processor's slice layouts of its images."""
-    special_ids = set(special_ids)
     bounds = [(int(a), int(b)) for a, b in image_bound]
-    roles = []
-    for pos, tok in enumerate(ids):
-        if (valid is not None and not valid[pos]) or pos < padding:
-            roles.append("special")
-        elif tok in special_ids:
-            roles.append("special")
-        else:
-            roles.append("text")
-    for a, b in bounds:
-        for pos in range(a, b):
-            roles[pos] = "image"
+    ok = torch.ones(len(ids), dtype=torch.bool) if valid is None else torch.tensor(list(valid), dtype=torch.bool)
+    ok[:padding] = False
+    codes = token_roles(torch.tensor([list(ids)], dtype=torch.long), [bounds], ok[None], set(special_ids))[0]
+    roles = [ROLES[c] for c in codes.tolist()]
     layouts, k = [], 0
     for i, im in enumerate(images or []):
         im = _as_dict(im)

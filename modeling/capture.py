@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 STAGES = ("llm", "vision", "resampler")
+#: The token-role vocabulary of every LLM position (records, capture columns, maps).
+ROLES = ("text", "image", "special")
+ROLE_CODES = {role: code for code, role in enumerate(ROLES)}  # int8 codes in role tensors
 REDUCTIONS = ("none", "mean", "max")
 ROW_MODES = ("all", "last", "generated")
 COL_MODES = ("all", "image", "text", "special")
@@ -44,6 +47,89 @@ def chunk_elements_for(spec, device) -> int:
 
 class CaptureError(ValueError):
     """An attention capture selection that cannot be honoured."""
+
+
+# --------------------------------------------------------------------------------------
+# hook names: the one place they are built and read
+# --------------------------------------------------------------------------------------
+def hook_name(stage: str, layer: Optional[int] = None) -> str:
+    """``llm.layers.{i}.attn``, ``vision.layers.{i}.attn`` or ``resampler.attn``."""
+    if stage == "resampler":
+        return "resampler.attn"
+    if stage not in STAGES or layer is None:
+        raise ValueError(f"hook_name({stage!r}, {layer!r}): expected a stage of {list(STAGES)} with a layer id")
+    return f"{stage}.layers.{int(layer)}.attn"
+
+
+def parse_hook_name(name: str) -> Tuple[str, int]:
+    """``"llm.layers.3.attn"`` -> ("llm", 3); ``"resampler.attn"`` -> ("resampler", 0)."""
+    if name == "resampler.attn":
+        return "resampler", 0
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] not in ("llm", "vision") or parts[1] != "layers" or parts[3] != "attn" \
+            or not parts[2].isdigit():
+        raise ValueError(f"{name!r} is not a hook name (llm.layers.N.attn, vision.layers.N.attn, resampler.attn)")
+    return parts[0], int(parts[2])
+
+
+def token_roles(input_ids: torch.Tensor, image_bound=None, valid: Optional[torch.Tensor] = None,
+                special_ids=()) -> torch.Tensor:
+    """[B, L] int8 role codes (``ROLE_CODES``): image inside ``image_bound``, special for
+    ``special_ids`` and invalid (padding) positions, text otherwise."""
+    input_ids = torch.as_tensor(input_ids).cpu()
+    roles = torch.full(input_ids.shape, ROLE_CODES["text"], dtype=torch.int8)
+    if special_ids:
+        roles[torch.isin(input_ids, torch.tensor(sorted(special_ids), dtype=input_ids.dtype))] = ROLE_CODES["special"]
+    if valid is not None:
+        roles[torch.as_tensor(valid).cpu() == 0] = ROLE_CODES["special"]
+    for i, bound in enumerate(image_bound or []):
+        for a, b in (bound.tolist() if isinstance(bound, torch.Tensor) else bound):
+            roles[i, int(a):int(b)] = ROLE_CODES["image"]
+    return roles
+
+
+def hook_sort_key(name: str) -> Tuple[int, int]:
+    """Stages in pipeline order (llm, vision, resampler), layers numerically."""
+    stage, layer = parse_hook_name(name)
+    return STAGES.index(stage), layer
+
+
+# --------------------------------------------------------------------------------------
+# small shared vocabularies: dtypes by name, index lists from the command line
+# --------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_dtype(value, what: str = "dtype", allow_auto: bool = True) -> Optional[torch.dtype]:
+    """A torch dtype from a name (``"bfloat16"``, ``"bf16"``, ...) or a dtype; None/"auto" -> None."""
+    if value is None or (allow_auto and value == "auto"):
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"{what}={value!r}: expected one of {sorted(DTYPES)}" + (" or 'auto'" if allow_auto else ""))
+    return DTYPES[value]
+
+
+def parse_index_list(text: Optional[str], what: str) -> Optional[List[int]]:
+    """``"0,3,5"``, ``"2:6"`` (end exclusive), ``"-1"``; ``"all"``/""/None -> None (everything)."""
+    if text is None or str(text).strip().lower() in ("", "all"):
+        return None
+    out: List[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                a, b = part.split(":")
+                out.extend(range(int(a), int(b)))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"--{what}: cannot read {part!r}; use e.g. '0,3,5', '2:6' or 'all'") from None
+    if not out:
+        raise ValueError(f"--{what}: empty selection {text!r}")
+    return out
 
 
 class CaptureTooLarge(CaptureError, MemoryError):
@@ -104,10 +190,6 @@ class AttnMask:
 # --------------------------------------------------------------------------------------
 # the capture spec
 # --------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-
-
 @dataclass
 class CaptureSpec:
     """What to capture. ``output_attentions=True`` means ``CaptureSpec()`` (everything).
@@ -154,9 +236,9 @@ class CaptureSpec:
         if self.reduce not in REDUCTIONS:
             raise CaptureError(f"capture reduce={self.reduce!r}: valid values are {list(REDUCTIONS)}")
         if isinstance(self.dtype, str):
-            if self.dtype not in _DTYPES:
-                raise CaptureError(f"capture dtype={self.dtype!r}: valid values are {sorted(_DTYPES)} or a torch.dtype")
-            self.dtype = _DTYPES[self.dtype]
+            if self.dtype not in DTYPES:
+                raise CaptureError(f"capture dtype={self.dtype!r}: valid values are {sorted(DTYPES)} or a torch.dtype")
+            self.dtype = DTYPES[self.dtype]
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise CaptureError(f"capture dtype={self.dtype!r}: must be a floating torch dtype")
         if self.device is not None:
@@ -293,7 +375,7 @@ class AttentionCapture:
 
     # -- what is wanted -------------------------------------------------------------------
     def wants(self, name: str) -> bool:
-        stage, layer = parse_name(name)
+        stage, layer = parse_hook_name(name)
         return layer in self.layers.get(stage, ())
 
     def begin_llm(self, prompt_len: int, roles: Optional[torch.Tensor] = None, generating: bool = False):
@@ -338,7 +420,7 @@ class AttentionCapture:
             idx = idx[None].expand(batch, -1)
             valid = torch.tensor([c < k_len for c in cols], device=device)[None].expand(batch, -1)
             return idx, valid
-        code = {"text": 0, "image": 1, "special": 2}[cols]
+        code = ROLE_CODES[cols]
         P = self.prompt_len or k_len
         roles = self.roles
         if roles is None:
@@ -356,7 +438,7 @@ class AttentionCapture:
     # -- recording -----------------------------------------------------------------------
     def capture(self, name: str, module, query, key, scaling: float, mask: AttnMask):
         """Recompute and store the selection of ``softmax(q k^T * scaling + mask)``."""
-        stage, _ = parse_name(name)
+        stage, _ = parse_hook_name(name)
         B, H, Lq, _ = query.shape
         Lk = key.shape[-2]
         n_rep = H // key.shape[1]
@@ -431,9 +513,9 @@ class AttentionCapture:
         """``({name: tensor}, {name: index})`` with LLM pieces joined along the query rows."""
         self.frozen = True
         tensors, index = {}, {}
-        for name in sorted(self.pieces, key=_name_key):
+        for name in sorted(self.pieces, key=hook_sort_key):
             pieces = self.pieces[name]
-            stage, _ = parse_name(name)
+            stage, _ = parse_hook_name(name)
             heads = self.heads.get(stage)
             info = {"heads": heads, "reduce": self.spec.reduce}
             if stage != "llm":
@@ -476,18 +558,6 @@ def _join(parts: List[torch.Tensor], dim: int) -> torch.Tensor:
             target[..., p.shape[-1]:] = 0
         offset += n
     return out
-
-
-def parse_name(name: str) -> Tuple[str, int]:
-    parts = name.split(".")
-    if parts[0] == "resampler":
-        return "resampler", 0
-    return parts[0], int(parts[2])
-
-
-def _name_key(name: str):
-    stage, layer = parse_name(name)
-    return STAGES.index(stage), layer
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
-from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes
+from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes, token_roles
 from .checkpoint import CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights
 from .configuration_minicpm import MiniCPMVConfig
 from .modeling_navit_siglip import SiglipVisionTransformer
@@ -23,7 +23,6 @@ from .modeling_qwen2 import CACHE_FIELD, Qwen2ForCausalLM, Qwen2PreTrainedModel,
 from .resampler import Resampler
 
 TERMINATORS = ["<|im_end|>", "<|endoftext|>"]
-ROLE_CODES = {"text": 0, "image": 1, "special": 2}
 
 
 @dataclass
@@ -281,19 +280,6 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return capture
 
     @staticmethod
-    def token_roles(input_ids, image_bound, attention_mask=None, special_ids=()) -> torch.Tensor:
-        """[B, L] int8 role codes: 0 text, 1 image (inside image_bound), 2 special (padding, special ids)."""
-        roles = torch.zeros(input_ids.shape, dtype=torch.int8)
-        if special_ids:
-            roles[torch.isin(input_ids.cpu(), torch.tensor(sorted(special_ids)))] = 2
-        if attention_mask is not None:
-            roles[attention_mask.cpu() == 0] = 2
-        for i, bound in enumerate(image_bound or []):
-            for a, b in bound:
-                roles[i, int(a):int(b)] = 1
-        return roles
-
-    @staticmethod
     def _split_capture(capture: AttentionCapture):
         tensors, index = capture.result()
         llm = tuple(v for k, v in tensors.items() if k.startswith("llm."))
@@ -318,7 +304,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if position_ids is not None and position_ids.dtype != torch.int64:
             position_ids = position_ids.long()
         if capture is not None:
-            roles = self.token_roles(data["input_ids"], data.get("image_bound"), attention_mask, special_token_ids)
+            roles = token_roles(data["input_ids"], data.get("image_bound"), attention_mask, special_token_ids)
             if prompt_length is None:
                 capture.begin_llm(embeds.shape[1], roles)
             else:
@@ -394,7 +380,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 result = _ThreadedStream(streamer, self.llm.generate, gen_kwargs)
             else:
                 if capture is not None:
-                    roles = self.token_roles(input_ids, image_bound, attention_mask, special_ids(tokenizer))
+                    roles = token_roles(input_ids, image_bound, attention_mask, special_ids(tokenizer))
                     capture.begin_llm(embeds.shape[1], roles, generating=True)
                     if per_step:
                         gen_kwargs.update(output_attentions=True, return_dict_in_generate=True)

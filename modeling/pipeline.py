@@ -7,36 +7,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .capture import parse_index_list, resolve_dtype  # noqa: F401  (the CLI tools' shared parsers)
+
 DEFAULT_PROMPT = "Describe this image."
-
-
-def parse_index_list(text: Optional[str], what: str) -> Optional[List[int]]:
-    """``"0,3,5"``, ``"2:6"`` (a range, end exclusive), ``"-1"``, ``"all"``/None -> list or None."""
-    if text is None or str(text).strip().lower() in ("", "all"):
-        return None
-    out: List[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if ":" in part:
-                a, b = part.split(":")
-                out.extend(range(int(a), int(b)))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ValueError(f"--{what}: cannot read {part!r}; use e.g. '0,3,5', '2:6' or 'all'") from None
-    if not out:
-        raise ValueError(f"--{what}: empty selection {text!r}")
-    return out
-
-
-def resolve_dtype(name: Optional[str]):
-    if name in (None, "auto"):
-        return None
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"--dtype {name!r}: expected one of {sorted(table)} or 'auto'")
-    return table[name]
 
 
 def load_model_and_processor(model: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
@@ -55,8 +28,8 @@ def load_model_and_processor(model: Optional[str] = None, device: Optional[str] 
     elif not os.path.isdir(model) and os.path.exists(model):
         raise FileNotFoundError(f"--model {model}: is a file, expected a checkpoint folder or a hub id")
     kwargs = {"attn_implementation": attn_implementation}
-    if resolve_dtype(dtype) is not None:
-        kwargs["dtype"] = resolve_dtype(dtype)
+    if resolve_dtype(dtype, "--dtype") is not None:
+        kwargs["dtype"] = resolve_dtype(dtype, "--dtype")
     net = MiniCPMV.from_pretrained(model, **kwargs).eval()
     if device:
         net = net.to(device)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from golden import load_expected, load_inputs, real_patch_counts
 from minicpmv_attn import CaptureError, CaptureSpec, CaptureTooLarge
+from minicpmv_attn.capture import token_roles
 from test_golden import FakeTokenizer, load
 
 TOL = 1e-5
@@ -69,7 +70,7 @@ def test_forward_capture_equals_eager_selection(params):
     with torch.no_grad():
         out = model(data, attention_mask=mask, output_attentions=spec)
     L = mask.shape[1]
-    roles = model.token_roles(data["input_ids"], data["image_bound"], mask)
+    roles = token_roles(data["input_ids"], data["image_bound"], mask)
     n_llm = model.config.num_hidden_layers
     expected_names = set()
     if "llm" in spec.stages:
