@@ -24,9 +24,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["minicpmv_attn", "minicpmv_attn.upstream", "minicpmv_attn.scripts"],
-    package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts"},
-    package_data={"minicpmv_attn": ["demo_tokenizer/*.json"]},
+    # modeling/*.py ships as Hugging Face remote code; its subpackages are the tools and never ship
+    packages=["minicpmv_attn", "minicpmv_attn.analysis", "minicpmv_attn.bench", "minicpmv_attn.demo",
+              "minicpmv_attn.train", "minicpmv_attn.upstream", "minicpmv_attn.scripts", "minicpmv_attn.patches"],
+    package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts", "minicpmv_attn.patches": "patches"},
+    package_data={"minicpmv_attn": ["demo_tokenizer/*.json"], "minicpmv_attn.demo": ["tokenizer/*.json"],
+                  "minicpmv_attn.patches": ["*.json", "*.md", "notes/*.md"]},
     install_requires=[
         "torch>=2.1",
         verified_transformers(),  # the releases the generation path is verified on

@@ -1,0 +1,1 @@
+"""Fine-tuning with attention outputs: data, losses, LoRA, checkpoints, the loop (tools; never shipped)."""
