@@ -297,7 +297,7 @@ def records_from_capture(tensors: Dict[str, torch.Tensor], index: Dict[str, Dict
         rec_tensors, rec_index = {}, {}
         for name, t in tensors.items():
             info = dict(index.get(name, {}))
-            if name.startswith("llm."):
+            if parse_hook_name(name)[0] == "llm":
                 rec_tensors[name] = t[b]
                 if info.get("cols") is not None:
                     info["cols"] = info["cols"][b]

@@ -1,31 +1,32 @@
-"""Attention capture: SDPA for the output, the selected probabilities recomputed from q and k.
+"""Attention capture: the selected probabilities recomputed from the same q and k.
 
-Every attention of the fork (SigLIP self-attention, resampler cross-attention, Qwen2
-self-attention) calls :func:`attention_forward` with its own ``capture_name`` (hook
-point): ``vision.layers.{i}.attn``, ``resampler.attn``, ``llm.layers.{i}.attn``.
+A capture is attached to the model's attention modules for one call (:func:`attached`, a
+context manager), like transformers' ``_can_record_outputs`` or TransformerLens hook points;
+no forward signature carries it. Each attention module has a hook name
+(:func:`hook_name`: ``vision.layers.{i}.attn``, ``resampler.attn``, ``llm.layers.{i}.attn``)
+and runs :func:`attention.attend`, which offers q and k to the attached capture, then runs
+the kernel (SDPA by default).
 
-* The output always comes from ``scaled_dot_product_attention`` (or flash-attention /
-  eager, per ``config._attn_implementation``).
-* When an :class:`AttentionCapture` is active and selects the hook point, the softmax
-  probabilities of the selected query rows and heads are recomputed from the same
-  ``q`` and ``k`` with the same mask and scaling, in chunks of query rows, reduced
-  over heads on the fly, gathered to the selected key columns, cast and moved (e.g.
-  to the CPU) chunk by chunk. No [H, L, L] block is ever held unless asked for.
-* Nothing here runs when no capture is active: capture costs nothing unless asked.
-
-Masks are passed as :class:`AttnMask` (key validity, causality, query offset) rather
-than dense [B, 1, Lq, Lk] tensors, so capture can build the mask of one chunk only.
+* The output always comes from the chosen kernel; the capture never changes it.
+* When the attached :class:`AttentionCapture` selects the hook name, the softmax
+  probabilities of the selected query rows and heads are recomputed from the same ``q``
+  and ``k`` with the same mask and scaling, in chunks of query rows, reduced over heads on
+  the fly, gathered to the selected key columns, cast and moved (e.g. to the CPU) chunk by
+  chunk. No [H, L, L] block is ever held unless asked for.
+* With nothing attached nothing here runs: capture costs nothing unless asked.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-STAGES = ("llm", "vision", "resampler")
+from .attention import STAGES, AttnMask, hook_name, hook_sort_key, parse_hook_name  # noqa: F401  (re-exported)
+
 #: The token-role vocabulary of every LLM position (records, capture columns, maps).
 ROLES = ("text", "image", "special")
 ROLE_CODES = {role: code for code, role in enumerate(ROLES)}  # int8 codes in role tensors
@@ -49,29 +50,6 @@ class CaptureError(ValueError):
     """An attention capture selection that cannot be honoured."""
 
 
-# --------------------------------------------------------------------------------------
-# hook names: the one place they are built and read
-# --------------------------------------------------------------------------------------
-def hook_name(stage: str, layer: Optional[int] = None) -> str:
-    """``llm.layers.{i}.attn``, ``vision.layers.{i}.attn`` or ``resampler.attn``."""
-    if stage == "resampler":
-        return "resampler.attn"
-    if stage not in STAGES or layer is None:
-        raise ValueError(f"hook_name({stage!r}, {layer!r}): expected a stage of {list(STAGES)} with a layer id")
-    return f"{stage}.layers.{int(layer)}.attn"
-
-
-def parse_hook_name(name: str) -> Tuple[str, int]:
-    """``"llm.layers.3.attn"`` -> ("llm", 3); ``"resampler.attn"`` -> ("resampler", 0)."""
-    if name == "resampler.attn":
-        return "resampler", 0
-    parts = name.split(".")
-    if len(parts) != 4 or parts[0] not in ("llm", "vision") or parts[1] != "layers" or parts[3] != "attn" \
-            or not parts[2].isdigit():
-        raise ValueError(f"{name!r} is not a hook name (llm.layers.N.attn, vision.layers.N.attn, resampler.attn)")
-    return parts[0], int(parts[2])
-
-
 def token_roles(input_ids: torch.Tensor, image_bound=None, valid: Optional[torch.Tensor] = None,
                 special_ids=()) -> torch.Tensor:
     """[B, L] int8 role codes (``ROLE_CODES``): image inside ``image_bound``, special for
@@ -86,12 +64,6 @@ def token_roles(input_ids: torch.Tensor, image_bound=None, valid: Optional[torch
         for a, b in (bound.tolist() if isinstance(bound, torch.Tensor) else bound):
             roles[i, int(a):int(b)] = ROLE_CODES["image"]
     return roles
-
-
-def hook_sort_key(name: str) -> Tuple[int, int]:
-    """Stages in pipeline order (llm, vision, resampler), layers numerically."""
-    stage, layer = parse_hook_name(name)
-    return STAGES.index(stage), layer
 
 
 # --------------------------------------------------------------------------------------
@@ -134,57 +106,6 @@ def parse_index_list(text: Optional[str], what: str) -> Optional[List[int]]:
 
 class CaptureTooLarge(CaptureError, MemoryError):
     """The estimated capture does not fit in the memory available; raised before allocating."""
-
-
-# --------------------------------------------------------------------------------------
-# masks
-# --------------------------------------------------------------------------------------
-@dataclass
-class AttnMask:
-    """What a query may attend to, without materialising [B, 1, Lq, Lk].
-
-    key_valid: [B, Lk] bool (False = padding key) or None (all keys valid).
-    causal: query row i (absolute position ``q_offset + i``) sees keys ``<= q_offset + i``.
-    query_valid: [B, Lq] bool or None; captured rows of invalid (padding) queries are zero.
-    """
-
-    key_valid: Optional[torch.Tensor] = None
-    causal: bool = False
-    q_offset: int = 0
-    query_valid: Optional[torch.Tensor] = None
-
-    def allowed(self, q_len: int, k_len: int, rows: Optional[torch.Tensor] = None,
-                device=None) -> Optional[torch.Tensor]:
-        """Boolean [B|1, 1, r, Lk] of allowed (query, key) pairs, or None if all allowed."""
-        out = None
-        if self.causal and not (q_len == 1 and self.q_offset == k_len - 1 and rows is None):
-            q_pos = (rows if rows is not None else torch.arange(q_len, device=device)) + self.q_offset
-            k_pos = torch.arange(k_len, device=device)
-            out = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, r, Lk]
-        if self.key_valid is not None:
-            kv = self.key_valid[:, None, None, :].to(device=device, dtype=torch.bool)
-            out = kv if out is None else (out & kv)
-        return out
-
-    def additive(self, dtype: torch.dtype, q_len: int, k_len: int, rows=None, device=None):
-        """Additive float mask (0 / dtype min) [B|1, 1, r, Lk], or None; built once per forward
-        and shared by all layers (the AttnMask lives for one forward call)."""
-        key = (dtype, q_len, k_len, str(device))
-        cache = self.__dict__.setdefault("_additive_cache", {})
-        if rows is None and key in cache:
-            return cache[key]
-        allowed = self.allowed(q_len, k_len, rows, device)
-        if allowed is None:
-            out = None
-        else:
-            zero = torch.zeros((), dtype=dtype, device=device)
-            out = torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))
-        if rows is None:
-            cache[key] = out
-        return out
-
-    def has_padding(self) -> bool:
-        return self.key_valid is not None and not bool(self.key_valid.all())
 
 
 # --------------------------------------------------------------------------------------
@@ -359,7 +280,7 @@ class AttentionCapture:
     """Collects the selected attention probabilities of one forward / generate call.
 
     Created by the model from a :class:`CaptureSpec`; attention modules call
-    :meth:`wants` and :meth:`add` through :func:`attention_forward`.
+    :meth:`wants` and :meth:`capture` through :func:`attention.attend` while attached (:func:`attached`).
     """
 
     def __init__(self, spec: CaptureSpec, n_layers: Dict[str, int], n_heads: Dict[str, int]):
@@ -372,6 +293,20 @@ class AttentionCapture:
         self.prompt_len: Optional[int] = None
         self.roles: Optional[torch.Tensor] = None  # [B, L_prompt] int8: 0 text, 1 image, 2 special
         self.generating = False
+
+    @classmethod
+    def start(cls, spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_len: int, new_tokens: int = 0,
+              n_slices: int = 0, patches: int = 0, image_tokens: int = 0, key_len: Optional[int] = None,
+              compute_dtype=torch.float32, device="cpu") -> "AttentionCapture":
+        """The one way a model starts a capture: validate the selection against the model's
+        ``dims`` (``{"layers": {stage: n}, "heads": {stage: n}, "query_num": Q}``), estimate
+        its memory and refuse what cannot fit (:class:`CaptureTooLarge`) before anything runs."""
+        capture = cls(spec, dims["layers"], dims["heads"])
+        est = estimate_bytes(spec, dims, batch, prompt_len, new_tokens, n_slices, patches, image_tokens,
+                             compute_dtype, key_len=key_len, device=device)
+        check_fits(spec, est, torch.device(device))
+        capture.estimate = est
+        return capture
 
     # -- what is wanted -------------------------------------------------------------------
     def wants(self, name: str) -> bool:
@@ -640,65 +575,30 @@ def check_fits(spec: CaptureSpec, estimate: Dict[str, int], compute_device: torc
 
 
 # --------------------------------------------------------------------------------------
-# the attention function
+# attaching a capture to a model for one call
 # --------------------------------------------------------------------------------------
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, Hk, L, D] -> [B, Hk * n_rep, L, D] (grouped-query attention)."""
-    if n_rep == 1:
-        return x
-    b, h, l, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)
-
-
-def _flash(query, key, value, mask: AttnMask, scaling, dropout):
+@contextmanager
+def attached(model: nn.Module, capture: Optional["AttentionCapture"]) -> Iterator[Optional["AttentionCapture"]]:
+    """Attach ``capture`` to every attention module of ``model`` (those with a ``hook_name``)
+    for the duration of the block; what was attached before is put back after. ``None``
+    attaches nothing (and costs nothing)."""
+    if capture is None:
+        yield None
+        return
+    modules = [m for m in model.modules() if hasattr(m, "hook_name")]
+    before = [m.__dict__.get("attention_capture") for m in modules]
+    for m in modules:
+        m.attention_capture = capture
     try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-    if mask.has_padding() or query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    causal = mask.causal and query.shape[2] > 1
-    if causal and query.shape[2] != key.shape[2]:
-        return None
-    out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                          dropout_p=dropout, softmax_scale=scaling, causal=causal)
-    return out  # [B, Lq, H, D]
+        yield capture
+    finally:
+        for m, value in zip(modules, before):
+            m.attention_capture = value
 
 
-def attention_forward(module, query, key, value, mask: AttnMask, scaling: float, dropout: float = 0.0,
-                      capture: Optional[AttentionCapture] = None, implementation: str = "sdpa"):
-    """The attention of every stage. q: [B, H, Lq, D]; k, v: [B, Hk, Lk, D] (Hk divides H).
-
-    Returns ``(output [B, Lq, H, D], weights)``; ``weights`` is the full per-head
-    probability tensor only for ``implementation="eager"`` (stock semantics), else None.
-    When ``capture`` selects ``module.capture_name`` the selection is recomputed and
-    stored in ``capture``.
-    """
-    name = getattr(module, "capture_name", None)
-    if capture is not None and name is not None and capture.wants(name):
-        capture.capture(name, module, query, key, scaling, mask)
-    n_rep = query.shape[1] // key.shape[1]
-    q_len, k_len = query.shape[2], key.shape[2]
-    if implementation == "eager":
-        k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-        add = mask.additive(scores.dtype, q_len, k_len, device=query.device)
-        if add is not None:
-            scores = scores + add
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        weights = F.dropout(weights, p=dropout, training=module.training)
-        return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
-    if implementation == "flash_attention_2":
-        out = _flash(query, key, value, mask, scaling, dropout)
-        if out is not None:
-            return out, None
-    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    is_causal = False
-    add = None
-    if mask.causal and not mask.has_padding() and q_len == k_len:
-        is_causal = True
-    else:
-        add = mask.additive(query.dtype, q_len, k_len, device=query.device)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=add, dropout_p=dropout, is_causal=is_causal,
-                                         scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+def attached_capture(model: nn.Module) -> Optional["AttentionCapture"]:
+    """The capture attached to ``model``'s first attention module, if any."""
+    for m in model.modules():
+        if hasattr(m, "hook_name"):
+            return m.__dict__.get("attention_capture")
+    return None

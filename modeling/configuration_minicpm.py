@@ -8,7 +8,9 @@ from typing import Union
 from transformers import PretrainedConfig, Qwen2Config
 from transformers.utils import logging
 
-from .capture import AttnMask  # noqa: F401  (transformers 4.4x copies only the direct relative imports of remote code)
+# fork: configuration_minicpm.MiniCPMVConfig -- transformers 4.4x copies only the direct relative
+# imports of a remote-code file, and modeling_navit_siglip below needs attention.py
+from .attention import AttnMask  # noqa: F401
 from .modeling_navit_siglip import SiglipVisionConfig
 
 logger = logging.get_logger(__name__)

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
-from .capture import AttentionCapture, CaptureError, CaptureSpec, check_fits, estimate_bytes, token_roles
+from .attention import set_attention_implementation
+from .capture import AttentionCapture, CaptureError, CaptureSpec, attached, parse_hook_name, token_roles
 from .checkpoint import CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights
 from .configuration_minicpm import MiniCPMVConfig
 from .modeling_navit_siglip import SiglipVisionTransformer
@@ -171,7 +172,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return (model, info) if want_info else model
 
     # -- vision -------------------------------------------------------------------------
-    def _vision_embedding(self, pixel_values_list, tgt_sizes, capture: Optional[AttentionCapture]):
+    def _vision_embedding(self, pixel_values_list, tgt_sizes):
         """All slices of the batch -> resampler outputs [N, Q, D] (None when there is no image)."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
         device = self.vpm.embeddings.patch_embedding.weight.device
@@ -201,14 +202,15 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         for i, (h, w) in enumerate(sizes.tolist()):
             patch_mask[i, 0, : h * w] = True
         chunk = max(1, int(self.config.vision_batch_size))
+        set_attention_implementation(self, self.vision_implementation)  # fork: follows config._attn_implementation
         hidden = torch.cat([
-            self.vpm(pixels[i:i + chunk], patch_attention_mask=patch_mask[i:i + chunk], tgt_sizes=sizes[i:i + chunk],
-                     capture=capture, implementation=self.vision_implementation).last_hidden_state
+            self.vpm(pixels[i:i + chunk], patch_attention_mask=patch_mask[i:i + chunk],
+                     tgt_sizes=sizes[i:i + chunk]).last_hidden_state
             for i in range(0, n, chunk)
         ])
-        return self.resampler(hidden, sizes, capture=capture, implementation=self.vision_implementation), sizes
+        return self.resampler(hidden, sizes), sizes
 
-    def get_vllm_embedding(self, data, capture: Optional[AttentionCapture] = None):
+    def get_vllm_embedding(self, data):
         """Text embeddings with each sample's resampler outputs scattered into its image_bound rows."""
         check_data(data)
         input_ids = data["input_ids"]
@@ -221,7 +223,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             if len(pixel_values_list) != len(input_ids):
                 raise ValueError(f"pixel_values: one list per sample expected ({len(input_ids)} samples), "
                                  f"got {len(pixel_values_list)}")
-            features, _ = self._vision_embedding(pixel_values_list, data.get("tgt_sizes"), capture)
+            features, _ = self._vision_embedding(pixel_values_list, data.get("tgt_sizes"))
             if features is None and self.training:
                 # upstream: a text-only training batch still runs the vision side on a blank image,
                 # so its parameters take part in the graph (distributed training expects them)
@@ -267,23 +269,18 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     def new_capture(self, spec: CaptureSpec, data, new_tokens: int = 0) -> AttentionCapture:
         """Validate the spec, estimate its memory (refusing what cannot fit) and make a recorder."""
-        dims = self.capture_dims()
-        capture = AttentionCapture(spec, dims["layers"], dims["heads"])
         input_ids = data["input_ids"]
         sizes = [hw for per in (data.get("tgt_sizes") or []) for hw in (per if per is not None else [])]
         patches = max([int(h) * int(w) for h, w in sizes], default=0)
         n_image = max([sum(int(b) - int(a) for a, b in bound) for bound in (data.get("image_bound") or [])], default=0)
-        est = estimate_bytes(spec, dims, input_ids.shape[0], input_ids.shape[1], new_tokens, len(sizes), patches,
-                             n_image, self.dtype, device=self.device)
-        check_fits(spec, est, self.device)
-        capture.estimate = est
-        return capture
+        return AttentionCapture.start(spec, self.capture_dims(), input_ids.shape[0], input_ids.shape[1], new_tokens,
+                                      len(sizes), patches, n_image, compute_dtype=self.dtype, device=self.device)
 
     @staticmethod
     def _split_capture(capture: AttentionCapture):
         tensors, index = capture.result()
-        llm = tuple(v for k, v in tensors.items() if k.startswith("llm."))
-        vision = tuple(v for k, v in tensors.items() if k.startswith("vision."))
+        llm = tuple(v for k, v in tensors.items() if parse_hook_name(k)[0] == "llm")
+        vision = tuple(v for k, v in tensors.items() if parse_hook_name(k)[0] == "vision")
         return tensors, index, llm or None, vision or None, tensors.get("resampler.attn")
 
     # -- forward ------------------------------------------------------------------------
@@ -299,18 +296,18 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         """
         spec = CaptureSpec.from_flag(output_attentions)
         capture = self.new_capture(spec, data) if spec is not None else None
-        embeds, vision_hidden_states = self.get_vllm_embedding(data, capture)
         position_ids = data.get("position_ids")
         if position_ids is not None and position_ids.dtype != torch.int64:
             position_ids = position_ids.long()
         if capture is not None:
             roles = token_roles(data["input_ids"], data.get("image_bound"), attention_mask, special_token_ids)
-            if prompt_length is None:
-                capture.begin_llm(embeds.shape[1], roles)
-            else:
-                capture.begin_llm(int(prompt_length), roles, generating=True)
-        out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                       labels=labels, output_hidden_states=output_hidden_states, attention_capture=capture, **kwargs)
+            capture.begin_llm(data["input_ids"].shape[1] if prompt_length is None else int(prompt_length), roles,
+                              generating=prompt_length is not None)
+        with attached(self, capture):
+            embeds, vision_hidden_states = self.get_vllm_embedding(data)
+            out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids,
+                           attention_mask=attention_mask, labels=labels, output_hidden_states=output_hidden_states,
+                           **kwargs)
         result = MiniCPMVOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
                                 **{CACHE_FIELD: output_cache(out)})
         if capture is not None:
@@ -368,7 +365,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         capture = self.new_capture(spec, data, max_new) if spec is not None else None
         grad = torch.is_grad_enabled() and self.training
         with torch.set_grad_enabled(grad):
-            embeds, vision_hidden_states = self.get_vllm_embedding(data, capture)
+            with attached(self, capture):
+                embeds, vision_hidden_states = self.get_vllm_embedding(data)
             terminators = self._terminator_ids(tokenizer)
             gen_kwargs = dict(inputs_embeds=embeds, pad_token_id=0, eos_token_id=terminators,
                               attention_mask=attention_mask, **kwargs)
@@ -382,12 +380,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 if capture is not None:
                     roles = token_roles(input_ids, image_bound, attention_mask, special_ids(tokenizer))
                     capture.begin_llm(embeds.shape[1], roles, generating=True)
-                    if per_step:
+                    if per_step:  # transformers collects the LLM's per-step attentions itself
                         gen_kwargs.update(output_attentions=True, return_dict_in_generate=True)
-                        capture.layers["llm"] = set()  # transformers collects the LLM steps itself
-                    else:
-                        gen_kwargs["attention_capture"] = capture
-                result = self.llm.generate(**gen_kwargs)
+                with attached(self.llm, None if per_step else capture):
+                    result = self.llm.generate(**gen_kwargs)
         if capture is not None:
             result = self._generate_output(result, capture, tokenizer, decode_text, embeds.shape[1], per_step)
         elif decode_text and not stream:
@@ -401,7 +397,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         seqs = result.sequences if hasattr(result, "sequences") else result
         tensors, index, _, vision, resampler = self._split_capture(capture)
         tensors = pad_llm_columns(tensors, index, prompt_len + seqs.shape[1])
-        llm = tuple(v for k, v in tensors.items() if k.startswith("llm.")) or None
+        llm = tuple(v for k, v in tensors.items() if parse_hook_name(k)[0] == "llm") or None
         return MiniCPMVGenerateOutput(
             sequences=seqs, text=self._decode_text(seqs, tokenizer) if decode_text else None,
             attentions=getattr(result, "attentions", None) if per_step else llm,
@@ -552,7 +548,7 @@ def pad_llm_columns(tensors: Dict[str, torch.Tensor], index: Dict[str, Any], tot
     """Zero-pad full-width LLM maps to ``total`` key columns (prompt + every new token)."""
     out = dict(tensors)
     for name, t in tensors.items():
-        if name.startswith("llm.") and index[name].get("cols") is None and t.shape[-1] < total:
+        if parse_hook_name(name)[0] == "llm" and index[name].get("cols") is None and t.shape[-1] < total:
             out[name] = torch.nn.functional.pad(t, (0, total - t.shape[-1]))
     return out
 

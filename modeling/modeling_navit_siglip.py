@@ -1,8 +1,9 @@
 """SigLIP vision tower, NaViT-style (variable resolution), as MiniCPM-V-2.6 uses it.
 
 Same config, module tree and state-dict keys as upstream's ``modeling_navit_siglip.py``.
-Changed: attention goes through :func:`capture.attention_forward` (SDPA by default, upstream
-forced eager) and every layer is a capture hook point ``vision.layers.{i}.attn``.
+Changed: attention goes through :func:`attention.attend` (SDPA by default, upstream forced
+eager) and every layer's attention is a capture hook point ``vision.layers.{i}.attn``
+(a capture is attached from outside, see ``capture.attached``).
 """
 from typing import Optional
 
@@ -12,7 +13,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
-from .capture import AttentionCapture, AttnMask, attention_forward
+from .attention import AttnMask, attend, checkpoint_call, hook_name
 
 
 class SiglipVisionConfig(PretrainedConfig):
@@ -91,6 +92,10 @@ class SiglipVisionEmbeddings(nn.Module):
 class SiglipAttention(nn.Module):
     """Multi-head self-attention over patches (hook point ``vision.layers.{i}.attn``)."""
 
+    # fork: modeling_navit_siglip.SiglipAttention (SDPA kernel chosen by the model, capture hook point)
+    attn_implementation = "sdpa"  # the model sets it from config._attn_implementation
+    attention_capture = None  # attached for one call by capture.attached
+
     def __init__(self, config: SiglipVisionConfig, layer_idx: int = 0):
         super().__init__()
         self.config = config
@@ -101,21 +106,19 @@ class SiglipAttention(nn.Module):
             raise ValueError(f"vision hidden_size {self.embed_dim} is not divisible by num_attention_heads {self.num_heads}")
         self.scale = self.head_dim ** -0.5
         self.dropout = config.attention_dropout
-        self.capture_name = f"vision.layers.{layer_idx}.attn"
+        self.hook_name = hook_name("vision", layer_idx)
         self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor, mask: AttnMask, capture: Optional[AttentionCapture] = None,
-                implementation: str = "sdpa") -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, mask: AttnMask) -> torch.Tensor:
         b, n, _ = hidden_states.shape
         shape = (b, n, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        out, _ = attention_forward(self, q, k, v, mask, self.scale, self.dropout if self.training else 0.0,
-                                   capture=capture, implementation=implementation)
+        out, _ = attend(self, q, k, v, mask, self.scale, self.dropout if self.training else 0.0)
         return self.out_proj(out.reshape(b, n, self.embed_dim))
 
 
@@ -141,8 +144,8 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(config)
         self.layer_norm2 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states, mask: AttnMask, capture=None, implementation="sdpa"):
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), mask, capture, implementation)
+    def forward(self, hidden_states, mask: AttnMask):
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), mask)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -153,29 +156,16 @@ class SiglipEncoder(nn.Module):
         self.layers = nn.ModuleList([SiglipEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, mask: AttnMask, capture=None, implementation="sdpa",
-                output_hidden_states=False) -> BaseModelOutput:
+    def forward(self, hidden_states, mask: AttnMask, output_hidden_states=False) -> BaseModelOutput:
         states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden_states = checkpoint_call(self, layer, hidden_states, mask, capture, implementation)
+                hidden_states = checkpoint_call(self, layer, hidden_states, mask)
             else:
-                hidden_states = layer(hidden_states, mask, capture, implementation)
+                hidden_states = layer(hidden_states, mask)
             if output_hidden_states:
                 states += (hidden_states,)
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=states)
-
-
-def checkpoint_call(owner: nn.Module, layer: nn.Module, *args):
-    """Run ``layer(*args)`` under (non-reentrant) activation checkpointing."""
-    fn = getattr(owner, "_gradient_checkpointing_func", None)
-    if fn is None:
-        from functools import partial
-
-        from torch.utils.checkpoint import checkpoint
-
-        fn = partial(checkpoint, use_reentrant=False)
-    return fn(layer.__call__, *args)
 
 
 class SiglipVisionTransformer(nn.Module):
@@ -195,8 +185,7 @@ class SiglipVisionTransformer(nn.Module):
         self.patch_size = config.patch_size
 
     def forward(self, pixel_values, patch_attention_mask: Optional[torch.Tensor] = None,
-                tgt_sizes: Optional[torch.Tensor] = None, capture: Optional[AttentionCapture] = None,
-                implementation: str = "sdpa", output_hidden_states: bool = False):
+                tgt_sizes: Optional[torch.Tensor] = None, output_hidden_states: bool = False):
         n = pixel_values.shape[0]
         if patch_attention_mask is None:
             patch_attention_mask = torch.ones(
@@ -205,6 +194,6 @@ class SiglipVisionTransformer(nn.Module):
         hidden = self.embeddings(pixel_values, patch_attention_mask, tgt_sizes)
         valid = patch_attention_mask.reshape(n, -1).to(hidden.device)
         mask = AttnMask(key_valid=None if bool(valid.all()) else valid, query_valid=valid)
-        enc = self.encoder(hidden, mask, capture, implementation, output_hidden_states)
+        enc = self.encoder(hidden, mask, output_hidden_states)
         last = self.post_layernorm(enc.last_hidden_state)
         return BaseModelOutputWithPooling(last_hidden_state=last, hidden_states=enc.hidden_states)

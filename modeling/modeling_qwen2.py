@@ -6,7 +6,7 @@ state-dict keys: ``model.embed_tokens``, ``model.layers.N.self_attn.{q,k,v,o}_pr
 ``post_attention_layernorm``, ``model.norm``, ``lm_head``), written against stable
 transformers APIs only (``PreTrainedModel``, ``GenerationMixin``, ``DynamicCache``) so it
 runs on transformers 4.4x and 5.x alike. Every attention is a capture hook point
-``llm.layers.{i}.attn``; see :mod:`capture`.
+``llm.layers.{i}.attn`` (a capture is attached from outside; see :mod:`capture`).
 """
 import threading
 import warnings
@@ -25,8 +25,8 @@ try:
 except ImportError:  # very old transformers: PreTrainedModel is the mixin
     GenerationMixin = object
 
-from .capture import AttentionCapture, AttnMask, CaptureSpec, attention_forward, check_fits, estimate_bytes
-from .modeling_navit_siglip import checkpoint_call
+from .attention import AttnMask, attend, checkpoint_call, parse_hook_name
+from .capture import AttentionCapture, CaptureSpec, attached, attached_capture, hook_name
 
 #: The transformers releases whose generation loop the fork is verified on (every 5.x minor
 #: in between too; ``scripts/sweep_transformers.py`` writes the README's table). setup.py
@@ -144,7 +144,7 @@ class GenerationGuard:
                       f"{past + n_fed}")
         pieces = None
         if capture is not None and uses_cache:
-            pieces = {k: len(v) for k, v in capture.pieces.items() if k.startswith("llm.")}
+            pieces = {k: len(v) for k, v in capture.pieces.items() if parse_hook_name(k)[0] == "llm"}
         self._step = (past, n_fed, uses_cache, pieces)
 
     def after(self, cache, capture=None):
@@ -160,7 +160,7 @@ class GenerationGuard:
             return
         rows_mode = capture.spec.rows if isinstance(capture.spec.rows, str) else None
         for name, all_pieces in capture.pieces.items():
-            if not name.startswith("llm."):
+            if parse_hook_name(name)[0] != "llm":
                 continue
             new = all_pieces[pieces.get(name, 0):]
             rows = torch.cat([p.rows for p in new]).tolist() if new else []
@@ -239,6 +239,8 @@ class Qwen2MLP(nn.Module):
 class Qwen2Attention(nn.Module):
     """Causal self-attention with RoPE and grouped-query heads (hook ``llm.layers.{i}.attn``)."""
 
+    attention_capture = None  # attached for one call by capture.attached
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.config = config
@@ -248,14 +250,13 @@ class Qwen2Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
         self.attention_dropout = config.attention_dropout
-        self.capture_name = f"llm.layers.{layer_idx}.attn"
+        self.hook_name = hook_name("llm", layer_idx)
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, cos_sin, mask: AttnMask, cache: Optional[Cache] = None,
-                capture: Optional[AttentionCapture] = None):
+    def forward(self, hidden_states, cos_sin, mask: AttnMask, cache: Optional[Cache] = None):
         b, n, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
@@ -263,9 +264,8 @@ class Qwen2Attention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out, _ = attention_forward(self, q, k, v, mask, self.scaling,
-                                   self.attention_dropout if self.training else 0.0, capture=capture,
-                                   implementation=self.config._attn_implementation or "sdpa")
+        out, _ = attend(self, q, k, v, mask, self.scaling, self.attention_dropout if self.training else 0.0,
+                        implementation=self.config._attn_implementation or "sdpa")
         return self.o_proj(out.reshape(b, n, -1))
 
 
@@ -277,9 +277,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, cos_sin, mask, cache=None, capture=None):
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos_sin, mask,
-                                                       cache, capture)
+    def forward(self, hidden_states, cos_sin, mask, cache=None):
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos_sin, mask, cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -339,8 +338,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=False,
-                attention_capture: Optional[AttentionCapture] = None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, output_hidden_states=False, **kwargs) -> BaseModelOutputWithPast:
         """The decoder. The KV cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values``."""
         cache = take_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
@@ -384,9 +382,9 @@ class Qwen2Model(Qwen2PreTrainedModel):
         cache = cache if use_cache else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden = checkpoint_call(self, layer, hidden, cos_sin, mask, cache, attention_capture)
+                hidden = checkpoint_call(self, layer, hidden, cos_sin, mask, cache)
             else:
-                hidden = layer(hidden, cos_sin, mask, cache, attention_capture)
+                hidden = layer(hidden, cos_sin, mask, cache)
             if output_hidden_states:
                 states += (hidden,)
         hidden = self.norm(hidden)
@@ -400,8 +398,8 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
 
     With ``output_attentions`` the output's ``attentions`` is a tuple over the selected
     layers (all layers for ``True``: [B, H, Lq, Lk] each, exactly the eager probabilities,
-    but computed next to SDPA). Pass ``attention_capture`` to accumulate into an existing
-    :class:`AttentionCapture` instead (what ``MiniCPMV.generate`` does).
+    but computed next to SDPA). A capture attached from outside (``capture.attached``, what
+    ``MiniCPMV.forward`` and ``generate`` do) accumulates across calls instead.
     """
 
     _tied_weights_keys = []
@@ -432,43 +430,39 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
         self.model = decoder
 
     def capture_dims(self):
-        return ({"llm": self.config.num_hidden_layers}, {"llm": self.config.num_attention_heads})
+        return {"layers": {"llm": self.config.num_hidden_layers}, "heads": {"llm": self.config.num_attention_heads},
+                "query_num": 0}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, logits_to_keep=0,
-                attention_capture: Optional[AttentionCapture] = None, **kwargs) -> CausalLMOutputWithPast:
+                output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
         """Upstream's Qwen2 LM forward; the KV cache comes as ``cache`` (transformers >= 5.24) or
         ``past_key_values``, and the output carries it under transformers' current name."""
         cache = take_cache(past_key_values, kwargs)
         x = inputs_embeds if inputs_embeds is not None else input_ids
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         own = None
-        if attention_capture is None and output_attentions:
+        if output_attentions and attached_capture(self) is None:
             spec = CaptureSpec.from_flag(output_attentions)
             if "llm" in spec.stages:
-                layers, heads = self.capture_dims()
-                own = attention_capture = AttentionCapture(spec, layers, heads)
-                est = estimate_bytes(spec, {"layers": layers, "heads": heads, "query_num": 0}, x.shape[0],
-                                     x.shape[1], compute_dtype=self.dtype, key_len=past + x.shape[1],
-                                     device=self.device)
-                check_fits(spec, est, self.device)
+                own = AttentionCapture.start(spec, self.capture_dims(), x.shape[0], x.shape[1],
+                                             key_len=past + x.shape[1], compute_dtype=self.dtype, device=self.device)
                 if past == 0:
                     own.begin_llm(x.shape[1])
                 else:
                     own.prompt_len = past + x.shape[1]
         guard = active_guard(self)
+        capture = own or attached_capture(self)
         if guard is not None:
             uses_cache = self.config.use_cache if use_cache is None else use_cache
             guard.before(past, x.shape[1], None if attention_mask is None else attention_mask.shape[-1],
-                         bool(uses_cache) and not (self.model.gradient_checkpointing and self.training),
-                         attention_capture)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=bool(output_hidden_states), attention_capture=attention_capture,
-                             **{CACHE_FIELD: cache})
+                         bool(uses_cache) and not (self.model.gradient_checkpointing and self.training), capture)
+        with attached(self, own):
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                 output_hidden_states=bool(output_hidden_states), **{CACHE_FIELD: cache})
         if guard is not None:
-            guard.after(output_cache(outputs), attention_capture)
+            guard.after(output_cache(outputs), capture)
         hidden = outputs.last_hidden_state
         keep = kwargs.get("num_logits_to_keep", logits_to_keep)
         if isinstance(keep, int) and keep > 0:

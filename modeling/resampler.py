@@ -3,17 +3,16 @@
 Same module tree and state-dict keys as upstream's ``resampler.py`` (``query``, ``kv_proj``,
 ``attn.in_proj_weight``, ``attn.in_proj_bias``, ``attn.out_proj``, ``ln_q``, ``ln_kv``,
 ``ln_post``, ``proj``). Changed: no ``from torch.nn.functional import *`` (breaks on torch
-2.13), the attention is the fork's (SDPA + capture hook ``resampler.attn``, per-head
-weights instead of upstream's discarded head mean), and the 2-D sin-cos table is computed
+2.13), the attention is the fork's (:func:`attention.attend`: SDPA + capture hook
+``resampler.attn``, per-head weights instead of upstream's discarded head mean), and the 2-D sin-cos table is computed
 per call instead of living in a non-persistent buffer (which transformers 5 re-creates
 uninitialised when loading).
 """
-from typing import Optional
 
 import torch
 from torch import nn
 
-from .capture import AttentionCapture, AttnMask, attention_forward
+from .attention import AttnMask, attend, hook_name
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -37,7 +36,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, size) -> torch.Tensor:
 class ResamplerAttention(nn.Module):
     """Multi-head cross-attention with upstream's parameters (packed ``in_proj``, ``out_proj``)."""
 
-    capture_name = "resampler.attn"
+    hook_name = hook_name("resampler")
+    attn_implementation = "sdpa"  # set by the model from config._attn_implementation
+    attention_capture = None  # attached for one call by capture.attached
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
@@ -51,8 +52,7 @@ class ResamplerAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, query, key, value, mask: AttnMask, capture: Optional[AttentionCapture] = None,
-                implementation: str = "sdpa") -> torch.Tensor:
+    def forward(self, query, key, value, mask: AttnMask) -> torch.Tensor:
         """query [N, Q, D], key/value [N, P, D] -> [N, Q, D]."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
@@ -64,8 +64,7 @@ class ResamplerAttention(nn.Module):
         q = heads(nn.functional.linear(query, w_q, b_q))
         k = heads(nn.functional.linear(key, w_k, b_k))
         v = heads(nn.functional.linear(value, w_v, b_v))
-        out, _ = attention_forward(self, q, k, v, mask, self.head_dim ** -0.5, 0.0, capture=capture,
-                                   implementation=implementation)
+        out, _ = attend(self, q, k, v, mask, self.head_dim ** -0.5, 0.0)
         return self.out_proj(out.reshape(n, -1, self.embed_dim))
 
 
@@ -98,8 +97,7 @@ class Resampler(nn.Module):
             out[i, : h * w] = self._pos_cache[key]
         return out
 
-    def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor, capture: Optional[AttentionCapture] = None,
-                implementation: str = "sdpa") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
         """x [N, P, Dv] vision features of N slices (padded), tgt_sizes [N, 2] -> [N, Q, D]."""
         if x.shape[0] != tgt_sizes.shape[0]:
             raise ValueError(f"resampler: {x.shape[0]} slices of features but {tgt_sizes.shape[0]} tgt_sizes")
@@ -110,5 +108,5 @@ class Resampler(nn.Module):
         x = self.ln_kv(self.kv_proj(x))
         q = self.ln_q(self.query)[None].expand(n, -1, -1)
         mask = AttnMask(key_valid=None if bool(key_valid.all()) else key_valid)
-        out = self.attn(q, x + pos, x, mask, capture, implementation)
+        out = self.attn(q, x + pos, x, mask)
         return self.ln_post(out) @ self.proj
