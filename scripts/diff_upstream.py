@@ -8,6 +8,10 @@ Examples::
     python scripts/diff_upstream.py --transformers-only          # the installed transformers vs its snapshot
     python scripts/diff_upstream.py --transformers-only --write-pin patches/UPSTREAM.json  # add its snapshot
 
+The pin defaults to the one installed with the package (``minicpmv_attn.patches``); the
+diffs, report.json and summary.txt go to ``patches/generated/`` of the checkout this script
+is in (git-ignored), or ``./upstream_diff_out`` when the script is not in a checkout.
+
 Exit status: 0 nothing needs attention, 1 something does (rows marked ``!!`` in the
 summary table), 2 bad usage or the upstream copy could not be obtained.
 """
@@ -18,7 +22,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from minicpmv_attn import upstream_diff as ud
+from minicpmv_attn.upstream.common import log_quiet, log_stderr
+from minicpmv_attn.upstream.diff import check_installed_transformers, run_diff
+from minicpmv_attn.upstream.pin import (UPSTREAM_REPO_ID, PinError, UpstreamUnavailable, add_transformers_snapshot,
+                                        obtain_upstream, write_pin)
+from minicpmv_attn.upstream.report import format_table, needs_attention, summarize
+
+
+def default_out_dir() -> Path:
+    """``patches/generated/`` of the checkout this script is in; ``./upstream_diff_out`` otherwise."""
+    repo = Path(__file__).resolve().parents[1]
+    return repo / "patches" / "generated" if (repo / "setup.py").is_file() else Path.cwd() / "upstream_diff_out"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minicpmv-attn-diff-upstream",
         description=(
             "Compare the fork (minicpmv_attn) with an upstream copy of openbmb/MiniCPM-V-2_6's remote code: "
-            "(1) which upstream files match the pin in patches/UPSTREAM.json, changed since, or are missing; "
+            "(1) which upstream files match the pin (UPSTREAM.json), changed since, or are missing; "
             "(2) unified diffs fork vs upstream per file; (3) a symbol inventory diff (classes, functions, "
             "methods, signatures) where undocumented differences need attention; (4) structural parity: both "
             "MiniCPMV classes built on the meta device, state-dict keys/shapes and config fields compared; "
@@ -42,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a folder with upstream's files, e.g. a Hugging Face snapshot folder")
     src.add_argument("--revision", metavar="REV",
                      help="download upstream at this revision with huggingface_hub (needs network)")
-    p.add_argument("--repo-id", default=ud.UPSTREAM_REPO_ID, help="upstream Hub repository for --revision")
-    p.add_argument("--out", metavar="DIR", type=Path, default=None,
-                   help="where diffs, report.json and summary.txt go (default: patches/generated/)")
+    p.add_argument("--repo-id", default=UPSTREAM_REPO_ID, help="upstream Hub repository for --revision")
+    p.add_argument("--out", metavar="DIR", type=Path, default=default_out_dir(),
+                   help="where diffs, report.json and summary.txt go")
     p.add_argument("--pin", metavar="FILE", type=Path, default=None,
-                   help="the pin to compare with (default: patches/UPSTREAM.json)")
+                   help="the pin to compare with (default: UPSTREAM.json installed with minicpmv_attn.patches)")
     p.add_argument("--fork", metavar="DIR", type=Path, default=None,
                    help="the fork's package folder (default: the installed minicpmv_attn)")
     p.add_argument("--config", metavar="FILE", type=Path, default=None,
@@ -73,63 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    log = ud._quiet if args.quiet else ud._stderr
-    if args.transformers_only:
-        return transformers_only(args, log)
-    if args.upstream is None and args.revision is None:
+    log = log_quiet if args.quiet else log_stderr
+    if not args.transformers_only and args.upstream is None and args.revision is None:
         parser.error("one of --upstream, --revision or --transformers-only is required")
-    if args.upstream is not None:
-        upstream = args.upstream
-        if not upstream.is_dir():
-            print(f"error: --upstream {upstream} is not a folder", file=sys.stderr)
-            return 2
-    else:
-        log(f"downloading {args.repo_id}@{args.revision} ...")
-        try:
-            upstream = ud.download_upstream(args.revision, repo_id=args.repo_id)
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     try:
-        pin = ud.load_pin(args.pin)
-    except (OSError, ValueError) as e:
+        if args.transformers_only and args.write_pin is not None:
+            pin = add_transformers_snapshot(args.write_pin, base_pin_path=args.pin)
+            log(f"wrote {args.write_pin}: transformers snapshots {', '.join(pin['transformers']['snapshots'])}")
+            return 0
+        if args.transformers_only:
+            findings = check_installed_transformers(args.pin, fork=args.fork, log=log)
+        else:
+            if args.revision is not None:
+                log(f"downloading {args.repo_id}@{args.revision} ...")
+            upstream = obtain_upstream(args.upstream, args.revision, repo_id=args.repo_id)
+            if args.write_pin is not None:
+                pin = write_pin(upstream, args.write_pin, base_pin_path=args.pin,
+                                repo_id=args.repo_id if args.revision else None, revision=args.revision)
+                log(f"wrote {args.write_pin} ({len(pin['upstream']['files'])} upstream files, transformers "
+                    f"snapshots {', '.join(pin['transformers']['snapshots'])})")
+                return 0
+            findings, _ = run_diff(
+                upstream, args.out, pin_path=args.pin, fork=args.fork, numeric=args.numeric,
+                structural=not args.no_structural, check_transformers=not args.no_transformers,
+                config_path=args.config, atol=args.atol, seed=args.seed, fork_attn=args.fork_attn, log=log)
+    except UpstreamUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PinError as e:
         print(f"error: cannot read the pin: {e}", file=sys.stderr)
         return 2
-
-    if args.write_pin is not None:
-        new = ud.make_pin(upstream, base_pin=pin, repo_id=args.repo_id if args.revision else None,
-                          revision=args.revision)
-        ud.atomic_write_json(args.write_pin, new)
-        log(f"wrote {args.write_pin} ({len(new['upstream']['files'])} upstream files, "
-            f"transformers {new['transformers']['version']})")
-        return 0
-
-    findings, report = ud.run_diff(
-        upstream, out_dir=args.out, pin_path=args.pin, fork=args.fork, numeric=args.numeric,
-        structural=not args.no_structural, check_transformers=not args.no_transformers, config_path=args.config,
-        atol=args.atol, seed=args.seed, fork_attn=args.fork_attn, log=log)
-    rows = findings if args.full else ud.summarize(findings)
-    print(ud.format_table(rows))
-    print(f"\ndiffs and report.json in {report['out_dir']}")
-    return 1 if ud.needs_attention(findings) else 0
-
-
-def transformers_only(args, log) -> int:
-    """The installed transformers vs the pin (exit 1 on drift), or add its snapshot (--write-pin)."""
-    try:
-        pin = ud.load_pin(args.pin)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot read the pin: {e}", file=sys.stderr)
-        return 2
-    if args.write_pin is not None:
-        pin["transformers"] = ud.transformers_snapshot(pin.get("transformers"))
-        ud.atomic_write_json(args.write_pin, pin)
-        log(f"wrote {args.write_pin}: transformers snapshots {', '.join(pin['transformers']['snapshots'])}")
-        return 0
-    fork = args.fork if args.fork is not None else ud.fork_dir()
-    findings, details = ud.compare_transformers(pin, fork, None, log=log)
-    print(ud.format_table(findings if args.full else ud.summarize(findings)))
-    return 1 if ud.needs_attention(findings) else 0
+    print(format_table(findings if args.full else summarize(findings)))
+    if not args.transformers_only:
+        print(f"\ndiffs and report.json in {args.out}")
+    return 1 if needs_attention(findings) else 0
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "minicpmv-attn" / "sweep",
                    help="where the venvs, logs and junit reports go")
     p.add_argument("--jobs", type=int, default=1, help="releases tested at once (each uses one thread)")
-    p.add_argument("--repo", type=Path, default=None,
-                   help="the checkout to test (default: this one); e.g. a git worktree of a commit, so that "
-                        "editing the working tree during a long sweep changes nothing")
+    p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
+                   help="the checkout to test (default: the one this script is in); e.g. a git worktree of a "
+                        "commit, so that editing the working tree during a long sweep changes nothing")
     p.add_argument("--readme", type=Path, default=None,
                    help="write the table into this README between the compat-table markers")
     p.add_argument("--pin", type=Path, default=None,
@@ -61,13 +61,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --jobs must be at least 1", file=sys.stderr)
         return 2
     if args.canary:
-        rc, line = ts.canary(args.workdir, version=args.canary_version, repo=args.repo)
+        rc, line = ts.canary(args.workdir, args.repo, version=args.canary_version)
         print(line)
         return rc
     versions = args.versions
     if versions is None:
         try:
-            versions = ts.sweep_versions(ts.index_versions(), ts.verified_range()["min"])
+            versions = ts.sweep_versions(ts.index_versions(),
+                                         ts.verified_range(args.repo / "modeling" / "modeling_qwen2.py")["min"])
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -76,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --versions: {', '.join(bad)} are not release numbers like 5.24.0", file=sys.stderr)
         return 2
     print(f"sweeping transformers {', '.join(versions)} in {args.workdir}", file=sys.stderr)
-    outcomes = ts.sweep(versions, args.workdir, repo=args.repo, jobs=args.jobs)
+    outcomes = ts.sweep(versions, args.workdir, args.repo, jobs=args.jobs)
     table = ts.markdown_table(outcomes)
     print(table)
     for o in outcomes:
@@ -89,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.readme:
         ts.update_readme(args.readme, table)
     if args.pin:
-        pinned = ts.pin_snapshots(outcomes, args.workdir, args.pin, repo=args.repo)
+        pinned = ts.pin_snapshots(outcomes, args.workdir, args.pin, args.repo)
         print(f"snapshots added to {args.pin}: {', '.join(pinned) or 'none'}", file=sys.stderr)
     return 0 if all(o.status == "pass" for o in outcomes) else 1
 

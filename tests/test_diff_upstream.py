@@ -1,8 +1,9 @@
-"""scripts/diff_upstream.py and minicpmv_attn.upstream_diff.
+"""scripts/diff_upstream.py and minicpmv_attn.upstream (pin, inventory, loader, parity, diff,
+transformers_check).
 
-"Upstream-like" folders are built from the fork's own files (the upstream-named files
-plus the fork modules they import), pinned, then given deliberate edits: every edit must
-be reported and the exit code must say so.
+"Upstream-like" folders are built from the fork's own files (the remote code a checkpoint
+folder gets: every top-level module of the package), pinned, then given deliberate edits:
+every edit must be reported and the exit code must say so.
 """
 import ast
 import json
@@ -15,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from minicpmv_attn import upstream_diff as ud
+from minicpmv_attn.attention_record import atomic_write_json
 from minicpmv_attn.scripts import diff_upstream
+from minicpmv_attn.upstream import install, inventory, loader
+from minicpmv_attn.upstream import pin as pinning
+from minicpmv_attn.upstream import transformers_check
+from minicpmv_attn.upstream.common import log_quiet, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 FORK = REPO / "modeling"
@@ -50,16 +55,15 @@ def make_upstream_like(tmp_path: Path) -> Path:
         shutil.copy2(p, fork / p.name)
     up = tmp_path / "upstream"
     up.mkdir()
-    files, _ = ud.remote_code_files(fork)
-    for name in files:
+    for name in install.remote_code_files(fork):
         shutil.copy2(fork / name, up / name)
     shutil.copy2(GOLDEN_CONFIG, up / "config.json")
     return up
 
 
 def write_pin(up: Path, path: Path, changes=()) -> Path:
-    pin = ud.make_pin(up, base_pin={"changes": list(changes)})
-    ud.atomic_write_json(path, pin)
+    pin = pinning.make_pin(up, base_pin={"changes": list(changes)})
+    atomic_write_json(path, pin)
     return path
 
 
@@ -155,7 +159,7 @@ def test_pin_records_upstream_identity_and_notes():
     pin = json.loads((REPO / "patches" / "UPSTREAM.json").read_text())
     assert pin["upstream"]["repo_id"] == "openbmb/MiniCPM-V-2_6"
     assert "revision" in pin["upstream"]
-    assert ud.pinned_files(pin) == ISSUE_HASHES
+    assert pinning.pinned_files(pin) == ISSUE_HASHES
     assert pin["changes"], "one entry per changed upstream symbol"
     for entry in pin["changes"]:
         assert entry["file"] in ISSUE_HASHES, entry
@@ -166,8 +170,27 @@ def test_pin_records_upstream_identity_and_notes():
 
 
 def test_generated_folder_is_git_ignored():
+    """The CLI's default output folder, in a checkout, is patches/generated/, which git ignores."""
     assert "patches/generated/" in (REPO / ".gitignore").read_text().split()
-    assert ud.default_out_dir() == REPO / "patches" / "generated"
+    assert diff_upstream.default_out_dir() == REPO / "patches" / "generated"
+    assert diff_upstream.build_parser().parse_args(["--upstream", "x"]).out == REPO / "patches" / "generated"
+
+
+def test_default_pin_is_the_installed_package_data():
+    from importlib.resources import files
+
+    installed = files("minicpmv_attn.patches") / "UPSTREAM.json"
+    assert pinning.installed_pin() == installed
+    assert pinning.load_pin() == pinning.load_pin(Path(str(installed)))
+    assert pinning.load_pin()["upstream"]["repo_id"] == "openbmb/MiniCPM-V-2_6"
+
+
+def test_unreadable_pin_is_a_usage_error(tmp_path, capsys):
+    bad = tmp_path / "pin.json"
+    bad.write_text("{not json")
+    assert diff_upstream.main(["--transformers-only", "--pin", str(bad), "-q"]) == 2
+    assert "cannot read the pin" in capsys.readouterr().err
+    assert diff_upstream.main(["--transformers-only", "--pin", str(tmp_path / "missing.json"), "-q"]) == 2
 
 
 def test_help_describes_the_cli(capsys):
@@ -210,14 +233,15 @@ def test_symbol_inventory_signatures_and_bodies():
         def h(p, /, q):
             pass
     ''')
-    inv = ud.symbol_inventory(a)
+    inv = inventory.symbol_inventory(a)
     assert set(inv) == {"A", "A.f", "A.g", "h"}
     assert inv["A"].kind == "class" and inv["A.f"].kind == "method" and inv["h"].kind == "function"
     assert inv["A.f"].signature == "(self, a, b=2, *args, c, d=None, **kw)"
     assert inv["h"].signature == "(p, /, q)"
 
     def changes(b):
-        return {(c.qualname, c.change) for c in ud.diff_inventories(ud.symbol_inventory(b), inv, "m.py")}
+        return {(c.qualname, c.change)
+                for c in inventory.diff_inventories(inventory.symbol_inventory(b), inv, "m.py")}
 
     # docstrings, comments, formatting and annotations are not changes
     b = a.replace('"""doc"""', '"""other doc"""').replace("# comment", "").replace("x: int", "x: 'int'")
@@ -233,12 +257,12 @@ def test_symbol_inventory_signatures_and_bodies():
 def test_documented_changes_match_by_file_pattern_and_kind():
     pin = {"changes": [{"file": "r.py", "symbol": "Resampler.*", "kind": "changed"},
                        {"file": "r.py", "symbol": "MultiheadAttention*", "kind": "removed"}]}
-    ch = ud.SymbolChange
-    assert ud.documented_by(ch("r.py", "Resampler.forward", "signature", "method"), pin)
-    assert not ud.documented_by(ch("r.py", "Resampler.forward", "removed", "method"), pin)
-    assert not ud.documented_by(ch("x.py", "Resampler.forward", "signature", "method"), pin)
-    assert ud.documented_by(ch("r.py", "MultiheadAttention.forward", "removed", "method"), pin)
-    assert not ud.documented_by(ch("r.py", "MultiheadAttention", "added", "class"), pin)
+    ch, documented_by = inventory.SymbolChange, inventory.documented_by
+    assert documented_by(ch("r.py", "Resampler.forward", "signature", "method"), pin)
+    assert not documented_by(ch("r.py", "Resampler.forward", "removed", "method"), pin)
+    assert not documented_by(ch("x.py", "Resampler.forward", "signature", "method"), pin)
+    assert documented_by(ch("r.py", "MultiheadAttention.forward", "removed", "method"), pin)
+    assert not documented_by(ch("r.py", "MultiheadAttention", "added", "class"), pin)
 
 
 def test_typing_shim_fixes_upstreams_star_import(tmp_path):
@@ -248,17 +272,17 @@ def test_typing_shim_fixes_upstreams_star_import(tmp_path):
         def f(x: List[int]) -> Optional[int]:
             return None
     '''))
-    pkg = ud.load_folder_package(tmp_path, "noshim", typing_shim=False)
+    pkg = loader.load_folder_package(tmp_path, "noshim", typing_shim=False)
     try:
         with pytest.raises(NameError, match="List"):
-            ud.import_from_package(pkg, "resampler")
+            loader.import_from_package(pkg, "resampler")
     finally:
-        ud.unload_package(pkg)
-    pkg = ud.load_folder_package(tmp_path, "shim", typing_shim=True)
+        loader.unload_package(pkg)
+    pkg = loader.load_folder_package(tmp_path, "shim", typing_shim=True)
     try:
-        assert ud.import_from_package(pkg, "resampler").f([1]) is None
+        assert loader.import_from_package(pkg, "resampler").f([1]) is None
     finally:
-        ud.unload_package(pkg)
+        loader.unload_package(pkg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resampler.py"], "nothing written to the folder"
 
 
@@ -424,13 +448,13 @@ def test_numeric_runs_upstream_with_its_known_breakages_shimmed(upstream):
                           "self.config._name_or_path, trust_remote_code=True)")
     mod = up / "modeling_minicpmv.py"
     mod.write_text("from transformers import AutoProcessor\n" + mod.read_text())
-    before = {p.name: ud.sha256_file(p) for p in up.iterdir()}
+    before = {p.name: sha256_file(p) for p in up.iterdir()}
     pin = write_pin(up, out.parent / "pin2.json")
     rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers")
     num = rows(report, "numeric")
     assert num[0]["status"] == "ok", num
     assert {f["status"] for f in rows(report, "state_dict")} == {"ok"}
-    assert {p.name: ud.sha256_file(p) for p in up.iterdir()} == before, "upstream files never edited"
+    assert {p.name: sha256_file(p) for p in up.iterdir()} == before, "upstream files never edited"
 
 
 # ----------------------------------------------------------------------------------------
@@ -438,24 +462,33 @@ def test_numeric_runs_upstream_with_its_known_breakages_shimmed(upstream):
 # ----------------------------------------------------------------------------------------
 def test_installed_transformers_matches_the_pin():
     """Fails when a transformers upgrade changes the Qwen2/SigLIP/SDPA code the fork mirrors."""
-    pin = ud.load_pin()
-    findings, details = ud.compare_transformers(pin, FORK, None, log=ud._quiet)
+    pin = pinning.load_pin()
+    findings, details = transformers_check.compare_transformers(pin, FORK, None, log=log_quiet)
     assert not [f for f in findings if f.attention], [f for f in findings if f.attention]
 
 
 def test_transformers_change_is_flagged(tmp_path):
-    pin = ud.load_pin()
-    qwen = pin["transformers"]["files"]["models/qwen2/modeling_qwen2.py"]
+    """Edits to the installed release's own snapshot are each flagged; nothing else is."""
+    import transformers
+
+    installed = transformers.__version__
+    fork_fns = pinning.load_pin()["transformers"]["fork_attention_functions"]  # the fork's, as pinned
+    pin = {"transformers": transformers_check.transformers_snapshot({"fork_attention_functions": fork_fns})}
+    qwen = pin["transformers"]["snapshots"][installed]["files"]["models/qwen2/modeling_qwen2.py"]
     qwen["symbols"]["eager_attention_forward"]["body"] = "0" * 16
     qwen["symbols"]["Qwen2Attention.forward"]["signature"] = "(self, hidden_states)"
     del qwen["symbols"]["repeat_kv"]
-    pin["transformers"]["version"] = "0.0.0"
-    findings, _ = ud.compare_transformers(pin, FORK, tmp_path, log=ud._quiet)
+    findings, _ = transformers_check.compare_transformers(pin, FORK, tmp_path, log=log_quiet)
     att = {(f.item, f.status) for f in findings if f.attention}
     p = "models/qwen2/modeling_qwen2.py::"
     assert (p + "eager_attention_forward", "body changed since pin") in att
     assert any(item == p + "Qwen2Attention.forward" and s.startswith("signature changed") for item, s in att)
     assert (p + "repeat_kv", "added since pin") in att
-    assert len(att) == 3  # a version bump alone needs no attention
+    assert len(att) == 3  # the pinned release itself needs no attention
     diffs = list((tmp_path / "transformers").glob("*.diff"))
     assert diffs and all(d.read_text().startswith("--- transformers/") for d in diffs)
+    # the same snapshot pinned under another release: the installed one is not verified
+    pin["transformers"]["snapshots"] = {"0.0.0": pin["transformers"]["snapshots"][installed]}
+    findings, _ = transformers_check.compare_transformers(pin, FORK, None, log=log_quiet)
+    assert [(f.item, f.status) for f in findings if f.section == "transformers" and f.item == "version"] == [
+        ("version", "not verified")]

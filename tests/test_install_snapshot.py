@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minicpmv_attn import upstream_diff as ud
 from minicpmv_attn.modeling_qwen2 import DTYPE_KWARG
 from minicpmv_attn.scripts import install_into_snapshot as cli
+from minicpmv_attn.upstream import install
+from minicpmv_attn.upstream.common import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 FORK = REPO / "modeling"
@@ -61,37 +62,53 @@ def tiny_checkpoint(folder: Path, config=None, keys=None) -> Path:
 
 
 def expected_files():
-    files, _ = ud.remote_code_files(FORK)
-    return files
+    """The layout rule: every top-level ``modeling/*.py`` but ``__init__.py`` is remote code."""
+    return sorted(p.name for p in FORK.glob("*.py") if p.name != "__init__.py")
 
 
 # ----------------------------------------------------------------------------------------
 # the file list
 # ----------------------------------------------------------------------------------------
-def test_remote_code_files_follow_relative_imports():
-    files = expected_files()
+def test_remote_code_files_are_exactly_the_top_level_modules():
+    files = install.remote_code_files(FORK)
+    assert files == expected_files()
+    assert install.remote_code_files() == files, "the default is the installed package folder"
     for root in ("configuration_minicpm.py", "modeling_minicpmv.py", "modeling_navit_siglip.py", "resampler.py"):
         assert root in files
-    for name in files:  # closed under relative imports
-        mods, _ = ud.relative_imports(FORK / name)
-        assert {m + ".py" for m in mods} <= set(files), name
     # everything transformers' remote-code loader will look for is installed
     from transformers.dynamic_module_utils import get_relative_import_files
 
     needed = {Path(p).name for p in get_relative_import_files(str(FORK / "modeling_minicpmv.py"))}
     assert needed <= set(files)
-    assert "__init__.py" not in files and "upstream_diff.py" not in files
+    assert "__init__.py" not in files
 
 
-def test_relative_import_scan(tmp_path):
-    (tmp_path / "modeling_minicpmv.py").write_text("from .a import x\nfrom . import b\ndef f():\n    from .c import y\n")
-    (tmp_path / "configuration_minicpm.py").write_text("import os\n")
-    (tmp_path / "a.py").write_text("from .d import z\n")
-    for n in ("b", "c", "d"):
-        (tmp_path / f"{n}.py").write_text("")
-    files, warnings = ud.remote_code_files(tmp_path)
-    assert files == ["a.py", "b.py", "c.py", "configuration_minicpm.py", "d.py", "modeling_minicpmv.py"]
-    assert any("from . import b" in w for w in warnings)
+def test_install_copies_the_top_level_modules_and_no_subpackage_file(tmp_path):
+    subpackage_files = [p for p in FORK.rglob("*.py") if p.parent != FORK]
+    assert subpackage_files, "the tool subpackages exist"
+    folder = tiny_checkpoint(tmp_path / "ck")
+    before = set(os.listdir(folder))
+    assert install.plan_install(folder).copies == expected_files()
+    assert cli.main([str(folder), "-q"]) == 0
+    added = set(os.listdir(folder)) - before
+    assert added == set(expected_files()) | {install.BACKUP_DIRNAME}
+    assert not any((folder / name).is_dir() for name in added - {install.BACKUP_DIRNAME})
+    assert not any((folder / p.relative_to(FORK)).exists() for p in subpackage_files)
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert set(os.listdir(folder)) == before
+
+
+def test_remote_code_files_rule_on_a_folder(tmp_path):
+    for name in ("modeling_minicpmv.py", "configuration_minicpm.py", "a.py", "__init__.py"):
+        (tmp_path / name).write_text("from .a import x\n")
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "__init__.py").write_text("")
+    (tmp_path / "tools" / "b.py").write_text("")
+    (tmp_path / "notes.md").write_text("")
+    assert install.remote_code_files(tmp_path) == ["a.py", "configuration_minicpm.py", "modeling_minicpmv.py"]
+    (tmp_path / "configuration_minicpm.py").unlink()
+    with pytest.raises(FileNotFoundError, match="configuration_minicpm.py"):
+        install.remote_code_files(tmp_path)
 
 
 def test_list_files_cli(capsys):
@@ -117,7 +134,7 @@ def test_install_restore_round_trips_byte_for_byte(tmp_path, case):
     assert cli.main([str(folder), "-q"]) == 0
     for name in expected_files():
         assert (folder / name).read_bytes() == (FORK / name).read_bytes()
-    assert (folder / ud.BACKUP_DIRNAME / ud.MANIFEST_NAME).is_file()
+    assert (folder / install.BACKUP_DIRNAME / install.MANIFEST_NAME).is_file()
     # golden config.json already points auto_map at MiniCPMVConfig / MiniCPMV: left untouched
     assert (folder / "config.json").read_bytes() == before["config.json"][1]
     assert cli.main([str(folder), "--restore", "-q"]) == 0
@@ -132,8 +149,8 @@ LOAD_SCRIPT = textwrap.dedent('''
     from golden import load_expected, load_inputs
     from transformers import AutoModel
 
-    folder, case = sys.argv[1], sys.argv[3]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **{DTYPE_KWARG: torch.float32})
+    folder, case, dtype_kwarg = sys.argv[1], sys.argv[3], sys.argv[4]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **{dtype_kwarg: torch.float32})
     model.eval()
     data, mask = load_inputs(case)
     with torch.no_grad():
@@ -156,7 +173,7 @@ def test_installed_folder_loads_with_trust_remote_code_and_reproduces_golden_log
     # a fresh process with its own modules cache: only the folder's code can be loaded
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1",
                PYTHONPATH="")
-    proc = subprocess.run([sys.executable, str(script), str(folder), str(Path(__file__).parent), case],
+    proc = subprocess.run([sys.executable, str(script), str(folder), str(Path(__file__).parent), case, DTYPE_KWARG],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -177,7 +194,7 @@ def test_second_install_keeps_the_first_backup(tmp_path):
     before = tree(folder)
     assert cli.main([str(folder), "-q"]) == 0
     assert cli.main([str(folder), "-q"]) == 0  # the installed files are not "originals"
-    manifest = json.loads((folder / ud.BACKUP_DIRNAME / ud.MANIFEST_NAME).read_text())
+    manifest = json.loads((folder / install.BACKUP_DIRNAME / install.MANIFEST_NAME).read_text())
     assert manifest["files"]["modeling_minicpmv.py"]["state"] == "file"
     assert manifest["files"]["capture.py"]["state"] == "absent"
     assert cli.main([str(folder), "--restore", "-q"]) == 0
@@ -222,7 +239,7 @@ def test_processor_auto_map_points_at_fork_classes(tmp_path):
     assert cli.main([str(folder), "-q"]) == 0
     target = "processing_minicpmv.MiniCPMVProcessor"
     now = json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]["AutoProcessor"]
-    assert now == (target if ud._class_in_fork(target, FORK) else "processing_minicpmv.SomeOldProcessor")
+    assert now == (target if install.class_in_fork(target, FORK) else "processing_minicpmv.SomeOldProcessor")
     assert (folder / "tokenizer_config.json").read_bytes() == before["tokenizer_config.json"][1]
     assert cli.main([str(folder), "--restore", "-q"]) == 0
     assert tree(folder) == before
@@ -236,7 +253,7 @@ def test_hugging_face_snapshot_symlinks_are_never_written_through(tmp_path):
     blobs.mkdir(parents=True)
     snap.mkdir(parents=True)
     for p in src.iterdir():
-        blob = blobs / ud.sha256_file(p)
+        blob = blobs / sha256_file(p)
         shutil.copy2(p, blob)
         os.symlink(os.path.relpath(blob, snap), snap / p.name)
     blobs_before, snap_before = tree(blobs), tree(snap)

@@ -5,12 +5,12 @@ capture during generate, chat, the main command, the generation guard). The swee
 the README's compatibility table and ``TRANSFORMERS_CAP`` rest on; the canary is what CI runs
 to notice a new release above the cap.
 
-Only the standard library is used here (the venvs hold torch and transformers), so the sweep
-runs from any Python >= 3.9.
+Besides the standard library only the package's atomic writer is used here (the venvs hold the
+transformers releases under test). Nothing here computes paths outside the package: the
+checkout to test comes in as ``repo`` (the script's ``--repo``).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..attention_record import atomic_write_json, atomic_write_text
+
 TORCH_REQUIREMENT = "torch==2.13.0"  # the local CPU build (a plain `torch` pulls CUDA)
 TEST_REQUIREMENTS = ["pytest", "hypothesis"]
 TABLE_START, TABLE_END = "<!-- compat-table:start -->", "<!-- compat-table:end -->"
@@ -33,10 +35,6 @@ Log = Callable[[str], None]
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------
@@ -56,8 +54,9 @@ def is_final(version: str) -> bool:
 
 
 def verified_range(source: Optional[Path] = None) -> Dict[str, str]:
-    """TRANSFORMERS_MIN / _CAP / _NEWEST_VERIFIED as written in modeling/modeling_qwen2.py."""
-    source = source or repo_root() / "modeling" / "modeling_qwen2.py"
+    """TRANSFORMERS_MIN / _CAP / _NEWEST_VERIFIED as written in ``source`` (a ``modeling_qwen2.py``;
+    default: the installed package's own)."""
+    source = Path(source) if source is not None else Path(__file__).resolve().parents[1] / "modeling_qwen2.py"
     found = dict(re.findall(r'^(TRANSFORMERS_[A-Z_]+) = "([0-9.]+)"$', source.read_text(encoding="utf-8"), re.M))
     missing = {"TRANSFORMERS_MIN", "TRANSFORMERS_CAP", "TRANSFORMERS_NEWEST_VERIFIED"} - set(found)
     if missing:
@@ -214,18 +213,18 @@ def run_release(version: str, workdir: Path, repo: Path, marker: str = "compat",
                    time.time() - start, "" if ok or failures else f"pytest exited {rc} (see {log_file})")
 
 
-def sweep(versions: Sequence[str], workdir: Path, repo: Optional[Path] = None, jobs: int = 1,
-          log: Log = _stderr) -> List[Outcome]:
-    repo = repo or repo_root()
+def sweep(versions: Sequence[str], workdir: Path, repo: Path, jobs: int = 1, log: Log = _stderr) -> List[Outcome]:
+    """Run :func:`run_release` for each of ``versions`` on the checkout ``repo``, ``jobs`` at once."""
+    repo = Path(repo)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(lambda v: run_release(v, workdir, repo, log=log), versions))
     return sorted(outcomes, key=lambda o: release(o.version))
 
 
-def pin_snapshots(outcomes: Sequence[Outcome], workdir: Path, pin: Path, repo: Optional[Path] = None,
-                  log: Log = _stderr) -> List[str]:
+def pin_snapshots(outcomes: Sequence[Outcome], workdir: Path, pin: Path, repo: Path, log: Log = _stderr
+                  ) -> List[str]:
     """Add each passing release's transformers snapshot to ``pin`` (one at a time: one file)."""
-    repo = repo or repo_root()
+    repo = Path(repo)
     done = []
     for o in outcomes:
         if o.status != "pass":
@@ -261,10 +260,7 @@ def update_readme(readme: Path, table: str) -> None:
         raise ValueError(f"{readme}: no {TABLE_START} ... {TABLE_END} block to replace")
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
-    new = head + TABLE_START + "\n" + table + "\n" + TABLE_END + tail
-    tmp = readme.with_name(f".{readme.name}.tmp-{os.getpid()}")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, readme)
+    atomic_write_text(readme, head + TABLE_START + "\n" + table + "\n" + TABLE_END + tail)
 
 
 def failure_line(o: Outcome, rng: Dict[str, str], limit: int = 3) -> str:
@@ -282,10 +278,10 @@ def canary_decision(available: Sequence[str], rng: Dict[str, str]) -> Optional[s
     return max(above, key=release) if above else None
 
 
-def canary(workdir: Path, version: Optional[str] = None, repo: Optional[Path] = None, log: Log = _stderr
-           ) -> Tuple[int, str]:
-    """(exit code, one line). Exit 1 when a release above the cap breaks the compatibility tests."""
-    repo = repo or repo_root()
+def canary(workdir: Path, repo: Path, version: Optional[str] = None, log: Log = _stderr) -> Tuple[int, str]:
+    """(exit code, one line). Exit 1 when a release above the cap breaks the compatibility tests
+    of the checkout ``repo``."""
+    repo = Path(repo)
     rng = verified_range(repo / "modeling" / "modeling_qwen2.py")
     if version is None:
         try:
@@ -306,6 +302,4 @@ def canary(workdir: Path, version: Optional[str] = None, repo: Optional[Path] = 
 
 
 def save_json(outcomes: Sequence[Outcome], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, [asdict(o) for o in outcomes])
