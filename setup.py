@@ -28,7 +28,7 @@ setup(
     packages=["minicpmv_attn", "minicpmv_attn.analysis", "minicpmv_attn.bench", "minicpmv_attn.demo",
               "minicpmv_attn.train", "minicpmv_attn.upstream", "minicpmv_attn.scripts", "minicpmv_attn.patches"],
     package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts", "minicpmv_attn.patches": "patches"},
-    package_data={"minicpmv_attn": ["demo_tokenizer/*.json"], "minicpmv_attn.demo": ["tokenizer/*.json"],
+    package_data={"minicpmv_attn.demo": ["tokenizer/*.json"],
                   "minicpmv_attn.patches": ["*.json", "*.md", "notes/*.md"]},
     install_requires=[
         "torch>=2.1",

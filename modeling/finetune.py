@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import attention_map as am
+from .analysis import attention_map as am
 from .attention_record import (AttentionRecord, TokenLayout, atomic_write_bytes, atomic_write_text, layout_for_sample,
                                records_from_capture)
 from .capture import CaptureSpec
@@ -400,7 +400,7 @@ def load_model(model_path: Optional[str] = None, device: Optional[str] = None, d
     """(model, processor, folder): a checkpoint folder or hub id; None builds the demo checkpoint
     (``pipeline.load_model_and_processor``). ``folder`` is where processor files come from."""
     from .demo import default_demo_folder
-    from .pipeline import load_model_and_processor
+    from .analysis.pipeline import load_model_and_processor
 
     model, processor, is_demo = load_model_and_processor(model_path, device=device, dtype=dtype)
     return model, processor, (default_demo_folder() if is_demo else model_path)
@@ -1026,7 +1026,7 @@ def plot_token_grid(record: AttentionRecord, enc: Encoded, path: str, layers: Op
                     max_tokens: int = 8) -> str:
     """Per answer token heatmaps (``plotting.plot_token_heatmaps``: one panel per answer row,
     shared colour scale), for the first ``max_tokens`` answer rows."""
-    from . import plotting
+    from .analysis import plotting
 
     plotting.plot_token_heatmaps(record, path, enc.example.image, positions=enc.rows[:max_tokens], layers=layers,
                                  shared_scale=True, max_tokens=max_tokens, ncols=4, max_side=150, dpi=60)

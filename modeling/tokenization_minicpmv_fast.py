@@ -6,16 +6,12 @@ Same public names as upstream's ``tokenization_minicpmv_fast.py``. The class add
 ``__init__`` makes it rebuild the backend from vocab/merges), and transformers 4 behaves as
 for any ``PreTrainedTokenizerFast``. The checkpoint's ``tokenizer.json`` therefore defines
 the vocabulary; this class only names the special tokens.
-
-``demo_tokenizer_path()`` gives the tiny character-level tokenizer shipped in
-``demo_tokenizer/`` (built by ``scripts/build_demo_tokenizer.py``; the golden fixtures' toy
-vocabulary).
 """
 import os
 
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["MiniCPMVTokenizerFast", "demo_tokenizer_path"]
+__all__ = ["MiniCPMVTokenizerFast"]
 
 
 class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
@@ -141,13 +137,3 @@ class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
     @staticmethod
     def unescape(text: str) -> str:
         return text
-
-
-def demo_tokenizer_path() -> str:
-    """Folder of the tiny character-level demo tokenizer shipped with the package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_tokenizer")
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise FileNotFoundError(
-            f"the demo tokenizer is missing from {path}; rebuild it with scripts/build_demo_tokenizer.py"
-        )
-    return path

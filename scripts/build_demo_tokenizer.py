@@ -1,4 +1,4 @@
-"""Build the tiny character-level demo tokenizer shipped in ``modeling/demo_tokenizer/``.
+"""Build the tiny character-level demo tokenizer shipped in ``modeling/demo/tokenizer/``.
 
 Its vocabulary is the toy one the golden fixtures use (``shared/golden``):
 
@@ -12,7 +12,7 @@ Every marker is an added special token, so ``<image>``, ``<unk>``, ... are singl
 any other character maps to ``<unk>``. The output is deterministic (same bytes on every
 run). Usage::
 
-    python scripts/build_demo_tokenizer.py            # writes modeling/demo_tokenizer/
+    python scripts/build_demo_tokenizer.py            # writes modeling/demo/tokenizer/
     python scripts/build_demo_tokenizer.py --out DIR
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling", "demo_tokenizer")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling", "demo", "tokenizer")
 
 
 def demo_vocab() -> Dict[str, int]:

@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from minicpmv_attn.attention_map import (
+from minicpmv_attn.analysis.attention_map import (
     find_slice, image_heatmap, image_token_table, llm_rollout, lookup_image_token, patch_box,
     place_patch_map, query_patch_map, role_shares, rollout, vision_patch_map,
     vision_received_map, vision_rollout,
 )
 from minicpmv_attn.attention_record import AttentionRecord, ImageLayout, SliceLayout, TokenLayout
+from minicpmv_attn.capture import hook_name
 
 Q = 4
 
@@ -74,8 +75,8 @@ def build_record(layout, n_layers=2, heads=3, res_heads=2, vis_heads=2, vis_laye
     L = len(layout.tokens)
     tensors, index = {}, {}
     for l in range(n_layers):
-        tensors[f"llm.layers.{l}.attn"] = causal_softmax(g, heads, L)
-        index[f"llm.layers.{l}.attn"] = {"rows": None, "cols": None, "heads": None, "reduce": "none"}
+        tensors[hook_name("llm", l)] = causal_softmax(g, heads, L)
+        index[hook_name("llm", l)] = {"rows": None, "cols": None, "heads": None, "reduce": "none"}
     sl = layout.slices
     P = max(h * w for h, w in (s.tgt_size for s in sl))
     res = torch.zeros(len(sl), res_heads, Q, P, dtype=torch.float64)
@@ -88,8 +89,8 @@ def build_record(layout, n_layers=2, heads=3, res_heads=2, vis_heads=2, vis_laye
     tensors["resampler.attn"] = res
     index["resampler.attn"] = {"heads": None, "reduce": "none"}
     for l, v in enumerate(vis):
-        tensors[f"vision.layers.{l}.attn"] = v
-        index[f"vision.layers.{l}.attn"] = {"heads": None, "reduce": "none"}
+        tensors[hook_name("vision", l)] = v
+        index[hook_name("vision", l)] = {"heads": None, "reduce": "none"}
     return AttentionRecord(tensors=tensors, index=index, layout=layout)
 
 
@@ -208,7 +209,7 @@ def test_shares_sum_and_combination_random_record():
     rec = build_record(layout, seed=3)
     L = len(layout.tokens)
     row = L - 2
-    A = torch.stack([rec.tensors[f"llm.layers.{l}.attn"] for l in (0, 1)]).mean((0, 1))[row].numpy()
+    A = torch.stack([rec.tensors[hook_name("llm", l)] for l in (0, 1)]).mean((0, 1))[row].numpy()
     roles = np.array(layout.roles)
     hm = image_heatmap(rec, row)
     for r in ("text", "image", "special"):
@@ -243,7 +244,7 @@ def test_restricted_columns_and_missing_pieces():
     full = image_heatmap(rec, L - 1)
     # keep only the last row and the image columns
     for l in (0, 1):
-        name = f"llm.layers.{l}.attn"
+        name = hook_name("llm", l)
         rec.tensors[name] = rec.tensors[name][:, [L - 1]][:, :, img_cols].clone()
         rec.index[name] = {"rows": [L - 1], "cols": img_cols, "heads": None, "reduce": "none"}
     part = image_heatmap(rec, -1)
@@ -269,7 +270,7 @@ def test_restricted_columns_and_missing_pieces():
     # image columns missing -> cannot map
     rec2 = build_record(layout, seed=5)
     for l in (0, 1):
-        name = f"llm.layers.{l}.attn"
+        name = hook_name("llm", l)
         rec2.tensors[name] = rec2.tensors[name][:, :, : img_cols[0]].clone()
         rec2.index[name] = {"rows": None, "cols": list(range(img_cols[0])), "heads": None, "reduce": "none"}
     with pytest.raises(ValueError, match="key columns of image 0"):
@@ -281,7 +282,7 @@ def test_reduced_heads_record():
     rec = build_record(layout, seed=2)
     full = image_heatmap(rec, -1)
     for l in (0, 1):
-        name = f"llm.layers.{l}.attn"
+        name = hook_name("llm", l)
         rec.tensors[name] = rec.tensors[name].mean(0, keepdim=True)
         rec.index[name]["reduce"] = "mean"
     rec.tensors["resampler.attn"] = rec.tensors["resampler.attn"].mean(1, keepdim=True)
@@ -334,7 +335,7 @@ def test_role_shares_per_layer_and_head():
     rs = role_shares(rec, rows="generated")
     assert rs.layers == [0, 1] and rs.rows == gen
     for l in (0, 1):
-        A = rec.tensors[f"llm.layers.{l}.attn"].mean(0)[gen].numpy()
+        A = rec.tensors[hook_name("llm", l)].mean(0)[gen].numpy()
         for r in ("text", "image", "special"):
             assert rs[r][l] == pytest.approx(A[:, roles == r].sum(1).mean())
     ph = role_shares(rec, rows=[-1], per_head=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from minicpmv_attn.demo import demo_tokenizer_path
 from minicpmv_attn.image_processing_minicpmv import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageLoadError,
@@ -15,7 +16,7 @@ from minicpmv_attn.image_processing_minicpmv import (
     to_rgb,
 )
 from minicpmv_attn.processing_minicpmv import IMAGE_TAG, MiniCPMVProcessor
-from minicpmv_attn.tokenization_minicpmv_fast import MiniCPMVTokenizerFast, demo_tokenizer_path
+from minicpmv_attn.tokenization_minicpmv_fast import MiniCPMVTokenizerFast
 
 
 @pytest.fixture(scope="module")

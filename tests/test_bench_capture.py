@@ -1,8 +1,11 @@
-"""scripts/bench_capture.py at toy sizes on the CPU: every row is measured and reported, ratios are sane."""
+"""scripts/bench_capture.py (minicpmv_attn.bench) at toy sizes on the CPU: every row is measured and reported,
+ratios are sane."""
 import json
 
 import pytest
 
+from minicpmv_attn.bench.report import TARGETS
+from minicpmv_attn.bench.tasks import LLM_ROWS as ROWS
 from minicpmv_attn.scripts import bench_capture as bench
 
 TOY = [
@@ -13,7 +16,7 @@ TOY = [
                                       "num_attention_heads": 2}),
     "--vision-slices", "2", "--vision-grid", "4",
 ]
-LLM_ROWS = [r.name for r in bench.LLM_ROWS]
+LLM_ROWS = [r.name for r in ROWS]
 VERDICTS = {"PASS", "FAIL", "n.a.", "-"}
 
 
@@ -51,7 +54,7 @@ def test_cpu_toy_run_reports_every_row(tmp_path, capsys):
     assert rows[(64, "fork_mean")]["verdict"] in {"PASS", "FAIL"}
     assert rows[(128, "fork_mean")]["verdict"] == "PASS"  # "runs at 16k"
     assert rows[(32, "fork_mean")]["verdict"] == "n.a."
-    assert set(data["targets"]) == set(bench.TARGETS)
+    assert set(data["targets"]) == set(TARGETS)
     assert "Targets (" in text and "Sanity:" in text
     vision = {r["row"]: r for r in data["results"] if r["row"].startswith("vision")}
     assert set(vision) == {"vision_eager", "vision_sdpa"}

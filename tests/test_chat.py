@@ -8,7 +8,7 @@ from PIL import Image
 
 from golden import case_dir
 from minicpmv_attn import AttentionRecord, CaptureError, MiniCPMV
-from minicpmv_attn.tokenization_minicpmv_fast import demo_tokenizer_path
+from minicpmv_attn.demo import demo_tokenizer_path
 
 MSGS = [{"role": "user", "content": "Describe please."}]
 

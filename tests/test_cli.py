@@ -66,7 +66,7 @@ def write_jobs(tmp_path):
 
 @pytest.mark.compat
 def test_extract_resumes_without_redoing(tmp_path, monkeypatch, capsys):
-    import minicpmv_attn.pipeline as pipeline
+    import minicpmv_attn.analysis.pipeline as pipeline
     from minicpmv_attn.scripts import extract_attention
 
     jobs = write_jobs(tmp_path)
@@ -115,7 +115,7 @@ def test_extract_rejects_bad_spec(tmp_path, capsys):
 
 
 def test_visualize_rejects_bad_selection_before_loading(tmp_path, capsys, monkeypatch):
-    import minicpmv_attn.pipeline as pipeline
+    import minicpmv_attn.analysis.pipeline as pipeline
     from minicpmv_attn.scripts.visualize_attention import main
 
     monkeypatch.setattr(pipeline, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))

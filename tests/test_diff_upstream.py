@@ -166,7 +166,8 @@ def test_pin_records_upstream_identity_and_notes():
         assert entry["symbol"] and entry["what"] and entry["why"], entry
         assert entry.get("kind", "changed") in ("changed", "added", "removed", "replaced"), entry
         assert (REPO / "patches" / entry["note"]).is_file(), entry["note"]
-    assert pin["transformers"]["files"], "the transformers attention code snapshot"
+    snaps = transformers_check.transformers_snapshots(pin["transformers"])
+    assert snaps and all(s["files"] for s in snaps.values()), "per-release transformers snapshots"
 
 
 def test_generated_folder_is_git_ignored():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minicpmv_attn import attention_map as am
+from minicpmv_attn.analysis import attention_map as am
 from minicpmv_attn import finetune as ft
 from minicpmv_attn.demo import build_demo_checkpoint, demo_image_path
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minicpmv_attn import plotting
+from minicpmv_attn.analysis import plotting
 
 _spec = importlib.util.spec_from_file_location(
     "_attention_map_builders", pathlib.Path(__file__).with_name("test_attention_map.py"))
@@ -99,7 +99,7 @@ def test_resampler_queries(rec, photo, tmp_path):
 
 
 def test_modules_import_matplotlib_lazily():
-    code = ("import sys, minicpmv_attn.attention_map, minicpmv_attn.plotting; "
+    code = ("import sys, minicpmv_attn.analysis.attention_map, minicpmv_attn.analysis.plotting; "
             "sys.exit(1 if 'matplotlib' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

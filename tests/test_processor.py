@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from minicpmv_attn.demo import demo_tokenizer_path
 from minicpmv_attn.image_processing_minicpmv import (
     ImageSliceLayout,
     MiniCPMVBatchFeature,
@@ -24,7 +25,7 @@ from minicpmv_attn.image_processing_minicpmv import (
     slice_layout,
 )
 from minicpmv_attn.processing_minicpmv import IMAGE_TAG, MiniCPMVProcessor, register_processing
-from minicpmv_attn.tokenization_minicpmv_fast import MiniCPMVTokenizerFast, demo_tokenizer_path
+from minicpmv_attn.tokenization_minicpmv_fast import MiniCPMVTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "minicpmv26"

@@ -83,6 +83,11 @@ def _version_key(version: str) -> Tuple[int, ...]:
     return tuple(out)
 
 
+#: The fork's counterpart of each transformers attention function (``{fn}``: its name): the
+#: pure kernels in attention.py are named like transformers' own.
+FORK_ATTENTION_FUNCTIONS = ["attention.py::{fn}"]
+
+
 def transformers_snapshots(tpin: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """``{version: {"files": ...}}`` of a pin's transformers section (old one-version pins too)."""
     snaps = dict(tpin.get("snapshots") or {})
@@ -122,7 +127,7 @@ def transformers_snapshot(base: Optional[Dict[str, Any]] = None) -> Dict[str, An
     newest = max(snaps, key=_version_key) if snaps else None
     snaps[transformers.__version__] = snapshot_installed_transformers(snaps[newest]["files"] if newest else None)
     return {"snapshots": {v: snaps[v] for v in sorted(snaps, key=_version_key)},
-            "fork_attention_functions": base.get("fork_attention_functions", ["capture.py::attention_forward"])}
+            "fork_attention_functions": base.get("fork_attention_functions", FORK_ATTENTION_FUNCTIONS)}
 
 
 def _fork_module_with_class(fork: Path, cls: str) -> Optional[str]:
@@ -167,7 +172,7 @@ def compare_transformers(pin: Dict[str, Any], fork: Path, out_dir: Optional[Path
                                 attention=True))
     details["compared_with"] = ref
     snap_files = snaps[ref].get("files", {})
-    fork_attn_fns = list(tpin.get("fork_attention_functions", ["capture.py::attention_forward"]))
+    fork_attn_fns = list(tpin.get("fork_attention_functions", FORK_ATTENTION_FUNCTIONS))
     for rel, default_spec in DEFAULT_TRANSFORMERS_TRACK.items():
         spec = dict(default_spec)
         spec.update(snap_files.get(rel, {}))
@@ -222,14 +227,14 @@ def compare_transformers(pin: Dict[str, Any], fork: Path, out_dir: Optional[Path
         fn = spec.get("attention_function")
         if fn and out_dir is not None:
             theirs = function_source(path, fn)
-            for fref in fork_attn_fns:
+            for fref in (f.format(fn=fn) for f in fork_attn_fns):
                 fname, _, qual = fref.partition("::")
                 mine = function_source(fork / fname, qual) if (fork / fname).is_file() else None
                 if theirs is None and fn not in (pinned_syms or {}):
                     continue  # e.g. transformers 4.4x has no such function: nothing to compare
                 if theirs is None or mine is None:
                     findings.append(Finding("transformers", f"{rel}::{fn} vs {fref}", "not found",
-                                            "attention function missing on one side", attention=theirs is None))
+                                            "attention function missing on one side", attention=True))
                     continue
                 text = "".join(difflib.unified_diff(
                     theirs.splitlines(True), mine.splitlines(True),

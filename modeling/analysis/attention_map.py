@@ -48,7 +48,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .attention_record import ROLES, AttentionRecord, SliceLayout, TokenLayout
+from ..attention_record import AttentionRecord, SliceLayout, TokenLayout
+from ..capture import ROLES, hook_name
 
 __all__ = [
     "ImageToken", "ImageHeatmap", "RoleShares",
@@ -222,7 +223,7 @@ def _as_list(x) -> Optional[List[int]]:
 
 
 def _stage_layers(record: AttentionRecord, stage: str, layers: LayerSel) -> List[int]:
-    have = [int(n.split(".")[2]) for n in record.names(stage) if n.endswith(".attn") and n.count(".") == 3]
+    have = record.layers(stage)
     if not have:
         raise ValueError(
             f"record has no {stage} attention ({stage}.layers.*.attn); capture stage {stage!r}"
@@ -233,7 +234,7 @@ def _stage_layers(record: AttentionRecord, stage: str, layers: LayerSel) -> List
     missing = [l for l in want if l not in have]
     if missing:
         raise ValueError(
-            f"record has no {', '.join(f'{stage}.layers.{l}.attn' for l in missing)}; "
+            f"record has no {', '.join(hook_name(stage, l) for l in missing)}; "
             f"captured {stage} layers: {have}"
         )
     return want
@@ -311,7 +312,7 @@ def llm_attention_rows(
     (``[n_heads, n_pos, L]`` if ``head_reduce`` is None) with zeros at key positions
     the record did not capture; ``covered`` ``[L]`` marks captured key positions.
     """
-    name = f"llm.layers.{int(layer)}.attn"
+    name = hook_name("llm", layer)
     t = _tensor(record, name, "capture stage 'llm' with this layer", convert=False)
     if t.ndim != 3:
         raise ValueError(f"{name} must be [heads, rows, cols], got shape {tuple(t.shape)}")
@@ -390,7 +391,7 @@ def llm_rollout(
     L = _seq_len(record)
     mats = []
     for l in layers:
-        name = f"llm.layers.{l}.attn"
+        name = hook_name("llm", l)
         t = _tensor(record, name, "capture stage 'llm'")
         _full_square(record, name, t, L)
         t, _ = _select_heads(t[:, :L, :L], _idx(record, name), name, heads, 0)
@@ -414,7 +415,7 @@ def _slice_axis(record: AttentionRecord, name: str, t: torch.Tensor, layout: Tok
 
 
 def _resampler(record: AttentionRecord, heads: HeadSel, head_reduce: Optional[str]):
-    name = "resampler.attn"
+    name = hook_name("resampler")
     t = _tensor(record, name, "capture stage 'resampler'")
     if t.ndim != 4:
         raise ValueError(f"{name} must be [slices, heads, queries, patches], got shape {tuple(t.shape)}")
@@ -547,7 +548,7 @@ def role_shares(
     labels = None
     sel_rows = None
     for l in layers:
-        name = f"llm.layers.{l}.attn"
+        name = hook_name("llm", l)
         t = record.tensors[name]
         captured = _positions(_idx(record, name), "rows", t.shape[-2])
         sel = _resolve_rows(record, rows, captured)
@@ -651,7 +652,7 @@ def image_heatmap(
             w_l, cov, lab = llm_attention_rows(record, l, [pos], heads, head_reduce)
             if labels is not None and head_reduce is None and list(lab) != list(labels):
                 raise ValueError(f"head_reduce=None needs the same heads in every layer; "
-                                 f"llm.layers.{l}.attn has {lab}, earlier layers {labels}")
+                                 f"{hook_name('llm', l)} has {lab}, earlier layers {labels}")
             labels = lab if head_reduce is None else ([head_reduce] if heads is None else _as_list(heads))
             per.append(w_l[..., 0, :])
             covered &= cov
@@ -718,7 +719,7 @@ def vision_attention(
     """``[n, n]`` SigLIP attention among one slice's n = h*w real patches (query rows,
     key cols; ``[n_heads, n, n]`` with ``head_reduce=None``)."""
     layout = _need_layout(record, "vision maps")
-    name = f"vision.layers.{int(layer)}.attn"
+    name = hook_name("vision", layer)
     if name not in record.tensors:
         _stage_layers(record, "vision", [int(layer)])  # names what is missing
     t = _tensor(record, name, "capture stage 'vision'", convert=False)

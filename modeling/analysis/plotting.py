@@ -5,8 +5,8 @@ target folder, then rename) and returns the path written. Figures carry a title
 saying what is shown and a colour bar or legend saying what the colours mean.
 Pixel size = ``figsize`` (inches) x ``dpi``; pass both to get an exact size.
 
-matplotlib is imported inside the functions: this folder doubles as Hugging Face
-remote code, where only torch / transformers / numpy / PIL may be required.
+matplotlib is imported inside the functions: importing this module (or the
+package) never needs it.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..attention_record import AttentionRecord, atomic_write_bytes
+from ..capture import ROLE_CODES, ROLES, hook_name
+from ..image_processing_minicpmv import load_image, to_rgb
 from . import attention_map as am
-from .attention_record import ROLES, AttentionRecord, atomic_write_bytes
 
 __all__ = [
     "plot_token_heatmaps", "plot_head_image_share", "plot_attention_matrix",
@@ -65,10 +67,9 @@ def _load_image(image):
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        return to_rgb(load_image(image))
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
@@ -289,7 +290,7 @@ def plot_attention_matrix(
         raise ValueError(f"head_reduce must be 'mean' or 'max' for a single matrix, got {head_reduce!r}")
     layout = am._need_layout(record, "plot_attention_matrix")
     layer = am._stage_layers(record, "llm", [layer])[0]
-    name = f"llm.layers.{layer}.attn"
+    name = hook_name("llm", layer)
     t = record.tensors[name]
     idx = am._idx(record, name)
     rows = am._positions(idx, "rows", t.shape[1])
@@ -297,10 +298,9 @@ def plot_attention_matrix(
     sel, labels = am._select_heads(t.detach().float().cpu()[:, :, : len(cols)], idx, name, heads, 0)
     mat = am._reduce_heads(sel, head_reduce, 0).numpy()
     roles = list(layout.roles)
-    role_id = {r: i for i, r in enumerate(ROLES)}
 
     def role_codes(ps):
-        return np.array([role_id[roles[p]] if p < len(roles) else role_id["text"] for p in ps])
+        return np.array([ROLE_CODES[roles[p]] if p < len(roles) else ROLE_CODES["text"] for p in ps])
 
     if figsize is None:
         side = float(np.clip(0.12 * max(len(rows), len(cols)) + 3.0, 5.0, 14.0))
@@ -485,7 +485,7 @@ def plot_vision_received(
     ``"rollout"``. Each slice's map is normalised to a mean of 1, so 1 = average attention.
     """
     layout = am._need_layout(record, "plot_vision_received")
-    captured = [int(n.split(".")[2]) for n in record.names("vision")]
+    captured = record.layers("vision")
     if not captured:
         raise ValueError("record has no vision.layers.*.attn; capture stage 'vision'")
     if isinstance(layer, int) and layer < 0:

@@ -1,9 +1,10 @@
 """The embedded default: a tiny MiniCPM-V-2.6 with seeded random weights, built locally.
 
 ``build_demo_checkpoint(folder)`` writes a complete checkpoint folder (config.json,
-model.safetensors, preprocessor_config.json and the shipped character-level tokenizer)
-that loads through the same ``from_pretrained`` code as a real checkpoint. Its weights
-are random: attention maps made with it show the pipeline, not meaning.
+model.safetensors, preprocessor_config.json and the character-level tokenizer from
+``tokenizer/``, see ``demo_tokenizer_path()``) that loads through the same
+``from_pretrained`` code as a real checkpoint. Its weights are random: attention maps
+made with it show the pipeline, not meaning.
 """
 import json
 import os
@@ -39,6 +40,17 @@ DEMO_PREPROCESSOR = {
 }
 
 
+def demo_tokenizer_path() -> str:
+    """Folder of the tiny character-level demo tokenizer (``tokenizer/``, built by
+    ``scripts/build_demo_tokenizer.py``; the golden fixtures' toy vocabulary)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(
+            f"the demo tokenizer is missing from {path}; rebuild it with scripts/build_demo_tokenizer.py"
+        )
+    return path
+
+
 def demo_image_path() -> str:
     """A real photo that ships with matplotlib (Grace Hopper, 512 x 600)."""
     import matplotlib
@@ -51,8 +63,8 @@ def demo_image_path() -> str:
 
 def build_demo_model(seed: int = DEMO_SEED, config_overrides: Optional[dict] = None):
     """A tiny seeded MiniCPMV (float32, eval mode); same seed, same weights."""
-    from .configuration_minicpm import MiniCPMVConfig
-    from .modeling_minicpmv import MiniCPMV
+    from ..configuration_minicpm import MiniCPMVConfig
+    from ..modeling_minicpmv import MiniCPMV
 
     cfg = dict(DEMO_CONFIG, **(config_overrides or {}))
     torch.manual_seed(seed)
@@ -74,8 +86,6 @@ def build_demo_model(seed: int = DEMO_SEED, config_overrides: Optional[dict] = N
 
 def build_demo_checkpoint(folder: str, seed: int = DEMO_SEED, overwrite: bool = False) -> str:
     """Write the tiny demo checkpoint (weights, configs, tokenizer) to ``folder``; returns it."""
-    from .tokenization_minicpmv_fast import demo_tokenizer_path
-
     marker = os.path.join(folder, "demo_seed.json")
     if os.path.isfile(marker) and not overwrite:
         with open(marker) as f:

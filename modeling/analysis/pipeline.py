@@ -3,13 +3,15 @@
 Kept out of the CLI files so notebooks and other scripts can reuse it.
 """
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-import torch
-
-from .capture import parse_index_list, resolve_dtype  # noqa: F401  (the CLI tools' shared parsers)
+from ..capture import resolve_dtype
 
 DEFAULT_PROMPT = "Describe this image."
+
+
+class ToolError(Exception):
+    """A problem the command-line tools report as ``error: <message>`` with exit status 2."""
 
 
 def load_model_and_processor(model: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
@@ -17,9 +19,9 @@ def load_model_and_processor(model: Optional[str] = None, device: Optional[str] 
     """(model, processor, is_demo). ``model`` None -> the embedded tiny demo (built locally, no download)."""
     from transformers import AutoProcessor
 
-    from .demo import build_demo_checkpoint, default_demo_folder
-    from .modeling_minicpmv import MiniCPMV
-    from .processing_minicpmv import register_processing
+    from ..demo import build_demo_checkpoint, default_demo_folder
+    from ..modeling_minicpmv import MiniCPMV
+    from ..processing_minicpmv import register_processing
 
     register_processing()
     is_demo = model is None
