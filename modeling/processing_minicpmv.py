@@ -70,6 +70,20 @@ class MiniCPMVProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
         self.version = getattr(image_processor, "version", 2.6)
 
+    # fork: processing_minicpmv.MiniCPMVProcessor -- built directly, not through the Auto classes
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The image processor and tokenizer of a checkpoint folder (or hub id), built directly.
+
+        No lookup through transformers' Auto classes: how ProcessorMixin resolves its parts
+        changed across releases, and on transformers 5.4 to 5.16 ``AutoImageProcessor``
+        refuses to work without torchvision. ``AutoProcessor.from_pretrained`` lands here.
+        """
+        kwargs.pop("trust_remote_code", None)
+        image_processor = MiniCPMVImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = MiniCPMVTokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls(image_processor, tokenizer)
+
     # ------------------------------------------------------------------ main call
 
     def __call__(
@@ -229,6 +243,9 @@ def register_processing() -> None:
 
     from .configuration_minicpm import MiniCPMVConfig
 
-    AutoImageProcessor.register(MiniCPMVConfig, MiniCPMVImageProcessor, exist_ok=True)
+    try:
+        AutoImageProcessor.register(MiniCPMVConfig, MiniCPMVImageProcessor, exist_ok=True)
+    except ImportError:  # transformers 5.4 to 5.16 without torchvision: AutoImageProcessor is unusable
+        pass  # AutoProcessor and MiniCPMVProcessor still work (they build the image processor directly)
     AutoTokenizer.register(MiniCPMVConfig, fast_tokenizer_class=MiniCPMVTokenizerFast, exist_ok=True)
     AutoProcessor.register(MiniCPMVConfig, MiniCPMVProcessor, exist_ok=True)

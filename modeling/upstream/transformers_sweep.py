@@ -134,13 +134,17 @@ def venv_python(venv: Path) -> Path:
 def build_env(version: str, workdir: Path, repo: Path, log_file: Path) -> Path:
     """A venv with torch, transformers==version, the test tools and the fork (editable, no deps).
 
-    Reused when it already holds that release. The fork is installed without its
-    dependencies so a release above setup.py's cap can be tried (the canary).
+    Reused when it already holds that release (the fork is installed again: ``repo`` may be
+    another checkout). The fork is installed without its dependencies so a release above
+    setup.py's cap can be tried (the canary).
     """
     venv = workdir / f"tf-{version}"
     python = venv_python(venv)
     marker = venv / ".minicpmv-attn-sweep"
+    fork = [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(repo)]
     if marker.is_file() and marker.read_text().strip() == version and python.is_file():
+        if _run(fork, log_file) != 0:
+            raise RuntimeError(f"installing the fork from {repo} failed (see {log_file})")
         return venv
     if venv.exists():
         shutil.rmtree(venv)
@@ -149,7 +153,7 @@ def build_env(version: str, workdir: Path, repo: Path, log_file: Path) -> Path:
         [str(python), "-m", "pip", "install", "-q", TORCH_REQUIREMENT],
         [str(python), "-m", "pip", "install", "-q", f"transformers=={version}", "safetensors", "einops", "numpy",
          "matplotlib", "pillow", "tqdm", *TEST_REQUIREMENTS],
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(repo)],
+        fork,
     ]
     for cmd in steps:
         if _run(cmd, log_file) != 0:
