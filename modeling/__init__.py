@@ -4,7 +4,8 @@
 classes (AutoConfig, AutoModel, AutoModelForCausalLM, AutoImageProcessor, AutoProcessor),
 so upstream checkpoints load without ``trust_remote_code``.
 """
-from .attention_record import AttentionRecord, ImageLayout, SliceLayout, TokenLayout
+from .attention_record import AttentionRecord, TokenLayout
+from .layout import ImageLayout, SliceLayout
 from .capture import AttentionCapture, CaptureError, CaptureSpec, CaptureTooLarge
 from .configuration_minicpm import MiniCPMVConfig, MiniCPMVSliceConfig
 from .modeling_minicpmv import CheckpointError, MiniCPMV, MiniCPMVGenerateOutput, MiniCPMVOutput

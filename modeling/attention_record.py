@@ -21,34 +21,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .capture import ROLES, hook_sort_key, parse_hook_name, token_roles
+from .layout import ImageLayout, SliceLayout
 RECORD_FORMAT = "minicpmv-attn.record/1"
-
-
-@dataclass
-class SliceLayout:
-    """One vision slice of one image: the overview ("source") image or a grid cell."""
-
-    image: int  # image index within the sample
-    index: int  # 0 = source image, then grid cells row by row
-    kind: str  # "source" | "slice"
-    tgt_size: Tuple[int, int]  # patch rows, patch cols
-    box: Tuple[float, float, float, float]  # x0, y0, x1, y1 in original image pixels
-    token_span: Tuple[int, int]  # [start, end) LLM positions of its query tokens
-    grid_pos: Optional[Tuple[int, int]] = None  # (row, col) in the slice grid; None for source
-
-
-@dataclass
-class ImageLayout:
-    index: int
-    size: Tuple[int, int]  # width, height of the original image
-    grid: Optional[Tuple[int, int]]  # (cols, rows) of the slice grid, None if unsliced
-    slices: List[SliceLayout] = field(default_factory=list)
 
 
 @dataclass
@@ -87,20 +67,7 @@ class TokenLayout:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TokenLayout":
-        images = []
-        for im in d.get("images", []):
-            slices = [
-                SliceLayout(
-                    image=s["image"], index=s["index"], kind=s["kind"],
-                    tgt_size=tuple(s["tgt_size"]), box=tuple(s["box"]),
-                    token_span=tuple(s["token_span"]),
-                    grid_pos=tuple(s["grid_pos"]) if s.get("grid_pos") is not None else None,
-                )
-                for s in im["slices"]
-            ]
-            images.append(ImageLayout(index=im["index"], size=tuple(im["size"]),
-                                      grid=tuple(im["grid"]) if im.get("grid") else None,
-                                      slices=slices))
+        images = [ImageLayout.from_dict(im) for im in d.get("images", [])]
         return cls(
             input_ids=list(d["input_ids"]), tokens=list(d["tokens"]), roles=list(d["roles"]),
             image_bound=[tuple(b) for b in d["image_bound"]], images=images,
@@ -229,14 +196,6 @@ class AttentionRecord:
         )
 
 
-def _as_dict(obj) -> Dict[str, Any]:
-    if isinstance(obj, dict):
-        return obj
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    return dict(vars(obj))
-
-
 def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, padding: int,
                       image_bound: Sequence[Sequence[int]], images: Sequence[Any], special_ids=(),
                       valid: Optional[Sequence[bool]] = None) -> TokenLayout:
@@ -248,21 +207,15 @@ def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, 
     roles = [ROLES[c] for c in codes.tolist()]
     layouts, k = [], 0
     for i, im in enumerate(images or []):
-        im = _as_dict(im)
+        if not isinstance(im, ImageLayout):  # a dict, or a copy of the class from another remote-code module
+            im = ImageLayout.from_dict(im if isinstance(im, dict) else im.to_dict())
         slices = []
-        for j, sl in enumerate(im["slices"]):
-            sl = _as_dict(sl)
+        for j, sl in enumerate(im.slices):
             if k >= len(bounds):
                 raise ValueError(f"image {i} slice {j}: no image_bound row left for it ({len(bounds)} rows)")
-            grid_pos = sl.get("grid_pos")
-            slices.append(SliceLayout(image=i, index=j, kind=sl.get("kind", "source" if j == 0 else "slice"),
-                                      tgt_size=tuple(int(x) for x in sl["tgt_size"]),
-                                      box=tuple(float(x) for x in sl["box"]), token_span=bounds[k],
-                                      grid_pos=tuple(grid_pos) if grid_pos is not None else None))
+            slices.append(replace(sl, image=i, index=j, token_span=bounds[k]))
             k += 1
-        grid = im.get("grid")
-        layouts.append(ImageLayout(index=i, size=tuple(int(x) for x in im["size"]),
-                                   grid=tuple(grid) if grid else None, slices=slices))
+        layouts.append(replace(im, index=i, slices=slices))
     return TokenLayout(input_ids=[int(t) for t in ids], tokens=list(tokens), roles=roles, image_bound=bounds,
                        images=layouts, n_prompt=int(n_prompt), padding=int(padding))
 

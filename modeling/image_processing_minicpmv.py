@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -31,14 +30,16 @@ import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .layout import ImageLayout, SliceLayout  # fork: the one slice-layout type (boxes in the original image)
+
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageLoadError",
-    "ImageSliceLayout",
+    "ImageLayout",
     "ImageTooLargeError",
     "MiniCPMVBatchFeature",
     "MiniCPMVImageProcessor",
-    "SliceGeometry",
+    "SliceLayout",
     "best_slice_grid",
     "load_image",
     "reshape_by_patch",
@@ -61,52 +62,6 @@ class ImageTooLargeError(ValueError):
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True)
-class SliceGeometry:
-    """One slice fed to the vision tower.
-
-    ``box`` is the region of the *original* image it shows, in original pixel coordinates
-    (x0, y0, x1, y1; floats, x1/y1 exclusive). ``pixel_size`` is the (width, height) the
-    region is resized to; ``tgt_size`` = (patch rows, patch cols) = pixel_size / patch,
-    swapped to (h, w).
-    """
-
-    index: int  # 0 = source image, then grid cells row by row
-    kind: str  # "source" | "slice"
-    grid_pos: Optional[Tuple[int, int]]  # (row, col) in the grid; None for the source image
-    tgt_size: Tuple[int, int]  # (patch rows, patch cols)
-    pixel_size: Tuple[int, int]  # (width, height) after resizing
-    box: Tuple[float, float, float, float]
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ImageSliceLayout:
-    """How one image is cut: its size, the grid (cols, rows) or None, and its slices in model order."""
-
-    size: Tuple[int, int]  # (width, height) of the original image
-    grid: Optional[Tuple[int, int]]  # (cols, rows); None when the image is not sliced
-    slices: Tuple[SliceGeometry, ...]
-
-    @property
-    def source(self) -> SliceGeometry:
-        return self.slices[0]
-
-    @property
-    def grid_slices(self) -> Tuple[SliceGeometry, ...]:
-        return self.slices[1:]
-
-    @property
-    def tgt_sizes(self) -> np.ndarray:
-        return np.array([s.tgt_size for s in self.slices], dtype=np.int32).reshape(-1, 2)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"size": list(self.size), "grid": list(self.grid) if self.grid else None,
-                "slices": [s.to_dict() for s in self.slices]}
 
 
 def _ensure_divide(length: float, patch_size: int) -> int:
@@ -163,7 +118,7 @@ def best_slice_grid(image_size: Tuple[int, int], max_slice_nums: int = 9, scale_
 
 
 def slice_layout(image_size: Tuple[int, int], max_slice_nums: int = 9, scale_resolution: int = 448,
-                 patch_size: int = 14, slice_mode: bool = True) -> ImageSliceLayout:
+                 patch_size: int = 14, slice_mode: bool = True) -> ImageLayout:
     """The slices upstream feeds the model for an image of ``image_size = (width, height)``.
 
     Returns the source image and every grid slice, in model order (source first, then the
@@ -180,25 +135,27 @@ def slice_layout(image_size: Tuple[int, int], max_slice_nums: int = 9, scale_res
     if not slice_mode:
         # Upstream feeds the image as is (no resize); unfold drops a partial last patch.
         pw, ph = (width // patch_size) * patch_size, (height // patch_size) * patch_size
-        src = SliceGeometry(0, "source", None, (height // patch_size, width // patch_size), (pw, ph),
-                            (0.0, 0.0, float(pw), float(ph)))
-        return ImageSliceLayout((width, height), None, (src,))
+        src = SliceLayout(index=0, kind="source", tgt_size=(height // patch_size, width // patch_size),
+                          box=(0.0, 0.0, float(pw), float(ph)), pixel_size=(pw, ph))
+        return ImageLayout((width, height), None, [src])
     grid = best_slice_grid((width, height), max_slice_nums, scale_resolution)
     if grid is None:
         sw, sh = _best_resize((width, height), scale_resolution, patch_size, allow_upscale=True)
-        src = SliceGeometry(0, "source", None, (sh // patch_size, sw // patch_size), (sw, sh), whole)
-        return ImageSliceLayout((width, height), None, (src,))
+        src = SliceLayout(index=0, kind="source", tgt_size=(sh // patch_size, sw // patch_size), box=whole,
+                          pixel_size=(sw, sh))
+        return ImageLayout((width, height), None, [src])
     sw, sh = _best_resize((width, height), scale_resolution, patch_size)
-    slices = [SliceGeometry(0, "source", None, (sh // patch_size, sw // patch_size), (sw, sh), whole)]
+    slices = [SliceLayout(index=0, kind="source", tgt_size=(sh // patch_size, sw // patch_size), box=whole,
+                          pixel_size=(sw, sh))]
     cols, rows = grid
     rw, rh = _refine_size((width, height), grid, scale_resolution, patch_size, allow_upscale=True)
     cw, ch = rw // cols, rh // rows
     for r in range(rows):
         for c in range(cols):
             box = (c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows)
-            slices.append(SliceGeometry(len(slices), "slice", (r, c), (ch // patch_size, cw // patch_size),
-                                        (cw, ch), box))
-    return ImageSliceLayout((width, height), (cols, rows), tuple(slices))
+            slices.append(SliceLayout(index=len(slices), kind="slice", tgt_size=(ch // patch_size, cw // patch_size),
+                                      box=box, grid_pos=(r, c), pixel_size=(cw, ch)))
+    return ImageLayout((width, height), (cols, rows), slices)
 
 
 def reshape_by_patch(image: np.ndarray, patch_size: int = 14) -> np.ndarray:
@@ -516,7 +473,7 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
                                never_split=nerver_split)
         return list(grid) if grid is not None else None
 
-    def get_slice_layout(self, image_size, max_slice_nums=None) -> ImageSliceLayout:
+    def get_slice_layout(self, image_size, max_slice_nums=None) -> ImageLayout:
         """:func:`slice_layout` with this processor's settings."""
         return slice_layout(_size_tuple(image_size), self._max_slices(max_slice_nums), self.scale_resolution,
                             self.patch_size, self.slice_mode)
@@ -548,7 +505,7 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         layout = self.get_slice_layout(image.size, max_slice_nums)
         return self._cut(image, layout)
 
-    def _cut(self, image: PIL.Image.Image, layout: ImageSliceLayout) -> List[PIL.Image.Image]:
+    def _cut(self, image: PIL.Image.Image, layout: ImageLayout) -> List[PIL.Image.Image]:
         if not self.slice_mode:
             return [image]
         src = layout.source

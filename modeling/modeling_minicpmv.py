@@ -19,6 +19,7 @@ from .attention import set_attention_implementation
 from .capture import AttentionCapture, CaptureError, CaptureSpec, attached, parse_hook_name, token_roles
 from .checkpoint import CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights
 from .configuration_minicpm import MiniCPMVConfig
+from .layout import ImageLayout  # noqa: F401  # fork: transformers 4.4x copies only direct imports (attention_record needs it)
 from .modeling_navit_siglip import SiglipVisionTransformer
 from .modeling_qwen2 import CACHE_FIELD, Qwen2ForCausalLM, Qwen2PreTrainedModel, dtype_kwargs, output_cache
 from .resampler import Resampler

@@ -11,7 +11,7 @@ Where upstream fails silently, the fork refuses with a ``ValueError``: tag/image
 mismatch (upstream: bare ``assert``), stray marker tokens in the text, and a ``max_length``
 that would cut through an image placeholder (upstream truncates and breaks
 ``image_bound``). The output also carries ``slice_layouts`` (per sample, per image: the
-:class:`~.image_processing_minicpmv.ImageSliceLayout` with every slice's box in the
+:class:`~.layout.ImageLayout` with every slice's box in the
 original image) for attention-to-pixel mapping.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import transformers
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_minicpmv import MiniCPMVBatchFeature, MiniCPMVImageProcessor
+from .layout import ImageLayout  # noqa: F401  # fork: transformers 4.4x copies only direct relative imports
 from .tokenization_minicpmv_fast import MiniCPMVTokenizerFast
 
 __all__ = ["IMAGE_TAG", "MiniCPMVProcessor", "register_processing"]
@@ -58,7 +59,7 @@ class MiniCPMVProcessor(ProcessorMixin):
       (padding included);
     * ``tgt_sizes``: per sample an int32 ``[n_slices, 2]`` tensor (patch rows, cols), ``[]``
       for a sample without images (as upstream);
-    * ``slice_layouts``: per sample a list (per image) of ``ImageSliceLayout`` (not tensors).
+    * ``slice_layouts``: per sample a list (per image) of ``layout.ImageLayout`` (not tensors).
     """
 
     if _TRANSFORMERS_MAJOR < 5:  # transformers 4.x finds the sub-processors through these

@@ -21,8 +21,6 @@ metrics.jsonl; --resume continues from the latest one. Exit status: 0 done, 1 er
 (data, model, checkpoint), 2 usage.
 """
 import argparse
-import os
-import shutil
 import sys
 from typing import Optional, Sequence
 
@@ -73,127 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.steps < 0 or args.batch_size < 1 or args.save_every < 0:
-        parser.error("--steps must be >= 0, --batch-size >= 1, --save-every >= 0")
-    if args.lora is not None and (len(args.lora) > 2 or args.lora[0] < 1 or args.lora[0] != int(args.lora[0])):
-        parser.error("--lora takes a positive integer rank and optionally alpha, e.g. --lora 8 16")
-    if args.attn_loss == "teacher" and not args.teacher and not args.write_teacher:
-        parser.error("--attn-loss teacher needs --teacher DIR (records from --write-teacher)")
+    from minicpmv_attn.train.run import FinetuneError, FinetuneOptions, UsageError, run_finetune
 
-    import torch
-
-    from minicpmv_attn import finetune as ft
-
-    report = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    warn = lambda m: print(f"warning: {m}", file=sys.stderr)  # noqa: E731
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        examples = ft.read_jsonl(args.data, warn) if args.data else ft.builtin_examples()
-        model, processor, folder = ft.load_model(args.model, device=device, dtype=args.dtype)
-        layers = ft.parse_layers(args.layers, model.config.num_hidden_layers)
-        encoded = ft.encode_examples(processor, examples, args.max_length, warn)
-    except (ft.DataError, ValueError, OSError) as e:
-        _err(str(e))
-        return 1
-    loss_cfg = ft.LossConfig(attn_loss=args.attn_loss, attn_weight=args.attn_weight, layers=layers)
-
-    if args.write_teacher:
-        paths = ft.write_teacher_records(model, encoded, layers, args.write_teacher, processor.tokenizer)
-        print(f"wrote {len(paths)} teacher records to {args.write_teacher}")
-        return 0
-
-    lora = None
-    if args.lora is not None:
-        r = int(args.lora[0])
-        lora = {"r": r, "alpha": float(args.lora[1]) if len(args.lora) > 1 else 2.0 * r, "dropout": args.lora_dropout}
-    settings = {"model": args.model or "demo", "data": args.data or "builtin", "lora": lora,
-                "layers": layers, "attn_loss": args.attn_loss, "attn_weight": args.attn_weight}
-
-    # the run folder: resume, refuse to mix runs, or start over
-    resume = None
-    if args.resume is not None:
-        resume = args.resume or args.out
-        try:
-            ckpt = ft.find_checkpoint(resume)
-            state = ft.read_state(ckpt)
-        except (FileNotFoundError, ValueError) as e:
-            _err(str(e))
-            return 1
-        if state["settings"].get("lora") != lora:
-            _err(f"{ckpt} was trained with lora={state['settings'].get('lora')}; this run has lora={lora}; "
-                 f"pass the same --lora settings to resume")
-            return 1
-        if state["step"] >= args.steps:
-            print(f"{ckpt} is at step {state['step']} >= --steps {args.steps}: nothing to do")
-            return 0
-    elif ft.list_checkpoints(args.out):
-        if not args.overwrite:
-            _err(f"{args.out} already holds checkpoints (latest step {ft.list_checkpoints(args.out)[-1][0]}); "
-                 f"pass --resume to continue or --overwrite to start over")
-            return 1
-        for _, path in ft.list_checkpoints(args.out):
-            shutil.rmtree(path)
-
-    teachers = None
-    if args.attn_loss == "teacher":
-        try:
-            teachers = ft.load_teachers(args.teacher, encoded, layers)
-        except ft.DataError as e:
-            _err(str(e))
-            return 1
-
-    torch.manual_seed(args.seed)  # LoRA initialisation
-    if args.gradient_checkpointing:
-        ft.enable_checkpointing(model)
-    if lora is not None:
-        try:
-            model = ft.add_lora(model, lora["r"], lora["alpha"], lora["dropout"])
-        except ImportError as e:
-            _err(str(e))
-            return 1
-    elif args.freeze_vision:
-        for mod in (model.vpm, model.resampler):
-            mod.requires_grad_(False)
-    lr = args.lr if args.lr is not None else (1e-3 if lora is not None else 2e-4)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report(f"{len(encoded)} examples, {n_train:,} trainable parameters, attn loss {args.attn_loss} "
-           f"(weight {args.attn_weight}) on LLM layers {layers}, lr {lr}")
-
-    plot_enc = before = None
-    if args.plot:
-        try:
-            plot_enc = ft.pick_example(encoded, args.plot_example)
-        except ValueError as e:
-            _err(str(e))
-            return 1
-        before = ft.box_heatmap(model, plot_enc, layers, processor.tokenizer)
-    cfg = ft.TrainConfig(steps=args.steps, lr=lr, batch_size=args.batch_size, seed=args.seed,
-                         max_grad_norm=args.max_grad_norm, warmup=args.warmup, save_every=args.save_every,
-                         keep=args.keep, out=args.out, progress=not args.quiet)
+        opts = FinetuneOptions(**vars(args))
+    except UsageError as e:
+        parser.error(str(e))
     try:
-        result = ft.train(model, encoded, loss_cfg, cfg, teachers=teachers, resume=resume, settings=settings,
-                          source_folder=folder, report=report, run_eval=not args.no_eval)
-    except (ft.DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        _err(str(e))
+        outcome = run_finetune(opts)
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    if plot_enc is not None:
-        after = ft.box_heatmap(model, plot_enc, layers, processor.tokenizer)
-        path = ft.plot_before_after(plot_enc.example.image, plot_enc.example.box, before[1], after[1],
-                                    os.path.join(args.plot, "attention_before_after.png"), (before[2], after[2]),
-                                    title=f"'{plot_enc.example.prompt}' -> '{plot_enc.example.answer}'\n"
-                                          f"answer rows, LLM layers {layers} (mean), steps {result.step}")
-        tokens = [ft.plot_token_grid(rec, plot_enc, os.path.join(args.plot, f"tokens_{when}.png"), layers)
-                  for rec, when in ((before[0], "before"), (after[0], "after"))]
-        report(f"wrote {path}, {tokens[0]}, {tokens[1]}")
-    if result.checkpoint:
-        print(f"saved {result.checkpoint}")
+    if outcome.message:
+        print(outcome.message)
     return 0
 
 

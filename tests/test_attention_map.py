@@ -39,7 +39,8 @@ def build_layout(images, n_text=3, n_gen=2, padding=0):
         for _ in range(Q):
             add("<unk>", "image")
         bounds.append((start, len(tokens)))
-        im.slices.append(SliceLayout(i, 0, "source", src_tgt, (0.0, 0.0, float(W), float(H)), (start, start + Q)))
+        im.slices.append(SliceLayout(image=i, index=0, kind="source", tgt_size=src_tgt,
+                                     box=(0.0, 0.0, float(W), float(H)), token_span=(start, start + Q)))
         add("</image>", "special")
         if grid is not None:
             cols, rows = grid
@@ -51,7 +52,8 @@ def build_layout(images, n_text=3, n_gen=2, padding=0):
                         add("<unk>", "image")
                     bounds.append((start, len(tokens)))
                     box = (c * W / cols, r * H / rows, (c + 1) * W / cols, (r + 1) * H / rows)
-                    im.slices.append(SliceLayout(i, len(im.slices), "slice", sl_tgt, box, (start, start + Q), (r, c)))
+                    im.slices.append(SliceLayout(image=i, index=len(im.slices), kind="slice", tgt_size=sl_tgt, box=box,
+                                                 token_span=(start, start + Q), grid_pos=(r, c)))
                     add("</slice>", "special")
                 add("\n", "text")
         layouts.append(im)

@@ -1,4 +1,4 @@
-"""Fine-tuning with attention losses (modeling/finetune.py, scripts/finetune_attention.py) on the demo model."""
+"""Fine-tuning with attention losses (modeling/train/, scripts/finetune_attention.py) on the demo model."""
 import json
 import os
 import sys
@@ -8,23 +8,31 @@ import pytest
 import torch
 
 from minicpmv_attn.analysis import attention_map as am
-from minicpmv_attn import finetune as ft
+from minicpmv_attn.attention_record import AttentionRecord
 from minicpmv_attn.demo import build_demo_checkpoint, demo_image_path
+from minicpmv_attn.train.checkpoints import find_checkpoint, save_checkpoint
+from minicpmv_attn.train.data import DataError, builtin_examples, encode_examples, read_jsonl, write_jsonl
+from minicpmv_attn.train.figures import box_heatmap
+from minicpmv_attn.train.forward import example_forward, model_inputs
+from minicpmv_attn.train.loop import TrainConfig, train
+from minicpmv_attn.train.losses import LossConfig, box_column_weights, box_loss, teacher_loss, teacher_maps
+from minicpmv_attn.train.model import (LORA_TARGETS, add_lora, base_model, enable_checkpointing, load_model,
+                                       parse_layers, peft_available)
 
 TOL = 1e-4
-needs_peft = pytest.mark.skipif(not ft.peft_available(),
+needs_peft = pytest.mark.skipif(not peft_available(),
                                 reason="peft is not installed (optional extra: pip install peft); LoRA path untested")
 
 
 @pytest.fixture(scope="module")
 def processor_and_examples(demo_cache):
-    _, processor, _ = ft.load_model()
-    encoded = ft.encode_examples(processor, ft.builtin_examples()[:3])
+    _, processor, _ = load_model()
+    encoded = encode_examples(processor, builtin_examples()[:3])
     return processor, encoded
 
 
 def fresh_model():
-    model, _, _ = ft.load_model()
+    model, _, _ = load_model()
     return model.train()
 
 
@@ -58,7 +66,7 @@ def test_read_jsonl_reports_and_skips_bad_lines(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     msgs = []
-    examples = ft.read_jsonl(str(path), msgs.append)
+    examples = read_jsonl(str(path), msgs.append)
     assert [e.line for e in examples] == [1, 7]
     assert examples[0].box == (1.0, 2.0, 30.0, 40.0) and examples[1].box is None and examples[1].id == "x1"
     text = "\n".join(msgs)
@@ -72,21 +80,21 @@ def test_read_jsonl_reports_and_skips_bad_lines(tmp_path):
 def test_read_jsonl_nothing_valid(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("{}\n")
-    with pytest.raises(ft.DataError, match="no valid examples"):
-        ft.read_jsonl(str(path), lambda m: None)
-    with pytest.raises(ft.DataError, match="not found"):
-        ft.read_jsonl(str(tmp_path / "absent.jsonl"))
+    with pytest.raises(DataError, match="no valid examples"):
+        read_jsonl(str(path), lambda m: None)
+    with pytest.raises(DataError, match="not found"):
+        read_jsonl(str(tmp_path / "absent.jsonl"))
 
 
 def test_parse_layers():
-    assert ft.parse_layers("2:4", 4) == [2, 3]
-    assert ft.parse_layers("-2:", 4) == [2, 3]
-    assert ft.parse_layers("0,3", 4) == [0, 3]
-    assert ft.parse_layers("-1", 4) == [3]
-    assert ft.parse_layers(None, 3) == [0, 1, 2] == ft.parse_layers("all", 3)
+    assert parse_layers("2:4", 4) == [2, 3]
+    assert parse_layers("-2:", 4) == [2, 3]
+    assert parse_layers("0,3", 4) == [0, 3]
+    assert parse_layers("-1", 4) == [3]
+    assert parse_layers(None, 3) == [0, 1, 2] == parse_layers("all", 3)
     for bad in ("7", "x", "5:9"):
         with pytest.raises(ValueError):
-            ft.parse_layers(bad, 4)
+            parse_layers(bad, 4)
 
 
 def test_encoded_example_layout(processor_and_examples):
@@ -114,11 +122,11 @@ def test_encoded_example_layout(processor_and_examples):
 def test_box_loss_values():
     w = torch.tensor([0.0, 0.5, 1.0, 0.5, 0.0])
     t = w / w.sum()
-    kl, share = ft.box_loss(t[None].clone(), w, eps=0.0)
+    kl, share = box_loss(t[None].clone(), w, eps=0.0)
     assert kl.item() == pytest.approx(0.0, abs=1e-7)
     assert share.item() == pytest.approx(float((t * w).sum()))
     a = torch.tensor([[0.2, 0.2, 0.2, 0.2, 0.2]], requires_grad=True)
-    kl, share = ft.box_loss(a, w)
+    kl, share = box_loss(a, w)
     assert kl.item() > 0 and share.item() == pytest.approx(0.4)
     kl.backward()
     assert a.grad[0, 2] < a.grad[0, 1] < 0 and a.grad[0, 0] == 0  # pulled towards the in-box column
@@ -130,11 +138,11 @@ def test_box_share_equals_heatmap_mass_in_box(processor_and_examples):
     model = fresh_model().eval()
     enc = encoded[0]
     with torch.no_grad():
-        r = ft.example_forward(model, enc, ft.LossConfig("box", layers=[2, 3]))
-    rec, heat, share = ft.box_heatmap(model, enc, [2, 3], processor.tokenizer)
+        r = example_forward(model, enc, LossConfig("box", layers=[2, 3]))
+    rec, heat, share = box_heatmap(model, enc, [2, 3], processor.tokenizer)
     assert share == pytest.approx(float(r["share"]), rel=1e-4)
     # and the per-column weights are what the mapping module says the tokens see
-    w = ft.box_column_weights(enc, rec.tensors["resampler.attn"], enc.data["input_ids"].shape[1])
+    w = box_column_weights(enc, rec.tensors["resampler.attn"], enc.data["input_ids"].shape[1])
     g = 2  # one grid slice, checked patch by patch with attention_map's patch boxes
     sl = enc.layout.slices[g]
     res = am.resampler_query_maps(rec, 0, sl.index)  # [Q, h, w]
@@ -154,11 +162,11 @@ def _stock_reference(model, enc, layers, w):
 
     ref = stock_qwen2(model)
     with torch.no_grad():
-        embeds, _ = model.get_vllm_embedding(ft.model_inputs(model, enc))
+        embeds, _ = model.get_vllm_embedding(model_inputs(model, enc))
     out = ref(inputs_embeds=embeds.detach(), attention_mask=enc.attention_mask,
               position_ids=enc.data["position_ids"], labels=enc.labels, output_attentions=True)
     attn = torch.stack([out.attentions[l][0][:, enc.rows].mean(0) for l in layers])
-    kl, share = ft.box_loss(attn, w)
+    kl, share = box_loss(attn, w)
     (out.loss + kl).backward()
     return ref, float(share.detach())
 
@@ -167,9 +175,9 @@ def test_box_loss_gradients_match_stock_eager(processor_and_examples):
     _, encoded = processor_and_examples
     enc, layers = encoded[1], [1, 3]
     model = fresh_model()
-    r = ft.example_forward(model, enc, ft.LossConfig("box", layers=layers), keep_output=True)
+    r = example_forward(model, enc, LossConfig("box", layers=layers), keep_output=True)
     r["loss"].backward()
-    w = ft.box_column_weights(enc, r["output"].resampler_attentions, enc.data["input_ids"].shape[1])
+    w = box_column_weights(enc, r["output"].resampler_attentions, enc.data["input_ids"].shape[1])
     ref, share = _stock_reference(model, enc, layers, w)
     assert share == pytest.approx(float(r["share"]), abs=TOL)
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
@@ -182,19 +190,19 @@ def test_box_loss_gradients_match_stock_eager(processor_and_examples):
 
 
 def _grads(model, enc, cfg):
-    r = ft.example_forward(model, enc, cfg)
+    r = example_forward(model, enc, cfg)
     r["loss"].backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_gradient_checkpointing_same_gradients(processor_and_examples):
     _, encoded = processor_and_examples
-    cfg = ft.LossConfig("box", layers=[2, 3])
+    cfg = LossConfig("box", layers=[2, 3])
     grads = []
     for on in (False, True):
         model = fresh_model()
         if on:
-            ft.enable_checkpointing(model)
+            enable_checkpointing(model)
             assert model.llm.model.gradient_checkpointing and model.vpm.encoder.gradient_checkpointing
         grads.append(_grads(model, encoded[0], cfg))
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
@@ -205,9 +213,9 @@ def test_gradient_checkpointing_same_gradients(processor_and_examples):
 def _lora_model(checkpointing=False, seed=0):
     model = fresh_model()
     if checkpointing:
-        ft.enable_checkpointing(model)
+        enable_checkpointing(model)
     torch.manual_seed(seed)
-    model = ft.add_lora(model, r=4, alpha=8)
+    model = add_lora(model, r=4, alpha=8)
     with torch.no_grad():  # non-zero B so every adapter weight gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -220,7 +228,7 @@ def test_lora_only_llm_attention_trainable():
     model = _lora_model()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and ".llm.model.layers." in n and ".self_attn." in n for n in trainable)
-    assert {n.split(".self_attn.")[1].split(".")[0] for n in trainable} == set(ft.LORA_TARGETS)
+    assert {n.split(".self_attn.")[1].split(".")[0] for n in trainable} == set(LORA_TARGETS)
     assert not any("vpm" in n for n in trainable)
 
 
@@ -232,26 +240,26 @@ def test_lora_gradients_match_stock_eager_with_lora(processor_and_examples):
     _, encoded = processor_and_examples
     enc, layers = encoded[2], [2, 3]
     model = _lora_model()
-    r = ft.example_forward(model, enc, ft.LossConfig("box", layers=layers), keep_output=True)
+    r = example_forward(model, enc, LossConfig("box", layers=layers), keep_output=True)
     r["loss"].backward()
-    base = ft.base_model(model)
-    w = ft.box_column_weights(enc, r["output"].resampler_attentions, enc.data["input_ids"].shape[1])
+    base = base_model(model)
+    w = box_column_weights(enc, r["output"].resampler_attentions, enc.data["input_ids"].shape[1])
 
     from test_gradients import stock_qwen2
 
     ref = stock_qwen2(fresh_model())  # same demo weights, without the adapters
-    ref = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, target_modules=list(ft.LORA_TARGETS), lora_dropout=0.0))
+    ref = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS), lora_dropout=0.0))
     ours = {n.replace("base_model.model.llm.", "base_model.model."): p for n, p in model.named_parameters()
             if p.requires_grad}
     with torch.no_grad():
         for n, p in ref.named_parameters():
             if "lora_" in n:
                 p.copy_(ours[n])
-        embeds, _ = base.get_vllm_embedding(ft.model_inputs(model, enc))
+        embeds, _ = base.get_vllm_embedding(model_inputs(model, enc))
     out = ref(inputs_embeds=embeds, attention_mask=enc.attention_mask, position_ids=enc.data["position_ids"],
               labels=enc.labels, output_attentions=True)
     attn = torch.stack([out.attentions[l][0][:, enc.rows].mean(0) for l in layers])
-    kl, _ = ft.box_loss(attn, w)
+    kl, _ = box_loss(attn, w)
     (out.loss + kl).backward()
     checked = 0
     for n, p in ref.named_parameters():
@@ -265,7 +273,7 @@ def test_lora_gradients_match_stock_eager_with_lora(processor_and_examples):
 @needs_peft
 def test_lora_gradient_checkpointing_same_gradients(processor_and_examples):
     _, encoded = processor_and_examples
-    cfg = ft.LossConfig("box", layers=[1, 2])
+    cfg = LossConfig("box", layers=[1, 2])
     g0 = _grads(_lora_model(False), encoded[0], cfg)
     g1 = _grads(_lora_model(True), encoded[0], cfg)
     assert g0.keys() == g1.keys() and len(g0) == 32
@@ -281,8 +289,8 @@ def test_short_training_attention_loss_decreases(processor_and_examples, tmp_pat
     _, encoded = processor_and_examples
     model = fresh_model()
     model.vpm.requires_grad_(False)
-    cfg = ft.TrainConfig(steps=8, lr=3e-4, out=str(tmp_path / "run"), save_every=4, progress=False)
-    res = ft.train(model, encoded[:2], ft.LossConfig("box", layers=[2, 3]), cfg, report=lambda m: None)
+    cfg = TrainConfig(steps=8, lr=3e-4, out=str(tmp_path / "run"), save_every=4, progress=False)
+    res = train(model, encoded[:2], LossConfig("box", layers=[2, 3]), cfg, report=lambda m: None)
     assert res.step == 8 and len(res.metrics) == 8
     assert all(np.isfinite(m["lm_loss"]) and np.isfinite(m["attn_loss"]) for m in res.metrics)
     assert res.after["attn"] < 0.7 * res.before["attn"]
@@ -306,7 +314,7 @@ def test_short_training_attention_loss_decreases(processor_and_examples, tmp_pat
 def test_none_loss_reports_share_only(processor_and_examples):
     _, encoded = processor_and_examples
     model = fresh_model()
-    r = ft.example_forward(model, encoded[0], ft.LossConfig("none", layers=[3]))
+    r = example_forward(model, encoded[0], LossConfig("none", layers=[3]))
     assert r["attn"] is None and r["share"] is not None and torch.isfinite(r["loss"])
 
 
@@ -315,7 +323,7 @@ def test_cli_resume_continues_from_saved_step(tmp_path, capsys):
     common = ["--steps", 5, "--layers", "3", "--freeze-vision", "--quiet", "--no-eval", "--save-every", 1,
               "--keep", 1]
     data = tmp_path / "data.jsonl"
-    ft.write_jsonl(ft.builtin_examples()[:3], str(data))
+    write_jsonl(builtin_examples()[:3], str(data))
     common += ["--data", data]
     assert run_cli(common + ["--out", tmp_path / "straight"]) == 0
     a = tmp_path / "resumed"
@@ -369,7 +377,7 @@ def test_cli_lora_box_run_and_resume(tmp_path, capsys):
 
 def test_lora_without_peft_is_a_clear_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
-    assert not ft.peft_available()
+    assert not peft_available()
     assert run_cli(["--lora", 4, "--steps", 1, "--quiet", "--no-eval", "--out", tmp_path / "o"]) == 1
     assert "pip install peft" in capsys.readouterr().err
 
@@ -378,7 +386,7 @@ def test_teacher_distillation(tmp_path):
     """Records of a teacher (demo weights, seed 1) pull the student's attention: KL(teacher || student) falls."""
     teacher = build_demo_checkpoint(str(tmp_path / "teacher"), seed=1)
     data = tmp_path / "data.jsonl"
-    ft.write_jsonl(ft.builtin_examples()[:2], str(data))
+    write_jsonl(builtin_examples()[:2], str(data))
     records = tmp_path / "records"
     assert run_cli(["--model", teacher, "--data", data, "--layers", "3", "--write-teacher", records]) == 0
     assert sorted(os.listdir(records)) == ["demo0.json", "demo0.safetensors", "demo1.json", "demo1.safetensors"]
@@ -397,15 +405,15 @@ def test_teacher_distillation(tmp_path):
 
 def test_teacher_maps_column_subset():
     student = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]])
-    rec = ft.AttentionRecord(tensors={"llm.layers.0.attn": torch.tensor([[[0.25, 0.75]]])},
+    rec = AttentionRecord(tensors={"llm.layers.0.attn": torch.tensor([[[0.25, 0.75]]])},
                              index={"llm.layers.0.attn": {"rows": [7], "cols": [1, 3], "reduce": "mean"}})
-    maps, cols = ft.teacher_maps(rec, [0], [7], 4)
+    maps, cols = teacher_maps(rec, [0], [7], 4)
     assert cols == [1, 3]
-    loss = ft.teacher_loss(student, maps, cols, eps=0.0)
+    loss = teacher_loss(student, maps, cols, eps=0.0)
     p, q = torch.tensor([0.25, 0.75]), torch.tensor([0.2, 0.4]) / 0.6
     assert loss.item() == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
-    with pytest.raises(ft.DataError, match="lacks query rows"):
-        ft.teacher_maps(rec, [0], [8], 4)
+    with pytest.raises(DataError, match="lacks query rows"):
+        teacher_maps(rec, [0], [8], 4)
 
 
 def test_cli_bad_data(tmp_path, capsys):
@@ -424,8 +432,8 @@ def test_checkpoint_write_is_atomic(processor_and_examples, tmp_path, monkeypatc
     model = fresh_model()
     model.vpm.requires_grad_(False)
     out = tmp_path / "run"
-    cfg = ft.TrainConfig(steps=1, lr=1e-4, out=str(out), progress=False)
-    ft.train(model, encoded[:1], ft.LossConfig("box", layers=[3]), cfg, report=lambda m: None, run_eval=False)
+    cfg = TrainConfig(steps=1, lr=1e-4, out=str(out), progress=False)
+    train(model, encoded[:1], LossConfig("box", layers=[3]), cfg, report=lambda m: None, run_eval=False)
     real_save = torch.save
 
     def failing_save(obj, path, *a, **k):
@@ -436,6 +444,6 @@ def test_checkpoint_write_is_atomic(processor_and_examples, tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", failing_save)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(OSError, match="disk full"):
-        ft.save_checkpoint(str(out), 2, model, opt, {}, str(out / "metrics.jsonl"))
+        save_checkpoint(str(out), 2, model, opt, {}, str(out / "metrics.jsonl"))
     assert sorted(os.listdir(out)) == ["checkpoint-000001", "latest", "metrics.jsonl"]  # no partial folder
-    assert ft.find_checkpoint(str(out)).endswith("checkpoint-000001")
+    assert find_checkpoint(str(out)).endswith("checkpoint-000001")

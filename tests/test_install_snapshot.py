@@ -184,6 +184,50 @@ def test_installed_folder_loads_with_trust_remote_code_and_reproduces_golden_log
     assert tree(folder) == before
 
 
+CHAT_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = Image.open(folder + "/image_0_0.png").convert("RGB")
+    answer, record = model.chat(image, [{"role": "user", "content": "Describe."}], processor.tokenizer,
+                                processor=processor, max_new_tokens=3, sampling=False, num_beams=1,
+                                output_attentions={"rows": "generated", "stages": ["llm", "resampler"],
+                                                   "layers": [-1]})
+    print(json.dumps({"model": type(model).__module__, "processor": type(processor).__module__,
+                      "layout": type(record.layout.images[0]).__module__, "names": record.names(),
+                      "slices": len(record.layout.slices), "answer": answer}))
+''')
+
+
+def test_installed_folder_chats_with_attention_through_remote_code_only(tmp_path):
+    """Model, processor and a chat with an attention record, all from the folder's copied code
+    (on transformers 4.4x too, whose copier follows only direct relative imports)."""
+    from minicpmv_attn.demo import demo_tokenizer_path
+
+    folder = golden_copy(tmp_path, "single_image")
+    for f in Path(demo_tokenizer_path()).iterdir():
+        shutil.copy(f, folder / f.name)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    pre["auto_map"] = {"AutoProcessor": "processing_minicpmv.MiniCPMVProcessor",
+                       "AutoImageProcessor": "image_processing_minicpmv.MiniCPMVImageProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    assert cli.main([str(folder), "-q"]) == 0
+    script = tmp_path / "chat.py"
+    script.write_text(CHAT_SCRIPT)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("model", "processor", "layout"):
+        assert res[key].startswith("transformers_modules."), res
+    assert res["names"] == ["llm.layers.1.attn", "resampler.attn"] and res["slices"] == 7, res
+
+
 # ----------------------------------------------------------------------------------------
 # backups, auto_map, symlinks, refusals
 # ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from minicpmv_attn.demo import demo_tokenizer_path
 from minicpmv_attn.image_processing_minicpmv import (
-    ImageSliceLayout,
+    ImageLayout,
     MiniCPMVBatchFeature,
     MiniCPMVImageProcessor,
     best_slice_grid,
@@ -177,13 +177,13 @@ SIZES = [(300, 200), (150, 260), (260, 120), (90, 90), (1000, 1000), (1333, 777)
 def test_slice_layout_boxes_tile_the_image(size, scale_resolution, max_slices):
     W, H = size
     layout = slice_layout(size, max_slice_nums=max_slices, scale_resolution=scale_resolution, patch_size=14)
-    assert isinstance(layout, ImageSliceLayout) and layout.size == size
+    assert isinstance(layout, ImageLayout) and layout.size == size
     src = layout.slices[0]
     assert src.kind == "source" and src.box == (0.0, 0.0, float(W), float(H)) and src.grid_pos is None
     cells = layout.slices[1:]
     assert layout.grid == best_slice_grid(size, max_slices, scale_resolution)
     if layout.grid is None:
-        assert cells == ()
+        assert len(cells) == 0
         return
     cols, rows = layout.grid
     assert 2 <= cols * rows <= max_slices + 1 and len(cells) == cols * rows
