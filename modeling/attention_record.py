@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .capture import ROLES, hook_sort_key, parse_hook_name, token_roles
+from .capture import ROLES, hook_sort_key, pad_llm_columns, parse_hook_name, special_token_ids, token_roles
 from .layout import ImageLayout, SliceLayout
 RECORD_FORMAT = "minicpmv-attn.record/1"
 
@@ -232,7 +232,7 @@ def records_from_capture(tensors: Dict[str, torch.Tensor], index: Dict[str, Dict
     new_ids = torch.zeros((B, 0), dtype=prompt_ids.dtype) if new_ids is None else new_ids.detach().cpu()
     full = torch.cat([prompt_ids, new_ids.to(prompt_ids.dtype)], 1)
     mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask.detach().cpu()
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special = special_token_ids(tokenizer)
     n_slices = [len(t) if t is not None else 0 for t in (tgt_sizes or [[]] * B)]
     records, offset = [], 0
     for b in range(B):
@@ -261,3 +261,49 @@ def records_from_capture(tensors: Dict[str, torch.Tensor], index: Dict[str, Dict
         records.append(AttentionRecord(tensors=rec_tensors, index=rec_index, layout=layout,
                                        meta=dict((meta[b] if isinstance(meta, list) else meta) or {}, sample=b)))
     return records
+
+
+MODEL_INPUT_KEYS = ("input_ids", "pixel_values", "tgt_sizes", "image_bound", "attention_mask")
+
+
+def replay_capture(model, model_inputs: Dict[str, Any], new_ids: torch.Tensor, spec, tokenizer):
+    """``(tensors, index)`` captured by one forward pass over prompt + answer (after beam search).
+
+    The last new token is never fed during generation, so it is not replayed either: rows
+    and columns come out as ``generate``'s online capture lays them out.
+    """
+    new_ids = new_ids.to(model.device)
+    prompt = model_inputs["input_ids"]
+    n_prompt, n_new = prompt.shape[1], new_ids.shape[1]
+    prompt_mask = model_inputs.get("attention_mask")
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt)
+    fed = new_ids[:, :-1]
+    ids = torch.cat([prompt, fed], 1)
+    mask = torch.cat([prompt_mask.to(fed.dtype), (fed != 0).to(fed.dtype)], 1)
+    data = {"input_ids": ids, "pixel_values": model_inputs.get("pixel_values"),
+            "tgt_sizes": model_inputs.get("tgt_sizes"), "image_bound": model_inputs.get("image_bound"),
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        out = model(data, attention_mask=mask, output_attentions=spec, special_token_ids=special_token_ids(tokenizer),
+                    prompt_length=n_prompt)
+    return pad_llm_columns(out.captured, out.capture_index, n_prompt + n_new), out.capture_index
+
+
+def chat_records(model, result, spec, replay: bool, inputs, prompts: Sequence[str], tokenizer):
+    """``(answers, records)`` of one ``chat`` call, one :class:`AttentionRecord` per conversation:
+    from ``generate``'s online capture, or (beam search) by replaying the chosen answers."""
+    model_inputs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs}
+    if replay:
+        sequences = result.sequences if hasattr(result, "sequences") else result
+        texts = model._decode_text(sequences, tokenizer)
+        tensors, index = replay_capture(model, model_inputs, sequences, spec, tokenizer)
+    else:
+        texts, sequences, tensors, index = result.text, result.sequences, result.captured, result.capture_index
+    records = records_from_capture(
+        tensors, index, prompt_ids=model_inputs["input_ids"], new_ids=sequences,
+        attention_mask=model_inputs.get("attention_mask"), image_bound=model_inputs.get("image_bound"),
+        tgt_sizes=model_inputs.get("tgt_sizes"), slice_layouts=inputs.get("slice_layouts"), tokenizer=tokenizer,
+        meta=[{"prompt": p, "answer": a, "spec": spec.describe(), "replayed": replay,
+               "model": str(getattr(model.config, "_name_or_path", ""))} for p, a in zip(prompts, texts)])
+    return texts, records

@@ -50,6 +50,11 @@ class CaptureError(ValueError):
     """An attention capture selection that cannot be honoured."""
 
 
+def special_token_ids(tokenizer) -> set:
+    """Ids whose role is "special" (``<unk>`` excluded: it is the image placeholder)."""
+    return set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
+
+
 def token_roles(input_ids: torch.Tensor, image_bound=None, valid: Optional[torch.Tensor] = None,
                 special_ids=()) -> torch.Tensor:
     """[B, L] int8 role codes (``ROLE_CODES``): image inside ``image_bound``, special for
@@ -602,3 +607,12 @@ def attached_capture(model: nn.Module) -> Optional["AttentionCapture"]:
         if hasattr(m, "hook_name"):
             return m.__dict__.get("attention_capture")
     return None
+
+
+def pad_llm_columns(tensors: Dict[str, torch.Tensor], index: Dict[str, Any], total: int) -> Dict[str, torch.Tensor]:
+    """Zero-pad full-width LLM maps to ``total`` key columns (prompt + every new token)."""
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if parse_hook_name(name)[0] == "llm" and index[name].get("cols") is None and t.shape[-1] < total:
+            out[name] = torch.nn.functional.pad(t, (0, total - t.shape[-1]))
+    return out

@@ -16,7 +16,8 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from .attention import set_attention_implementation
-from .capture import AttentionCapture, CaptureError, CaptureSpec, attached, parse_hook_name, token_roles
+from .capture import (AttentionCapture, CaptureError, CaptureSpec, attached, pad_llm_columns, parse_hook_name,
+                      special_token_ids, token_roles)
 from .checkpoint import CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights
 from .configuration_minicpm import MiniCPMVConfig
 from .layout import ImageLayout  # noqa: F401  # fork: transformers 4.4x copies only direct imports (attention_record needs it)
@@ -379,7 +380,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 result = _ThreadedStream(streamer, self.llm.generate, gen_kwargs)
             else:
                 if capture is not None:
-                    roles = token_roles(input_ids, image_bound, attention_mask, special_ids(tokenizer))
+                    roles = token_roles(input_ids, image_bound, attention_mask, special_token_ids(tokenizer))
                     capture.begin_llm(embeds.shape[1], roles, generating=True)
                     if per_step:  # transformers collects the LLM's per-step attentions itself
                         gen_kwargs.update(output_attentions=True, return_dict_in_generate=True)
@@ -414,7 +415,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         for batched msgs). ``True`` captures everything; beam search (``sampling=False``)
         captures by replaying the chosen answer through one forward pass.
         """
-        from .attention_record import records_from_capture
+        from .attention_record import chat_records
 
         batched = isinstance(msgs, list) and len(msgs) > 0 and isinstance(msgs[0], list)
         if batched:
@@ -461,19 +462,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             return stream_gen()
         if spec is None:
             return res if batched else res[0]
-        if replay:
-            sequences = res.sequences if hasattr(res, "sequences") else res
-            texts = self._decode_text(sequences, tokenizer)
-            tensors, index = self._replay_capture(model_inputs, sequences, spec, tokenizer)
-        else:
-            texts, sequences = res.text, res.sequences
-            tensors, index = res.captured, res.capture_index
-        records = records_from_capture(
-            tensors, index, prompt_ids=model_inputs["input_ids"], new_ids=sequences,
-            attention_mask=model_inputs.get("attention_mask"), image_bound=model_inputs.get("image_bound"),
-            tgt_sizes=model_inputs.get("tgt_sizes"), slice_layouts=inputs.get("slice_layouts"), tokenizer=tokenizer,
-            meta=[{"prompt": p, "answer": a, "spec": spec.describe(), "replayed": replay,
-                   "model": str(getattr(self.config, "_name_or_path", ""))} for p, a in zip(prompts, texts)])
+        texts, records = chat_records(self, res, spec, replay, inputs, prompts, tokenizer)  # fork: attention records
         if batched:
             return texts, records
         return texts[0], records[0]
@@ -490,28 +479,6 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 raise ValueError(f"config.json {model_key}={value!r} but preprocessor_config.json "
                                  f"{proc_key}={getattr(ip, proc_key)!r}; they must be the same")
 
-    def _replay_capture(self, model_inputs, new_ids, spec, tokenizer):
-        """Capture by one forward pass over prompt + answer (used after beam search).
-
-        The last new token is never fed during generation, so it is not replayed either:
-        rows and columns come out as generate's online capture lays them out.
-        """
-        new_ids = new_ids.to(self.device)
-        prompt = model_inputs["input_ids"]
-        n_prompt, n_new = prompt.shape[1], new_ids.shape[1]
-        prompt_mask = model_inputs.get("attention_mask")
-        if prompt_mask is None:
-            prompt_mask = torch.ones_like(prompt)
-        fed = new_ids[:, :-1]
-        ids = torch.cat([prompt, fed], 1)
-        mask = torch.cat([prompt_mask.to(fed.dtype), (fed != 0).to(fed.dtype)], 1)
-        data = {"input_ids": ids, "pixel_values": model_inputs.get("pixel_values"),
-                "tgt_sizes": model_inputs.get("tgt_sizes"), "image_bound": model_inputs.get("image_bound"),
-                "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
-        with torch.no_grad():
-            out = self(data, attention_mask=mask, output_attentions=spec, special_token_ids=special_ids(tokenizer),
-                       prompt_length=n_prompt)
-        return pad_llm_columns(out.captured, out.capture_index, n_prompt + n_new), out.capture_index
 
 class _ThreadedStream:
     """Iterates a streamer fed by ``generate`` in a thread; an error there is raised here.
@@ -538,20 +505,6 @@ class _ThreadedStream:
         self.thread.join()
         if self.error is not None:
             raise self.error
-
-
-def special_ids(tokenizer) -> set:
-    """Ids whose role is "special" (``<unk>`` excluded: it is the image placeholder)."""
-    return set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
-
-
-def pad_llm_columns(tensors: Dict[str, torch.Tensor], index: Dict[str, Any], total: int) -> Dict[str, torch.Tensor]:
-    """Zero-pad full-width LLM maps to ``total`` key columns (prompt + every new token)."""
-    out = dict(tensors)
-    for name, t in tensors.items():
-        if parse_hook_name(name)[0] == "llm" and index[name].get("cols") is None and t.shape[-1] < total:
-            out[name] = torch.nn.functional.pad(t, (0, total - t.shape[-1]))
-    return out
 
 
 def chat_prompt(tokenizer, image, msgs, system_prompt=""):

@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"sweeping transformers {', '.join(versions)} in {args.workdir}", file=sys.stderr)
     outcomes = ts.sweep(versions, args.workdir, args.repo, jobs=args.jobs)
-    table = ts.markdown_table(outcomes)
+    table = ts.markdown_table(outcomes, commit=ts.commit_of(args.repo))
     print(table)
     for o in outcomes:
         for failure in o.failures:

@@ -82,9 +82,10 @@ def test_replay_equals_online_capture(setup):
         add_generation_prompt=True)
     inputs = processor([prompt], [[image]], return_tensors="pt")
     model_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "tgt_sizes", "image_bound", "attention_mask")}
+    from minicpmv_attn.attention_record import replay_capture
     from minicpmv_attn.capture import CaptureSpec
 
-    tensors, index = model._replay_capture(model_inputs, ids, CaptureSpec(**spec), processor.tokenizer)
+    tensors, index = replay_capture(model, model_inputs, ids, CaptureSpec(**spec), processor.tokenizer)
     for name, t in tensors.items():
         assert index[name]["rows"] == online.index[name]["rows"]
         torch.testing.assert_close(t[0], online[name], atol=1e-5, rtol=0)

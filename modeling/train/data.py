@@ -31,6 +31,7 @@ import torch
 
 from ..analysis import attention_map as am
 from ..attention_record import TokenLayout, atomic_write_text, layout_for_sample
+from ..capture import special_token_ids
 from ..image_processing_minicpmv import load_image, to_rgb
 
 IMAGE_TAG = "(<image>./</image>)"
@@ -205,7 +206,7 @@ def encode_example(processor, example: Example, image=None, max_length: Optional
     mask = torch.ones_like(ids)
     data = {"input_ids": ids, "pixel_values": inputs["pixel_values"], "tgt_sizes": inputs["tgt_sizes"],
             "image_bound": inputs["image_bound"], "position_ids": torch.arange(L)[None]}
-    special = set(getattr(tok, "all_special_ids", []) or [])
+    special = special_token_ids(tok)
     layout = layout_for_sample(ids[0].tolist(), tok.convert_ids_to_tokens(ids[0].tolist()), n_prompt, 0,
                                inputs["image_bound"][0].tolist(), inputs["slice_layouts"][0], special)
     enc = Encoded(example=example, data=data, attention_mask=mask, labels=labels,

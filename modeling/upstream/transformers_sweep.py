@@ -246,7 +246,20 @@ def pin_snapshots(outcomes: Sequence[Outcome], workdir: Path, pin: Path, repo: P
 # ----------------------------------------------------------------------------------------
 # reporting
 # ----------------------------------------------------------------------------------------
-def markdown_table(outcomes: Sequence[Outcome], torch_version: str = TORCH_REQUIREMENT.split("==")[1]) -> str:
+def commit_of(repo: Optional[Path]) -> str:
+    """The short commit id of a git checkout ("" when it is not one)."""
+    if repo is None:
+        return ""
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def markdown_table(outcomes: Sequence[Outcome], torch_version: str = TORCH_REQUIREMENT.split("==")[1],
+                   commit: str = "") -> str:
     lines = [f"| transformers | result | compat tests (passed / failed) | differ | minutes |",
              "| --- | --- | --- | --- | --- |"]
     for o in outcomes:
@@ -254,7 +267,8 @@ def markdown_table(outcomes: Sequence[Outcome], torch_version: str = TORCH_REQUI
         lines.append(f"| {o.version} | {o.status} | {tests} | {o.differ or '-'} | {o.seconds / 60:.1f} |")
     lines.append("")
     lines.append(f"torch {torch_version} CPU, Python {sys.version_info[0]}.{sys.version_info[1]}; "
-                 f"`python scripts/sweep_transformers.py` on {time.strftime('%Y-%m-%d')}.")
+                 f"`python scripts/sweep_transformers.py` on {time.strftime('%Y-%m-%d')}"
+                 + (f", commit {commit}." if commit else "."))
     return "\n".join(lines)
 
 
