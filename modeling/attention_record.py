@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .capture import ROLES, hook_sort_key, pad_llm_columns, parse_hook_name, special_token_ids, token_roles
+from .capture import ROLES, STAGES, hook_sort_key, pad_llm_columns, parse_hook_name, special_token_ids, token_roles
 from .layout import ImageLayout, SliceLayout
 RECORD_FORMAT = "minicpmv-attn.record/1"
 
@@ -109,6 +109,10 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+class RecordError(ValueError):
+    """An attention record that is damaged or does not agree with itself (names the file and field)."""
+
+
 def _stem(path: str) -> str:
     for ext in (".safetensors", ".json"):
         if path.endswith(ext):
@@ -163,24 +167,102 @@ class AttentionRecord:
 
     @classmethod
     def load(cls, path: str) -> "AttentionRecord":
+        """Load ``<stem>.json`` + ``<stem>.safetensors`` and validate them (:meth:`validate`):
+        a damaged or hand-edited record is refused with one line naming the file and field."""
         from safetensors.torch import load_file
 
         stem = _stem(path)
         for p in (stem + ".json", stem + ".safetensors"):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"attention record: missing file {p}")
-        with open(stem + ".json", encoding="utf-8") as f:
-            try:
+        try:
+            with open(stem + ".json", encoding="utf-8") as f:
                 payload = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"attention record: {stem}.json is not valid JSON ({e})") from None
-        if payload.get("format") != RECORD_FORMAT:
-            raise ValueError(
-                f"attention record: {stem}.json has format {payload.get('format')!r}, expected {RECORD_FORMAT!r}"
-            )
-        tensors = load_file(stem + ".safetensors")
-        layout = TokenLayout.from_dict(payload["layout"]) if payload.get("layout") else None
-        return cls(tensors=dict(tensors), index=payload["index"], layout=layout, meta=payload.get("meta", {}))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise RecordError(f"attention record: {stem}.json is not valid JSON ({type(e).__name__}: "
+                              f"{str(e)[:120]})") from None
+        if not isinstance(payload, dict) or payload.get("format") != RECORD_FORMAT:
+            got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise RecordError(f"attention record: {stem}.json has format {got!r}, expected {RECORD_FORMAT!r}")
+        for key, kind in (("index", dict), ("meta", dict)):
+            if not isinstance(payload.get(key, {}), kind):
+                raise RecordError(f"attention record: {stem}.json field {key!r} must be an object, got "
+                                  f"{type(payload.get(key)).__name__}")
+        try:
+            tensors = load_file(stem + ".safetensors")
+        except Exception as e:  # safetensors raises its own error types
+            raise RecordError(f"attention record: {stem}.safetensors is not readable ({str(e)[:120]})") from None
+        try:
+            layout = TokenLayout.from_dict(payload["layout"]) if payload.get("layout") else None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RecordError(f"attention record: {stem}.json field 'layout' is malformed "
+                              f"({type(e).__name__}: {str(e)[:120]})") from None
+        record = cls(tensors=dict(tensors), index=payload.get("index", {}), layout=layout,
+                     meta=payload.get("meta", {}))
+        record.validate(f"{stem}.safetensors")
+        return record
+
+    def validate(self, where: str = "attention record") -> None:
+        """Check tensors against the index and layout: hook names, one index entry per tensor,
+        floating dtypes, finite probabilities in [0, 1], ranks, and head / row / column / slice
+        counts that agree with the index and the layout. Raises :class:`RecordError`."""
+        names = set(self.tensors)
+        if set(self.index) != names:
+            raise RecordError(f"{where}: index entries {sorted(set(self.index) - names)} have no tensor and tensors "
+                              f"{sorted(names - set(self.index))} have no index entry")
+        n_slices = len(self.layout.slices) if self.layout is not None and self.layout.images else None
+        first_vision = None
+        def order(n):
+            try:
+                return hook_sort_key(n)
+            except ValueError:
+                return (len(STAGES), 0)
+
+        for name in sorted(self.tensors, key=order):
+            t = self.tensors[name]
+            try:
+                stage, _ = parse_hook_name(name)
+            except ValueError as e:
+                raise RecordError(f"{where}: {e}") from None
+            info = self.index[name]
+            if not isinstance(info, dict):
+                raise RecordError(f"{where}: index[{name!r}] must be an object, got {type(info).__name__}")
+            if not t.is_floating_point():
+                raise RecordError(f"{where}: {name} has dtype {t.dtype}; attention probabilities are floating")
+            want_rank = 3 if stage == "llm" else 4
+            if t.dim() != want_rank:
+                raise RecordError(f"{where}: {name} has shape {list(t.shape)}; expected {want_rank} dimensions")
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise RecordError(f"{where}: {name} holds NaN or infinite values")
+            if t.numel() and (float(t.min()) < -1e-3 or float(t.max()) > 1 + 1e-3):
+                raise RecordError(f"{where}: {name} holds values outside [0, 1] ({float(t.min()):.3g} .. "
+                                  f"{float(t.max()):.3g}); not attention probabilities")
+            heads, reduce = info.get("heads"), info.get("reduce", "none")
+            h_axis = 0 if stage == "llm" else 1
+            if reduce not in ("none", "mean", "max"):
+                raise RecordError(f"{where}: index[{name!r}]['reduce'] is {reduce!r}, expected none/mean/max")
+            if reduce != "none" and t.shape[h_axis] != 1:
+                raise RecordError(f"{where}: {name} is head-reduced ({reduce}) but has {t.shape[h_axis]} heads")
+            if reduce == "none" and heads is not None and (not isinstance(heads, list) or len(heads) != t.shape[h_axis]):
+                raise RecordError(f"{where}: {name} has {t.shape[h_axis]} heads but index lists heads {heads!r}")
+            if stage == "llm":
+                rows, cols = info.get("rows"), info.get("cols")
+                if rows is not None and (not isinstance(rows, list) or len(rows) != t.shape[1]):
+                    raise RecordError(f"{where}: {name} has {t.shape[1]} rows but index lists "
+                                      f"{len(rows) if isinstance(rows, list) else rows!r}")
+                if cols is not None and (not isinstance(cols, list) or len(cols) > t.shape[2]):
+                    raise RecordError(f"{where}: {name} has {t.shape[2]} columns but index lists "
+                                      f"{len(cols) if isinstance(cols, list) else cols!r}")
+                if self.layout is not None and cols is None and t.shape[2] > len(self.layout.tokens):
+                    raise RecordError(f"{where}: {name} has {t.shape[2]} columns but the layout has "
+                                      f"{len(self.layout.tokens)} tokens")
+            else:
+                if n_slices is not None and t.shape[0] != n_slices:
+                    raise RecordError(f"{where}: {name} holds {t.shape[0]} slices but the layout has {n_slices}")
+                if first_vision is not None and t.shape[0] != first_vision[1]:
+                    raise RecordError(f"{where}: {name} holds {t.shape[0]} slices but {first_vision[0]} holds "
+                                      f"{first_vision[1]}")
+                first_vision = first_vision or (name, t.shape[0])
 
     def equals(self, other: "AttentionRecord") -> bool:
         if set(self.tensors) != set(other.tensors):

@@ -17,6 +17,7 @@ the kernel (SDPA by default).
 """
 from __future__ import annotations
 
+import numbers
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,6 +117,82 @@ class CaptureTooLarge(CaptureError, MemoryError):
 # --------------------------------------------------------------------------------------
 # the capture spec
 # --------------------------------------------------------------------------------------
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+               "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(value, what: str = "max_bytes") -> Optional[int]:
+    """An int number of bytes, or a string like ``"1.5GiB"``/``"800MB"``; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise CaptureError(f"capture {what}={value!r}: expected a number of bytes or a string like '2GiB'")
+    if isinstance(value, (int, float)) and value >= 0:
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            if unit in _BYTE_UNITS and float(number) >= 0:
+                return int(float(number) * _BYTE_UNITS[unit])
+        except ValueError:
+            pass
+    raise CaptureError(f"capture {what}={value!r}: expected a non-negative number of bytes or a string like "
+                       f"'2GiB', '500MB' (units {sorted(u for u in _BYTE_UNITS if u)})")
+
+
+def _positive_int(value, what: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise CaptureError(f"capture {what}={value!r}: expected a positive integer")
+    return value
+
+
+def _id_list(value, what: str) -> Optional[List[int]]:
+    """None (all), an int, or a non-empty list/tuple/range of ints (no strings, bools, nesting)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return [int(value)]
+    if isinstance(value, (list, tuple, range)) and len(value) > 0 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        return [int(v) for v in value]
+    raise CaptureError(f"capture {what}={value!r}: expected None (all), an int or a non-empty list of ints")
+
+
+def _selection(value, what: str, modes: Sequence[str], allow_range: bool = False):
+    """A mode name, or positions: an int, a non-empty list of ints (or a range / slice for rows)."""
+    if isinstance(value, str):
+        if value not in modes:
+            raise CaptureError(f"capture {what}={value!r}: valid are {list(modes)} or a list of positions")
+        return value
+    if allow_range and isinstance(value, slice):
+        if value.step not in (None, 1) or value.start is None or value.stop is None:
+            raise CaptureError(f"capture {what} as a slice needs explicit start and stop and step 1")
+        value = range(value.start, value.stop)
+    try:
+        return _id_list(value, what)
+    except CaptureError:
+        raise CaptureError(f"capture {what}={value!r}: expected {list(modes)}, an int or a non-empty list of ints"
+                           + (" or a range" if allow_range else "")) from None
+
+
+def _check_device(value):
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise CaptureError(f"capture device={value!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaptureError(f"capture device={value!r}: CUDA is not available on this machine (use 'cpu')")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CaptureError(f"capture device={value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 @dataclass
 class CaptureSpec:
     """What to capture. ``output_attentions=True`` means ``CaptureSpec()`` (everything).
@@ -151,14 +228,12 @@ class CaptureSpec:
     max_bytes: Optional[int] = None
 
     def __post_init__(self):
-        if isinstance(self.stages, str):
-            self.stages = (self.stages,)
-        self.stages = tuple(self.stages)
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad or not self.stages:
-            raise CaptureError(f"capture stages {list(self.stages)}: valid stages are {list(STAGES)} (at least one)")
-        if self.reduce is None:
-            self.reduce = "none"
+        """Validate every field with its type; refuse with the valid values (never guess)."""
+        stages = (self.stages,) if isinstance(self.stages, str) else self.stages
+        if not isinstance(stages, (list, tuple)) or not stages or [s for s in stages if s not in STAGES]:
+            raise CaptureError(f"capture stages={self.stages!r}: valid stages are {list(STAGES)} (a non-empty list)")
+        self.stages = tuple(stages)
+        self.reduce = "none" if self.reduce is None else self.reduce
         if self.reduce not in REDUCTIONS:
             raise CaptureError(f"capture reduce={self.reduce!r}: valid values are {list(REDUCTIONS)}")
         if isinstance(self.dtype, str):
@@ -167,45 +242,20 @@ class CaptureSpec:
             self.dtype = DTYPES[self.dtype]
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise CaptureError(f"capture dtype={self.dtype!r}: must be a floating torch dtype")
-        if self.device is not None:
-            try:
-                self.device = torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise CaptureError(f"capture device={self.device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
-        if isinstance(self.rows, str) and self.rows not in ROW_MODES:
-            raise CaptureError(f"capture rows={self.rows!r}: valid are {list(ROW_MODES)}, an int, a list or a range")
-        if isinstance(self.rows, slice):
-            if self.rows.step not in (None, 1) or self.rows.start is None or self.rows.stop is None:
-                raise CaptureError("capture rows as a slice needs explicit start and stop and step 1")
-            self.rows = range(self.rows.start, self.rows.stop)
-        if isinstance(self.rows, int):
-            self.rows = [self.rows]
-        if not isinstance(self.rows, str):
-            try:
-                self.rows = [int(r) for r in self.rows]
-            except (TypeError, ValueError):
-                raise CaptureError(f"capture rows={self.rows!r}: expected {list(ROW_MODES)}, an int, a list or a range") from None
-            if not self.rows:
-                raise CaptureError("capture rows: empty selection")
-        if isinstance(self.cols, str) and self.cols not in COL_MODES:
-            raise CaptureError(f"capture cols={self.cols!r}: valid are {list(COL_MODES)} or a list of positions")
-        if not isinstance(self.cols, str):
-            try:
-                self.cols = [int(c) for c in self.cols]
-            except (TypeError, ValueError):
-                raise CaptureError(f"capture cols={self.cols!r}: expected {list(COL_MODES)} or a list of positions") from None
-            if not self.cols:
-                raise CaptureError("capture cols: empty selection")
-        if self.chunk_elements is not None and int(self.chunk_elements) <= 0:
-            raise CaptureError("capture chunk_elements must be positive")
+        self.device = _check_device(self.device)
+        self.rows = _selection(self.rows, "rows", ROW_MODES, allow_range=True)
+        self.cols = _selection(self.cols, "cols", COL_MODES)
         for name in ("layers", "heads"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 bad = [k for k in value if k not in STAGES]
                 if bad:
                     raise CaptureError(f"capture {name}: unknown stages {bad}; valid are {list(STAGES)}")
-            elif isinstance(value, int):
-                setattr(self, name, [value])
+                setattr(self, name, {k: _id_list(v, f"{name}[{k!r}]") for k, v in value.items()})
+            else:
+                setattr(self, name, _id_list(value, name))
+        self.chunk_elements = _positive_int(self.chunk_elements, "chunk_elements")
+        self.max_bytes = parse_bytes(self.max_bytes, "max_bytes")
 
     @classmethod
     def from_flag(cls, output_attentions) -> Optional["CaptureSpec"]:
@@ -318,19 +368,34 @@ class AttentionCapture:
         stage, layer = parse_hook_name(name)
         return layer in self.layers.get(stage, ())
 
-    def begin_llm(self, prompt_len: int, roles: Optional[torch.Tensor] = None, generating: bool = False):
+    def begin_llm(self, prompt_len: int, roles: Optional[torch.Tensor] = None, generating: bool = False,
+                  positions: Optional[int] = None):
+        """Start the LLM part: ``prompt_len`` prompt positions (negative rows count from its end),
+        int8 ``roles`` [B, L], and ``positions``, how many positions this call will feed in all
+        (generate: prompt + new tokens - 1, the last token is never fed). Rows and columns that
+        can never be fed are refused here, before anything runs."""
         self.prompt_len = int(prompt_len)
         self.roles = roles
         self.generating = generating
-        if self.spec.rows == "generated" and not generating and "llm" in self.spec.stages:
+        if "llm" not in self.spec.stages:
+            return
+        if self.spec.rows == "generated" and not generating:
             raise CaptureError("capture rows='generated' needs generate() or chat(); use 'last', 'all' or positions in forward")
+        P = self.prompt_len
+        limit = positions if positions is not None else (None if generating else P)
+        where = (f"the {limit} positions this call feeds" if generating else f"the sequence of {limit} positions") \
+            if limit is not None else "the sequence"
         if not isinstance(self.spec.rows, str):
-            bad = [r for r in self.spec.rows if r < -self.prompt_len or (not generating and r >= self.prompt_len)]
+            bad = [r for r in self.spec.rows if r < -P or (limit is not None and r >= limit)]
             if bad:
-                raise CaptureError(
-                    f"capture rows {bad} are outside the sequence of {self.prompt_len} positions "
-                    f"(valid: {-self.prompt_len}..{self.prompt_len - 1})"
-                )
+                top = f"..{limit - 1}" if limit is not None else "..."
+                raise CaptureError(f"capture rows {bad} are outside {where} (valid: {-P}{top}; negative rows count "
+                                   f"from the end of the {P}-token prompt)")
+        if not isinstance(self.spec.cols, str):
+            bad = [c for c in self.spec.cols if c < 0 or (limit is not None and c >= limit)]
+            if bad:
+                raise CaptureError(f"capture cols {bad} are outside {where} (valid: 0.."
+                                   f"{'' if limit is None else limit - 1})")
 
     def _row_positions(self, q_offset: int, q_len: int, device) -> Optional[torch.Tensor]:
         """Absolute positions (within the current call's rows) that are selected, or None for all."""
@@ -371,6 +436,10 @@ class AttentionCapture:
             member = torch.cat([member, torch.full((batch, k_len - P), code == 0, device=device)], 1)
         counts = member.sum(1)
         K = int(counts.max()) if batch else 0
+        if K == 0:
+            hint = (" (forward does not know the tokenizer: pass special_token_ids=... or use chat/generate)"
+                    if cols == "special" else "")
+            raise CaptureError(f"capture cols={cols!r} selects no key column: this input has no {cols} tokens{hint}")
         order = torch.argsort((~member).to(torch.int8), dim=1, stable=True)[:, :K]
         valid = torch.arange(K, device=device)[None] < counts[:, None]
         return order, valid

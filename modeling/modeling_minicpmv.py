@@ -304,7 +304,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if capture is not None:
             roles = token_roles(data["input_ids"], data.get("image_bound"), attention_mask, special_token_ids)
             capture.begin_llm(data["input_ids"].shape[1] if prompt_length is None else int(prompt_length), roles,
-                              generating=prompt_length is not None)
+                              generating=prompt_length is not None, positions=data["input_ids"].shape[1])
         with attached(self, capture):
             embeds, vision_hidden_states = self.get_vllm_embedding(data)
             out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids,
@@ -381,7 +381,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             else:
                 if capture is not None:
                     roles = token_roles(input_ids, image_bound, attention_mask, special_token_ids(tokenizer))
-                    capture.begin_llm(embeds.shape[1], roles, generating=True)
+                    capture.begin_llm(embeds.shape[1], roles, generating=True,
+                                      positions=embeds.shape[1] + max_new - 1)
                     if per_step:  # transformers collects the LLM's per-step attentions itself
                         gen_kwargs.update(output_attentions=True, return_dict_in_generate=True)
                 with attached(self.llm, None if per_step else capture):
@@ -435,7 +436,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             prompts.append(prompt)
             images.append(imgs)
         inputs = processor(prompts, images, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                           return_tensors="pt", max_length=max_inp_length).to(self.device)
+                           return_tensors="pt").to(self.device)
+        check_prompt_lengths(inputs, max_inp_length)  # fork: refuse over-long prompts, never cut them
         if sampling:
             generation_config = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True,
                                  "repetition_penalty": 1.05}
@@ -505,6 +507,23 @@ class _ThreadedStream:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def check_prompt_lengths(inputs, max_inp_length: Optional[int]) -> None:
+    """Refuse prompts longer than ``max_inp_length`` with the length they need.
+
+    Upstream truncates them (through the assistant header at 8192 tokens), so the answer and
+    its attention would belong to another prompt.
+    """
+    if max_inp_length is None:
+        return
+    mask = inputs.get("attention_mask")
+    lengths = mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(inputs["input_ids"])
+    for i, n in enumerate(lengths):
+        if int(n) > int(max_inp_length):
+            raise ValueError(f"chat: conversation {i} is {int(n)} tokens long, over max_inp_length={max_inp_length}; "
+                             f"it is never cut (the answer would belong to another prompt): pass max_inp_length >= "
+                             f"{int(n)} or shorten it")
 
 
 def chat_prompt(tokenizer, image, msgs, system_prompt=""):

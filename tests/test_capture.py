@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from golden import load_expected, load_inputs, real_patch_counts
 from minicpmv_attn import CaptureError, CaptureSpec, CaptureTooLarge
-from minicpmv_attn.capture import token_roles
+from minicpmv_attn.capture import ROLE_CODES, token_roles
 from test_golden import FakeTokenizer, load
 
 TOL = 1e-5
@@ -67,10 +67,14 @@ def test_forward_capture_equals_eager_selection(params):
     if params["cols"] == "image" and not real_patch_counts(data):
         params["cols"] = "text"
     spec = CaptureSpec(**params)
+    roles = token_roles(data["input_ids"], data["image_bound"], mask)
+    if "llm" in spec.stages and spec.cols in ROLE_CODES and not bool((roles == ROLE_CODES[spec.cols]).any()):
+        with pytest.raises(CaptureError, match="selects no key column"):  # refused, never an empty map
+            model(data, attention_mask=mask, output_attentions=spec)
+        return
     with torch.no_grad():
         out = model(data, attention_mask=mask, output_attentions=spec)
     L = mask.shape[1]
-    roles = token_roles(data["input_ids"], data["image_bound"], mask)
     n_llm = model.config.num_hidden_layers
     expected_names = set()
     if "llm" in spec.stages:
@@ -177,10 +181,69 @@ def test_estimate_scales_with_selection():
     ({"dtype": "int8"}, "valid values"),
     ({"device": "gpu:7"}, "not a torch device"),
     ({"bogus": 1}, "valid keys"),
+    # a string or bool where ids go is refused, never iterated or read as a number
+    ({"layers": "10"}, r"layers='10': expected None \(all\), an int or a non-empty list of ints"),
+    ({"rows": True}, "rows=True: expected"),
+    ({"heads": []}, "heads=\\[\\]: expected"),
+    ({"layers": [[0, 1]]}, "expected None"),
+    ({"heads": {"llm": "0"}}, "heads\\['llm'\\]"),
+    ({"cols": []}, "cols=\\[\\]: expected"),
+    ({"max_bytes": "lots"}, "max_bytes='lots': expected a non-negative number of bytes"),
+    ({"max_bytes": -1}, "max_bytes=-1"),
+    ({"chunk_elements": 0}, "chunk_elements=0: expected a positive integer"),
+    ({"chunk_elements": 2.5}, "chunk_elements=2.5"),
+    ({"stages": []}, "valid stages"),
 ])
 def test_invalid_specs_are_refused(bad, words):
     with pytest.raises(CaptureError, match=words):
         CaptureSpec.from_flag(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_refused_without_cuda():
+    with pytest.raises(CaptureError, match="CUDA is not available"):
+        CaptureSpec(device="cuda")
+
+
+def test_byte_budgets_read_units():
+    assert CaptureSpec(max_bytes="1.5GiB").max_bytes == int(1.5 * 2 ** 30)
+    assert CaptureSpec(max_bytes="800 MB").max_bytes == 800 * 10 ** 6
+    assert CaptureSpec(max_bytes=1024).max_bytes == 1024
+
+
+@given(st.one_of(st.text(max_size=4), st.booleans(), st.floats(), st.lists(st.text(max_size=2), min_size=1, max_size=3),
+                 st.lists(st.lists(st.integers(0, 3), max_size=2), min_size=1, max_size=2), st.just([])))
+@settings(max_examples=60, deadline=None)
+def test_ids_fields_accept_only_ints(value):
+    """Property: for layers/heads, anything but None, an int or a non-empty list of ints is refused."""
+    for field in ("layers", "heads"):
+        with pytest.raises(CaptureError, match=f"capture {field}="):
+            CaptureSpec(**{field: value})
+
+
+def test_rows_and_cols_that_can_never_be_fed_are_refused_in_generate():
+    model = load("text_only")
+    data, mask = load_inputs("text_only")
+    L = data["input_ids"].shape[1]
+    kw = dict(input_ids=data["input_ids"], pixel_values=data["pixel_values"], tgt_sizes=data["tgt_sizes"],
+              image_bound=data["image_bound"], attention_mask=mask, tokenizer=FakeTokenizer(), do_sample=False,
+              max_new_tokens=4)
+    last_fed = L + 4 - 2
+    with pytest.raises(CaptureError, match=rf"rows \[{L + 10}\] are outside the {last_fed + 1} positions"):
+        model.generate(output_attentions={"stages": ["llm"], "rows": [L + 10]}, **kw)
+    with pytest.raises(CaptureError, match=rf"cols \[{L + 3}\] are outside"):
+        model.generate(output_attentions={"stages": ["llm"], "rows": "generated", "cols": [0, L + 3]}, **kw)
+    out = model.generate(output_attentions={"stages": ["llm"], "rows": [last_fed], "cols": [0, last_fed]}, **kw)
+    assert all(t.shape[2] == 1 and t.shape[3] == 2 for t in out.captured.values())
+
+
+def test_role_columns_that_select_nothing_are_refused():
+    model = load("text_only")
+    data, mask = load_inputs("text_only")
+    with pytest.raises(CaptureError, match="cols='image' selects no key column: this input has no image tokens"):
+        model(data, attention_mask=mask, output_attentions={"stages": ["llm"], "cols": "image"})
+    with pytest.raises(CaptureError, match="no special tokens .forward does not know the tokenizer"):
+        model(data, attention_mask=mask, output_attentions={"stages": ["llm"], "cols": "special"})
 
 
 def test_out_of_range_layers_heads_rows():

@@ -8,6 +8,7 @@ from PIL import Image
 
 from golden import case_dir
 from minicpmv_attn import AttentionRecord, CaptureError, MiniCPMV
+from minicpmv_attn.modeling_minicpmv import chat_prompt
 from minicpmv_attn.demo import demo_tokenizer_path
 
 MSGS = [{"role": "user", "content": "Describe please."}]
@@ -140,6 +141,23 @@ def test_placeholder_cut_by_max_inp_length(setup):
     model, processor, image = setup
     with pytest.raises(ValueError, match="max"):
         model.chat(image, MSGS, processor.tokenizer, processor=processor, max_new_tokens=2, max_inp_length=40)
+
+
+@pytest.mark.parametrize("spare", [-1, 0])
+def test_over_long_prompt_is_refused_never_cut(setup, spare):
+    """Upstream cuts at max_inp_length (through the assistant header): the answer would then belong
+    to another prompt. The fork refuses with the length needed; exactly enough passes."""
+    model, processor, image = setup
+    text_only = [{"role": "user", "content": "Describe please. " * 20}]
+    prompt, _ = chat_prompt(processor.tokenizer, None, text_only)
+    n = len(processor.tokenizer.encode(prompt))
+    if spare < 0:
+        with pytest.raises(ValueError, match=rf"{n} tokens long, over max_inp_length={n - 1}.*max_inp_length >= {n}"):
+            model.chat(None, text_only, processor.tokenizer, processor=processor, max_new_tokens=2,
+                       max_inp_length=n - 1)
+    else:
+        assert isinstance(model.chat(None, text_only, processor.tokenizer, processor=processor, max_new_tokens=2,
+                                     max_inp_length=n, sampling=False), str)
 
 
 def test_tag_image_mismatch(setup):
