@@ -34,6 +34,10 @@ def check_checkpoint_folder(path: str) -> None:
         if key not in cfg:
             raise CheckpointError(f"{cfg_path}: field {key!r} is missing; a MiniCPM-V-2.6 config has it")
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if all(os.path.isfile(os.path.join(path, w)) for w in weights[:2]):
+        raise CheckpointError(f"{path}: both model.safetensors and model.safetensors.index.json are present; "
+                              f"transformers would load one while the other may be what was checked: remove the "
+                              f"stale one")
     if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
         raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(weights)})")
 
@@ -52,8 +56,13 @@ def safetensors_files(path: str) -> Optional[List[str]]:
     return None
 
 
-def checkpoint_tensor_shapes(path: str) -> Optional[Dict[str, Tuple[int, ...]]]:
-    """Tensor name -> shape from the safetensors headers of a folder (no data read); None if not safetensors."""
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of floating dtypes
+
+
+def checkpoint_tensor_shapes(path: str, dtypes: Optional[Dict[str, str]] = None
+                             ) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Tensor name -> shape from the safetensors headers of a folder (no data read); None if not
+    safetensors. ``dtypes``, when given, is filled with each tensor's safetensors dtype name."""
     from safetensors import safe_open
 
     files = safetensors_files(path)
@@ -67,7 +76,10 @@ def checkpoint_tensor_shapes(path: str) -> Optional[Dict[str, Tuple[int, ...]]]:
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    sl = handle.get_slice(key)
+                    shapes[key] = tuple(sl.get_shape())
+                    if dtypes is not None:
+                        dtypes[key] = str(sl.get_dtype())
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     return shapes
@@ -75,7 +87,8 @@ def checkpoint_tensor_shapes(path: str) -> Optional[Dict[str, Tuple[int, ...]]]:
 
 def check_checkpoint_tensors(path: str, cls) -> None:
     """Compare a folder's tensor names and shapes with the model its config builds (on the meta device)."""
-    found = checkpoint_tensor_shapes(path)
+    dtypes: Dict[str, str] = {}
+    found = checkpoint_tensor_shapes(path, dtypes)
     if found is None:
         return
     config = cls.config_class.from_pretrained(path)
@@ -86,9 +99,10 @@ def check_checkpoint_tensors(path: str, cls) -> None:
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(f"{k} (expected {list(expected[k])}, got {list(found[k])})"
                    for k in set(expected) & set(found) if expected[k] != found[k])
+    not_float = sorted(f"{k} ({dtypes[k]})" for k in set(expected) & set(found) if dtypes.get(k) not in FLOAT_DTYPES)
     problems = [f"{label} ({len(keys)}): {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else "")
                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("wrong shapes", wrong)) if keys]
+                                    ("wrong shapes", wrong), ("not floating-point", not_float)) if keys]
     if problems:
         raise CheckpointError(f"{path}: the weights do not match MiniCPM-V-2.6's state dict: " + "; ".join(problems))
 

@@ -186,3 +186,28 @@ def test_reinitialising_loader_is_refused(monkeypatch):
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(loader))
     with pytest.raises(CheckpointError, match="do not hold the checkpoint's values.*llm.lm_head.weight"):
         MiniCPMV.from_pretrained(str(case_dir("text_only")))
+
+
+def test_integer_tensor_in_a_float_checkpoint_is_refused(tmp_path):
+    folder = copy_case(tmp_path)
+    edit_weights(folder, lambda t: t.__setitem__("vpm.post_layernorm.weight",
+                                                 t["vpm.post_layernorm.weight"].round().to(torch.int32)))
+    with pytest.raises(CheckpointError, match=r"not floating-point \(1\): vpm.post_layernorm.weight \(I32\)"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_shard_index_beside_a_single_file_is_ambiguous(tmp_path):
+    folder = copy_case(tmp_path)
+    keys = list(load_file(str(folder / "model.safetensors")))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in keys}}))
+    with pytest.raises(CheckpointError, match="both model.safetensors and model.safetensors.index.json"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_corrupt_shard_index_is_named(tmp_path):
+    folder = copy_case(tmp_path)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not a safetensors index"):
+        MiniCPMV.from_pretrained(str(folder))
