@@ -2,12 +2,36 @@
 """Extract attention records for a JSONL of (image, prompt) pairs.
 
 Each input line is a JSON object: {"image": "path.jpg", "prompt": "...", "id": "optional-name"}
-(relative image paths are resolved against the JSONL's folder). For every line the
-model answers and one attention record is written to OUT/records/<id>.safetensors +
-.json (atomically), and a line is appended to OUT/results.jsonl. Re-running with the
-same OUT resumes: finished lines are skipped, nothing is redone or lost. A bad line
-(unreadable JSON, missing image, corrupt image, ...) is reported and skipped; it
-never stops the run. A summary is printed at the end.
+(relative image paths are resolved against the JSONL's folder; "id" is a string or an integer).
+
+What it promises:
+  records   For every line the model answers and one attention record is written atomically to
+            OUT/records/<name>.safetensors + .json, <name> being the sanitised id (or the image's
+            file name) plus 12 hex digits of the line's key, the SHA-256 of its normalised job
+            (absolute image path, prompt, id): different jobs never overwrite each other. One
+            row per attempt is appended to OUT/results.jsonl with the input file, the line
+            number, the key, the status and the record (or the error).
+  resume    Re-running with the same OUT skips every line whose key already has a record,
+            whatever its line number or input file: edited lines are redone, lines of another
+            JSONL are added next to the others. The settings (model, spec, dtype, max new tokens)
+            are kept in OUT/extract.json; once OUT holds records, other settings are refused.
+            An exact repeat of a line (same image, prompt and id) is an error for that line.
+  one run   A run holds an exclusive lock on OUT/extract.lock; a second run on the same OUT
+            is refused with one line (exit status 2).
+  crashes   A run killed at any point (even kill -9) resumes exactly: rows are appended with
+            one write and an fsync, a row cut short is repaired or dropped with a warning,
+            stale .tmp-* files of interrupted writes in OUT are removed on the next run.
+  bad lines A bad line (not UTF-8 or JSON, a missing or wrongly typed field, text that is not
+            valid Unicode, an image that is missing, not a regular file, over --max-image-bytes
+            or corrupt, a refused capture, ...) is reported on one line naming the file, line
+            and field, recorded as an error, and the run goes on with the next line.
+  config    Configuration errors (input file, --out, --model, --device, --dtype, --spec and the
+            selections, also checked against the model's layers and heads) stop the run before
+            the first line with one line on stderr and exit status 2.
+
+Exit status: 0 every line succeeded or was already done; 1 some lines failed (0 with
+--keep-going); 2 the run did not start or stopped (configuration, lock, results.jsonl not
+writable). The summary says how many lines succeeded, were skipped as done, and failed.
 """
 import argparse
 import sys
@@ -17,18 +41,22 @@ def build_parser():
     p = argparse.ArgumentParser(prog="minicpmv-attn-extract", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("jsonl", help="input JSONL with one {image, prompt[, id]} object per line")
-    p.add_argument("--out", required=True, help="output folder (records/ and results.jsonl)")
+    p.add_argument("--out", required=True, help="output folder (records/, results.jsonl, extract.json, extract.lock)")
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: tiny demo, random weights)")
     p.add_argument("--spec", default=None,
-                   help="capture spec as JSON (or @file.json), e.g. '{\"rows\": \"generated\", \"reduce\": \"mean\"}'")
+                   help="capture spec as a JSON object (or @file.json), "
+                        "e.g. '{\"rows\": \"generated\", \"reduce\": \"mean\"}'")
     p.add_argument("--layers", default=None, help="LLM layers, e.g. '0,3' or '20:28' (overrides the spec)")
     p.add_argument("--heads", default=None, help="LLM heads (overrides the spec)")
     p.add_argument("--rows", default=None, help="LLM rows: generated | last | all (default generated)")
-    p.add_argument("--reduce", default=None, choices=["none", "mean", "max"], help="head reduction")
+    p.add_argument("--reduce", default=None, help="head reduction: none | mean | max")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-image-bytes", type=int, default=None,
+                   help="refuse (per line) image files larger than this (default 268435456, 256 MiB)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto | float32 | bfloat16 | float16")
+    p.add_argument("--keep-going", action="store_true", help="exit status 0 even when some lines failed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (errors and warnings still print)")
     return p
 
 
@@ -37,15 +65,16 @@ def main(argv=None) -> int:
     from minicpmv_attn.analysis.extract import extract
     from minicpmv_attn.analysis.pipeline import ToolError
 
+    limits = {} if args.max_image_bytes is None else {"max_image_bytes": args.max_image_bytes}
     try:
         done = extract(args.jsonl, args.out, model=args.model, spec=args.spec, layers=args.layers, heads=args.heads,
                        rows=args.rows, reduce=args.reduce, max_new_tokens=args.max_new_tokens, device=args.device,
-                       dtype=args.dtype, quiet=args.quiet)
+                       dtype=args.dtype, quiet=args.quiet, **limits)
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(done.summary())
-    return 0
+    return done.exit_code(args.keep_going)
 
 
 if __name__ == "__main__":

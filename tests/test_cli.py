@@ -90,20 +90,24 @@ def test_extract_resumes_without_redoing(tmp_path, monkeypatch, capsys):
 
     calls.clear()
     monkeypatch.setattr(pipeline, "capture_chat", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
-    assert extract_attention.main(argv) == 0
+    assert extract_attention.main(argv) == 1  # some lines failed
     assert calls == ["Colour?"]  # only the line not finished before
     summary = capsys.readouterr().out
-    assert "6 lines: 1 ok, 3 error, 2 skipped (already done)" in summary
+    assert "6 lines: 1 succeeded, 2 skipped (already done), 3 failed" in summary
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     ok = {r["line"]: r for r in rows if r["status"] == "ok"}
     assert sorted(ok) == [1, 4, 5]
     errors = {r["line"]: r["error"] for r in rows if r["status"] == "error"}
-    assert "not valid JSON" in errors[2] and "missing.png" in errors[3] and "'image' and 'prompt'" in errors[6]
+    assert errors[2].startswith(f"{jobs} line 2: expected a JSON object") and "not valid JSON" in errors[2]
+    assert errors[3].startswith(f"{jobs} line 3, field 'image'") and "missing.png" in errors[3]
+    assert errors[6] == f"{jobs} line 6, field 'prompt': missing; expected a string"
     for line, r in ok.items():
         rec = AttentionRecord.load(str(out / r["record"]))
         assert rec.meta["line"] == line and rec["llm.layers.0.attn"].shape[0] == 1  # head mean
-    assert sorted(p.name for p in (out / "records").iterdir()) == [
-        "a.json", "a.safetensors", "b.json", "b.safetensors", "c.json", "c.safetensors"]
+        assert r["record"] == f"records/{r['id']}-{r['key'][:12]}"
+    assert sorted(p.name for p in (out / "records").iterdir()) == sorted(
+        f"{r['id']}-{r['key'][:12]}{ext}" for r in ok.values() for ext in (".json", ".safetensors"))
+    assert not list(out.rglob(".tmp-*"))
 
 
 def test_extract_rejects_bad_spec(tmp_path, capsys):

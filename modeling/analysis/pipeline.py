@@ -1,17 +1,53 @@
-"""Shared plumbing of the command-line tools: load a model + processor, run one capture.
+"""Shared plumbing of the command-line tools: load a model + processor, run one capture, and
+read inputs / keep output folders safely (bounded image files, a folder lock, stale temporary
+files, JSONL rows that survive a crash or a full disk).
 
 Kept out of the CLI files so notebooks and other scripts can reuse it.
 """
+import errno
+import io
+import json
 import os
-from typing import Any, Dict, Optional, Tuple
+import re
+import stat
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: FolderLock locks nothing
+    fcntl = None
 
 from ..capture import resolve_dtype
+from ..image_processing_minicpmv import ImageLoadError, ImageTooLargeError, load_image
 
 DEFAULT_PROMPT = "Describe this image."
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2 ** 20
+# what attention_record.atomic_write_bytes leaves behind when killed: mkstemp's ".tmp-", 8 random
+# characters, then the target's file name
+STALE_TMP = re.compile(r"^\.tmp-[a-z0-9_]{8}.+\.(safetensors|json)$")
+_write = os.write  # the one raw write of append_jsonl, so tests can inject a failing disk
 
 
 class ToolError(Exception):
     """A problem the command-line tools report as ``error: <message>`` with exit status 2."""
+
+
+def check_model_arg(model: Optional[str]) -> None:
+    """Refuse a ``--model`` that names a local path which is not a folder, without loading anything.
+
+    A value that exists must be a folder; one that does not exist is only accepted when it can be a
+    hub id (``"org/name"``: relative, at most one ``/``, not starting with ``.`` or ``~``)."""
+    if model is None:
+        return
+    if os.path.exists(model):
+        if not os.path.isdir(model):
+            raise FileNotFoundError(f"--model {model}: is a file, expected a checkpoint folder or a hub id")
+        return
+    looks_local = (os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+                   or os.sep != "/" and os.sep in model or model.endswith("/"))
+    if looks_local:
+        raise FileNotFoundError(f"--model {model}: no such folder; expected a checkpoint folder or a hub id "
+                                f"like 'openbmb/MiniCPM-V-2_6'")
 
 
 def load_model_and_processor(model: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
@@ -23,15 +59,15 @@ def load_model_and_processor(model: Optional[str] = None, device: Optional[str] 
     from ..modeling_minicpmv import MiniCPMV
     from ..processing_minicpmv import register_processing
 
+    torch_dtype = resolve_dtype(dtype, "--dtype")  # a bad name fails before anything is built
+    check_model_arg(model)
     register_processing()
     is_demo = model is None
     if is_demo:
         model = build_demo_checkpoint(default_demo_folder())
-    elif not os.path.isdir(model) and os.path.exists(model):
-        raise FileNotFoundError(f"--model {model}: is a file, expected a checkpoint folder or a hub id")
     kwargs = {"attn_implementation": attn_implementation}
-    if resolve_dtype(dtype, "--dtype") is not None:
-        kwargs["dtype"] = resolve_dtype(dtype, "--dtype")
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
     net = MiniCPMV.from_pretrained(model, **kwargs).eval()
     if device:
         net = net.to(device)
@@ -72,3 +108,186 @@ def capture_chat(model, processor, image, prompt: str, spec: Dict[str, Any], max
     finally:
         streamer.end()
     return answers[0], records[0]
+
+
+# --------------------------------------------------------------------------------------
+# input files and output folders that survive hostile inputs, crashes and a second run
+# --------------------------------------------------------------------------------------
+def open_image(path: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+    """Decode the image file ``path`` with :func:`load_image`, after checking (before reading a
+    byte) that it is a regular file of at most ``max_bytes`` bytes: a FIFO, a device such as
+    ``/dev/zero`` or a socket is refused (:class:`ImageLoadError`), never read; a larger file
+    raises :class:`ImageTooLargeError`. Errors name the file."""
+    what = f"image file {path!r}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return load_image(path)  # its message for a missing file
+    except (OSError, ValueError) as e:
+        raise ImageLoadError(f"{what} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return load_image(path)  # its message for a directory
+    _check_regular(st, what, max_bytes)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        with open(path, "rb", opener=lambda p, _: os.open(p, flags)) as f:
+            _check_regular(os.fstat(f.fileno()), what, max_bytes)  # the file opened is the file checked
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageLoadError(f"{what} cannot be read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"{what} grew above the limit of {max_bytes:,} bytes while being read")
+    buffer = io.BytesIO(data)
+    buffer.name = path  # load_image names the file in its errors
+    return load_image(buffer)
+
+
+def _check_regular(st: os.stat_result, what: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise ImageLoadError(f"{what} cannot be read: expected a regular file, found {kind}")
+    if st.st_size > max_bytes:
+        raise ImageTooLargeError(f"{what} is {st.st_size:,} bytes, above the limit of {max_bytes:,} bytes "
+                                 f"(--max-image-bytes)")
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``folder/name`` for as long as it is held (a context manager):
+    a second holder is refused with :class:`ToolError` naming the folder, the holder's pid and the
+    lock file. The lock dies with its process (even kill -9); the file stays (removing it races)."""
+
+    def __init__(self, folder: str, name: str, holder: str = "run", flag: str = "--out"):
+        self.folder, self.holder, self.flag = folder, holder, flag
+        self.path = os.path.join(folder, name)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "FolderLock":
+        where = f"{self.flag} {self.folder}"
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ToolError(f"{where}: cannot create the lock file {self.path}: {e.strerror or e}") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                try:
+                    pid = os.read(fd, 32).decode("ascii", "replace").strip()
+                finally:
+                    os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ToolError(f"{where}: cannot lock {self.path}: {e.strerror or e}") from None
+                who = f" (pid {pid})" if pid.isdigit() else ""
+                raise ToolError(f"{where}: another {self.holder}{who} is writing to this folder (it holds "
+                                f"{self.path}); wait for it to finish or use another {self.flag}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def clean_stale_tmp(folders: Sequence[str]) -> List[str]:
+    """Remove the temporary files that killed atomic writes (``attention_record.atomic_write_*``)
+    left directly in ``folders``: regular files named ``.tmp-XXXXXXXX<name>.safetensors|.json``
+    only (nothing else, no sub-folder, no link). Call it holding the folder's lock. Returns them."""
+    removed = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if STALE_TMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def read_jsonl_rows(path: str, repair: bool = False, warn: Optional[Callable[[str], None]] = None,
+                    what: str = "row") -> Iterator[dict]:
+    """The JSON objects of the lines of ``path`` (none if it does not exist), read as a whole first.
+
+    A line that is not a JSON object is skipped with a warning. A last line without its newline
+    was cut by a crash: it is kept if it is a whole JSON object, else dropped, with a warning;
+    with ``repair`` the file is fixed too (newline added, or the cut line removed)."""
+    warn = warn or (lambda msg: None)
+    if not os.path.isfile(path):
+        return iter(())
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    rows = []
+
+    def parse(raw: bytes) -> Optional[dict]:
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        return row if isinstance(row, dict) else None
+
+    for n, raw in enumerate(lines, 1):
+        row = parse(raw)
+        if row is not None:
+            rows.append(row)
+        elif raw.strip():
+            warn(f"{path} line {n}: expected a JSON {what}, found unreadable text; ignored")
+    if tail:
+        row = parse(tail)
+        if row is not None:
+            rows.append(row)
+        if repair:
+            with open(path, "r+b") as f:
+                if row is not None:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                else:
+                    f.truncate(len(data) - len(tail))
+                f.flush()
+                os.fsync(f.fileno())
+        warn(f"{path} line {len(lines) + 1}: the last {what} was cut short by an interrupted write ({len(tail)} bytes, "
+             f"no newline); " + ("it is complete, newline added" if row is not None else "dropped"))
+    return iter(rows)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    """Append ``row`` as one line to ``path`` and make it durable before going on, all or nothing.
+
+    The whole line goes to one ``write`` (repeated only after a short write) on an ``O_APPEND``
+    descriptor, then fsync. If anything fails the file is cut back to its size before, so no later
+    append glues onto half a row, and the error is raised; if even that fails (a crash), the next
+    :func:`read_jsonl_rows` drops the cut line."""
+    data = (json.dumps(row, ensure_ascii=True) + "\n").encode("ascii")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += _write(fd, data[written:])
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
