@@ -376,3 +376,196 @@ def test_refuses_a_path_that_is_not_a_folder(tmp_path, capsys):
 
 def test_folder_is_required(capsys):
     assert cli.main([]) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# a manifest is never trusted: confinement, corrupt manifests, edited files, one-line errors
+# ----------------------------------------------------------------------------------------
+def _manifest_file(folder: Path) -> Path:
+    return folder / install.BACKUP_DIRNAME / install.MANIFEST_NAME
+
+
+def _one_refusal(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("refused: "), err
+    return err.strip()
+
+
+def _installed_with_manifest(tmp_path: Path):
+    """A checkpoint (with an original modeling file), installed; its manifest as a dict."""
+    folder = tiny_checkpoint(tmp_path / "ck")
+    (folder / "modeling_minicpmv.py").write_text("# upstream's modeling file\n")
+    assert cli.main([str(folder), "-q"]) == 0
+    return folder, json.loads(_manifest_file(folder).read_text())
+
+
+# names a manifest of another origin may hold: each would make restore touch what install never wrote
+UNSAFE_NAMES = {
+    "parent": "../victim.py",
+    "absolute": None,  # filled in with an absolute path to the victim
+    "subfolder": "sub/victim.py",
+    "backslash": "..\\victim.py",
+    "dotdot": "..",
+    "empty": "",
+    "weights": "model.safetensors",
+    "hidden": ".minicpmv_attn_backup",
+    "newline": "victim.py\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE_NAMES))
+@pytest.mark.parametrize("state", ["absent", "file"])
+def test_restore_is_confined_to_the_folder_whatever_the_manifest_says(tmp_path, capsys, kind, state):
+    folder, manifest = _installed_with_manifest(tmp_path)
+    victim = tmp_path / "victim.py"
+    victim.write_text("# not the checkpoint's\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "victim.py").write_text("# a file in a subfolder\n")
+    name = UNSAFE_NAMES[kind] or str(victim)
+    sha = sha256_file(victim)
+    manifest["files"][name] = ({"state": "absent"} if state == "absent" else
+                               {"state": "file", "sha256": sha, "mode": 0o644})
+    _manifest_file(folder).write_text(json.dumps(manifest))
+    outside, before = tree(tmp_path), tree(folder)
+    for argv in ([str(folder), "--restore", "-q"], [str(folder), "--restore", "--force", "-q"],
+                 [str(folder), "--restore", "--dry-run"], [str(folder), "-q"]):
+        assert cli.main(argv) == 1, argv
+        err = _one_refusal(capsys)
+        assert str(_manifest_file(folder)) in err and json.dumps(name) in err, err
+        assert "expected a plain file name install writes" in err, err
+        assert tree(tmp_path) == outside and tree(folder) == before
+
+
+@pytest.mark.parametrize("where", ["backup_folder", "files_folder", "manifest", "backup_file"])
+def test_a_symlinked_backup_is_refused_by_restore_and_install(tmp_path, capsys, where):
+    """A backup (or part of it) that is a link: restore would read, and install write, outside the folder."""
+    folder, _ = _installed_with_manifest(tmp_path)
+    bdir = folder / install.BACKUP_DIRNAME
+    elsewhere = tmp_path / "elsewhere"
+    part = {"backup_folder": bdir, "files_folder": bdir / "files", "manifest": _manifest_file(folder),
+            "backup_file": bdir / "files" / "modeling_minicpmv.py"}[where]
+    shutil.move(str(part), str(elsewhere))
+    os.symlink(elsewhere, part)
+    outside, before = tree(tmp_path), tree(folder)
+    for argv in ([str(folder), "--restore", "-q"], [str(folder), "--restore", "--dry-run"], [str(folder), "-q"],
+                 [str(folder), "-q", "--force"]):
+        assert cli.main(argv) == 1, argv
+        err = _one_refusal(capsys)
+        assert str(part) in err and "symlink" in err, err
+        assert tree(tmp_path) == outside and tree(folder) == before
+
+
+def test_a_backup_folder_holding_what_install_never_writes_is_refused(tmp_path, capsys):
+    folder, _ = _installed_with_manifest(tmp_path)
+    stray = folder / install.BACKUP_DIRNAME / "files" / "sub"
+    stray.mkdir()
+    before = tree(folder)
+    assert cli.main([str(folder), "--restore", "-q"]) == 1
+    assert str(stray) in _one_refusal(capsys)
+    assert tree(folder) == before
+
+
+VALID_SHA = "0" * 64
+CORRUPT_MANIFESTS = {
+    "not_json": (b"{not json", "not JSON"),
+    "not_utf8": (b"\xff\xfe{}", "not JSON"),
+    "empty_file": (b"", "not JSON"),
+    "a_list": ([], "the top level: expected a JSON object, got []"),
+    "wrong_format": ({"format": "other/9", "files": {}}, 'format: expected "minicpmv-attn.install/1"'),
+    "no_files": ({"format": install.INSTALL_FORMAT}, "files: expected an object of file name -> entry, "
+                                                    "got nothing (the field is missing)"),
+    "files_a_list": ({"format": install.INSTALL_FORMAT, "files": ["config.json"]}, "files: expected an object"),
+    "entry_a_string": ({"format": install.INSTALL_FORMAT, "files": {"a.py": "absent"}},
+                       'files["a.py"]: expected an object with a state, got "absent"'),
+    "no_state": ({"format": install.INSTALL_FORMAT, "files": {"a.py": {}}},
+                 'files["a.py"].state: expected "file", "symlink" or "absent", got nothing'),
+    "unknown_state": ({"format": install.INSTALL_FORMAT, "files": {"a.py": {"state": "dir"}}},
+                      'files["a.py"].state: expected "file", "symlink" or "absent", got "dir"'),
+    "no_sha": ({"format": install.INSTALL_FORMAT, "files": {"a.py": {"state": "file", "mode": 420}}},
+               'files["a.py"].sha256: expected 64 hex digits, got nothing'),
+    "mode_a_string": ({"format": install.INSTALL_FORMAT,
+                       "files": {"a.py": {"state": "file", "sha256": VALID_SHA, "mode": "644"}}},
+                      'files["a.py"].mode: expected permission bits 0..4095, got "644"'),
+    "no_link_target": ({"format": install.INSTALL_FORMAT, "files": {"a.py": {"state": "symlink"}}},
+                       'files["a.py"].target: expected a link target'),
+    "installed_a_number": ({"format": install.INSTALL_FORMAT, "files": {"a.py": {"state": "absent"}},
+                            "installed": {"a.py": 1}}, 'installed["a.py"]: expected 64 hex digits, got 1'),
+    "installed_unrecorded": ({"format": install.INSTALL_FORMAT, "files": {}, "installed": {"b.py": VALID_SHA}},
+                             'installed["b.py"]: expected a name recorded in files'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_MANIFESTS))
+def test_a_corrupt_manifest_is_one_line_exit_1_and_changes_nothing(tmp_path, capsys, case):
+    folder, _ = _installed_with_manifest(tmp_path)
+    content, expected = CORRUPT_MANIFESTS[case]
+    _manifest_file(folder).write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    before = tree(folder)
+    for argv in ([str(folder), "--restore", "-q"], [str(folder), "--restore", "--force", "-q"],
+                 [str(folder), "--restore", "--dry-run"], [str(folder), "-q"], [str(folder), "--dry-run"]):
+        assert cli.main(argv) == 1, argv
+        err = _one_refusal(capsys)
+        assert str(_manifest_file(folder)) in err and expected in err and "expected" in err, err
+        assert tree(folder) == before
+
+
+def test_second_install_refuses_to_overwrite_an_edited_file_unless_forced(tmp_path, capsys):
+    folder = tiny_checkpoint(tmp_path / "ck")
+    (folder / "modeling_minicpmv.py").write_text("# upstream's modeling file\n")
+    original = tree(folder)
+    assert cli.main([str(folder), "-q"]) == 0
+    manifest = json.loads(_manifest_file(folder).read_text())
+    assert manifest["installed"] == {name: sha256_file(FORK / name) for name in expected_files()}
+    with open(folder / "resampler.py", "a") as f:
+        f.write("# my local edit\n")
+    edited = tree(folder)
+    for argv in ([str(folder), "-q"], [str(folder), "--dry-run"]):
+        assert cli.main(argv) == 1
+        err = _one_refusal(capsys)
+        assert "'resampler.py'" in err and "modified after install" in err and "--force" in err, err
+        assert tree(folder) == edited
+    assert cli.main([str(folder), "-q", "--force"]) == 0
+    assert (folder / "resampler.py").read_bytes() == (FORK / "resampler.py").read_bytes()
+    assert cli.main([str(folder), "-q"]) == 0  # what --force wrote is now the installed copy
+    assert cli.main([str(folder), "--restore", "-q"]) == 0
+    assert tree(folder) == original
+
+
+def test_install_refuses_a_shipped_backup_that_does_not_match_the_folder(tmp_path, capsys):
+    """A checkpoint that ships a backup saying its own modeling file is 'absent' (restore would then
+    delete it): install and restore see a file that is neither the original nor an installed copy."""
+    folder = tiny_checkpoint(tmp_path / "ck")
+    (folder / "modeling_minicpmv.py").write_text("# upstream's modeling file\n")
+    manifest = {"format": install.INSTALL_FORMAT, "files": {"modeling_minicpmv.py": {"state": "absent"}}}
+    _manifest_file(folder).parent.mkdir()
+    _manifest_file(folder).write_text(json.dumps(manifest))
+    before = tree(folder)
+    for argv in ([str(folder), "-q"], [str(folder), "--restore", "-q"]):
+        assert cli.main(argv) == 1
+        assert "'modeling_minicpmv.py'" in _one_refusal(capsys)
+        assert tree(folder) == before
+
+
+def test_usage_errors_are_one_line_with_exit_2(capsys):
+    for argv in ([], ["--no-such-option"], ["a", "b"], ["x", "--restore", "--fork", "y"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("usage error: "), err
+
+
+def test_help_states_the_promises(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for promise in ("never through a symlink", "refused as a whole", "byte for byte", "unless --force",
+                    "temporary file and a rename", "kill -9", "completes it", "--restore undoes it",
+                    "change nothing", "0 done, 1 refused or failed", "2 usage error"):
+        assert promise in out, promise
+
+
+def test_unreadable_weight_index_is_a_one_line_refusal(tmp_path, capsys):
+    folder = tiny_checkpoint(tmp_path / "ck")
+    (folder / "model.safetensors.index.json").write_text("[1, 2")
+    assert cli.main([str(folder), "-q"]) == 1
+    assert "weight names cannot be read" in _one_refusal(capsys)
