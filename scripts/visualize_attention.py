@@ -8,6 +8,15 @@ real checkpoint folder (or a hub id, when online) for meaningful maps.
 
 Writes to --out (default ./attention_out): PNG plots, the attention record
 (record.safetensors + record.json) and index.html showing everything.
+
+Budget: memory and time beyond the model and its capture (which refuses what does not
+fit) do not grow with the image. The image is decoded once at full size (at most
+178,956,970 pixels) and refused before the model loads if preparing it needs more
+than 2 GiB (about 12 bytes per pixel for 8-bit RGB, 32 for 16-bit); an image so narrow
+or wide that one slice would get more than 4x the patches of a square image is
+refused. Plots draw downsampled copies only: at most 1024 px on the long side (8 Mpx
+per figure in all), panels at most 4:1 (more extreme images are drawn stretched), and
+every PNG is at most 4096 px a side and 8 Mpx.
 """
 import argparse
 import sys
@@ -19,7 +28,9 @@ def build_parser():
     p.add_argument("--model", default=None,
                    help="checkpoint folder or hub id (default: the tiny seeded demo model, random weights)")
     p.add_argument("--image", default=None, help="image file (default: matplotlib's grace_hopper.jpg)")
-    p.add_argument("--prompt", default=None, help="question about the image (default: 'Describe this image.')")
+    p.add_argument("--prompt", default=None,
+                   help="question about the image, plain text (not empty; no <image>, </image>, <slice> or </slice> "
+                        "markers: the image is put in by the tool). Default: 'Describe this image.'")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default 8)")
     p.add_argument("--layers", default=None, help="LLM layers to capture: '0,3', '2:6', 'all' (default all)")
     p.add_argument("--heads", default=None, help="LLM heads to capture (default all)")
@@ -29,7 +40,8 @@ def build_parser():
                         "Default: all for the demo model, generated with --model")
     p.add_argument("--vision-layers", default="-1",
                    help="SigLIP layers to keep (e.g. '-1', '0,13', 'all', 'none'); default the last one")
-    p.add_argument("--max-plot-tokens", type=int, default=16, help="generated tokens shown in the heatmap grid")
+    p.add_argument("--max-plot-tokens", type=int, default=16,
+                   help="generated tokens shown in the heatmap grid (1 to 128, default 16)")
     p.add_argument("--out", default="attention_out", help="output folder (default ./attention_out)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (checkpoint's)")

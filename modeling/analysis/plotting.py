@@ -7,6 +7,20 @@ Pixel size = ``figsize`` (inches) x ``dpi``; pass both to get an exact size.
 
 matplotlib is imported inside the functions: importing this module (or the
 package) never needs it.
+
+Drawing budget (memory and time do not grow with the image)
+-----------------------------------------------------------
+* Every image and map handed to matplotlib is downsampled first: its long side is at
+  most ``MAX_DRAW_SIDE`` (1024) px, and the panels of one figure together draw at most
+  ``MAX_DRAW_PIXELS`` (8 Mpx): a grid of n panels (one per token or resampler query)
+  draws each at most ``sqrt(8 Mpx / n)`` px on a side. A given image is reduced to that
+  size once, before any per-panel drawing; attention matrices larger than 1024 rows or
+  columns are drawn as block means.
+* Panels are drawn at an aspect ratio of at most ``MAX_ASPECT`` (4:1); a narrower or
+  wider image is drawn stretched to 4:1 and the title says so.
+* Every PNG is at most ``MAX_PNG_SIDE`` (4096) px on a side and ``MAX_PNG_PIXELS``
+  (8 Mpx) in all: automatic figure sizes are scaled down to fit, and an explicit
+  ``figsize`` x ``dpi`` above it is refused with a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -22,21 +36,53 @@ from ..image_processing_minicpmv import load_image, to_rgb
 from . import attention_map as am
 
 __all__ = [
-    "plot_token_heatmaps", "plot_head_image_share", "plot_attention_matrix",
+    "display_image", "plot_token_heatmaps", "plot_head_image_share", "plot_attention_matrix",
     "plot_role_shares", "plot_resampler_queries", "plot_vision_received",
 ]
 
 ROLE_COLORS = {"text": "#4C72B0", "image": "#DD8452", "special": "#8C8C8C"}
 
+# the drawing budget (see the module doc)
+MAX_DRAW_SIDE = 1024  # px, long side of any image or map drawn
+MAX_DRAW_PIXELS = 8_000_000  # px, all panels of one figure together
+MAX_ASPECT = 4.0  # panels are drawn at most 4:1 (narrower images are stretched)
+MAX_PANELS = 128  # panels (tokens, queries) in one figure
+MAX_PNG_SIDE = 4096  # px, either side of any PNG written
+MAX_PNG_PIXELS = 8_000_000  # px, width x height of any PNG written
+BUDGET = (f"plots draw images and maps downsampled to at most {MAX_DRAW_SIDE} px on the long side "
+          f"({MAX_DRAW_PIXELS // 1_000_000} Mpx per figure in all), panels at most {MAX_ASPECT:g}:1 (more extreme "
+          f"images are drawn stretched), and every PNG is at most {MAX_PNG_SIDE} px a side and "
+          f"{MAX_PNG_PIXELS // 1_000_000} Mpx")
+
 
 # ----------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------
-def _figure(figsize, dpi):
+def _png_size(figsize, dpi) -> Tuple[int, int]:
+    return round(float(figsize[0]) * dpi), round(float(figsize[1]) * dpi)
+
+
+def _fit_figsize(figsize, dpi, auto: bool) -> Tuple[float, float]:
+    """``figsize`` scaled down (keeping its shape) so the PNG fits the budget when it was
+    computed here (``auto``); an explicit one that does not fit is refused."""
+    if dpi <= 0 or min(float(figsize[0]), float(figsize[1])) <= 0:
+        raise ValueError(f"figsize={tuple(figsize)}, dpi={dpi}: expected positive sizes")
+    w, h = _png_size(figsize, dpi)
+    k = min(1.0, MAX_PNG_SIDE / w, MAX_PNG_SIDE / h, math.sqrt(MAX_PNG_PIXELS / (w * h)))
+    if k >= 1.0:
+        return float(figsize[0]), float(figsize[1])
+    if not auto:
+        raise ValueError(
+            f"figsize={tuple(figsize)} at dpi={dpi} makes a {w} x {h} px PNG; expected at most "
+            f"{MAX_PNG_SIDE} px a side and {MAX_PNG_PIXELS:,} pixels (smaller figsize or dpi)")
+    return max(1, math.floor(w * k)) / dpi, max(1, math.floor(h * k)) / dpi
+
+
+def _figure(figsize, dpi, auto: bool = True):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    fig = Figure(figsize=_fit_figsize(figsize, dpi, auto), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -45,10 +91,67 @@ def _save(fig, path, dpi) -> str:
     import io
 
     path = os.fspath(path)
+    w, h = _png_size(fig.get_size_inches(), dpi)
+    if w > MAX_PNG_SIDE or h > MAX_PNG_SIDE or w * h > MAX_PNG_PIXELS:  # _figure keeps this from happening
+        raise ValueError(f"{path}: a {w} x {h} px PNG is above the budget ({BUDGET})")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def _panel_side(n_panels: int, want: int = MAX_DRAW_SIDE) -> int:
+    """Largest side (px) each of ``n_panels`` panels may draw at within the budget."""
+    return int(max(16, min(want, MAX_DRAW_SIDE, math.isqrt(MAX_DRAW_PIXELS // max(1, n_panels)))))
+
+
+def _check_max_side(max_side: int) -> int:
+    if not 1 <= int(max_side) <= MAX_DRAW_SIDE:
+        raise ValueError(f"max_side={max_side}: expected 1 to {MAX_DRAW_SIDE} px (the drawing budget)")
+    return int(max_side)
+
+
+def _fit_aspect(size, side: int) -> Tuple[int, int]:
+    """(w, h) with long side ``side`` and the shape of ``size`` = (w, h), stretched to at most
+    ``MAX_ASPECT``:1."""
+    w, h = float(size[0]), float(size[1])
+    side = max(1, int(side))
+    if w >= h:
+        return side, max(1, min(side, round(max(h * side / w, side / MAX_ASPECT))))
+    return max(1, min(side, round(max(w * side / h, side / MAX_ASPECT)))), side
+
+
+def _display_size(size: Tuple[int, int], max_side: Optional[int]) -> Tuple[int, int]:
+    """Drawing size of an image of ``size``: long side at most ``max_side`` (and the budget),
+    never enlarged, at most ``MAX_ASPECT``:1 (more extreme shapes are stretched)."""
+    w, h = int(size[0]), int(size[1])
+    side = min(max(w, h), int(max_side or MAX_DRAW_SIDE), MAX_DRAW_SIDE)
+    return _fit_aspect((w, h), side)
+
+
+def _stretch_note(size) -> str:
+    """Title note for an image drawn stretched (aspect above ``MAX_ASPECT``), else ''."""
+    w, h = float(size[0]), float(size[1])
+    r = max(w, h) / max(min(w, h), 1e-9)
+    if r <= MAX_ASPECT:
+        return ""
+    shape = f"{r:.0f}:1" if w > h else f"1:{r:.0f}"
+    return f" [{shape} image drawn stretched to {MAX_ASPECT:g}:1]"
+
+
+def _block_mean(a, max_rows: int, max_cols: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """``a`` [..., R, C] averaged over blocks so that it has at most ``max_rows`` x ``max_cols``
+    entries; returns (array, (rows per block, cols per block)). Small arrays come back as they are."""
+    a = np.asarray(a)
+    R, C = a.shape[-2:]
+    fy, fx = max(1, -(-R // max(1, max_rows))), max(1, -(-C // max(1, max_cols)))
+    if fy == 1 and fx == 1:
+        return a, (1, 1)
+    ry, rx = np.arange(0, R, fy), np.arange(0, C, fx)
+    s = np.add.reduceat(a, ry, axis=-2, dtype=np.float64)
+    s = np.add.reduceat(s, rx, axis=-1)
+    cy, cx = np.diff(np.append(ry, R)), np.diff(np.append(rx, C))
+    return (s / (cy[:, None] * cx[None, :])).astype(np.float32), (fy, fx)
 
 
 def _label(tok: Optional[str], n: int = 14) -> str:
@@ -60,28 +163,42 @@ def _label(tok: Optional[str], n: int = 14) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _load_image(image):
-    """PIL RGB image from a PIL image, a path or an [H, W(, C)] array; None stays None."""
+def _load_image(image, size: Tuple[int, int]) -> Optional[np.ndarray]:
+    """RGB uint8 array [h, w, 3] of ``image`` (PIL image, path or [H, W(, C)] array) resized to
+    ``size`` = (w, h) (at most ``MAX_DRAW_SIDE`` a side); None stays None. A large RGB or
+    grey image is reduced before anything else is done with it."""
     if image is None:
         return None
     from PIL import Image
 
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
+    size = (max(1, min(int(size[0]), MAX_DRAW_SIDE)), max(1, min(int(size[1]), MAX_DRAW_SIDE)))
     if isinstance(image, (str, os.PathLike)):
-        return to_rgb(load_image(image))
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr).convert("RGB")
+        image = load_image(image)
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr)
+    resample = Image.Resampling.BILINEAR
+    if image.mode in ("RGB", "L"):  # shrink first: no full-size copy
+        image = image.resize(size, resample, reducing_gap=3.0)
+    out = to_rgb(image)
+    if out.size != size:
+        out = out.resize(size, resample, reducing_gap=3.0)
+    return np.asarray(out.convert("RGB"))
 
 
-def _display_size(size: Tuple[int, int], max_side: Optional[int]) -> Tuple[int, int]:
-    w, h = size
-    if not max_side or max(w, h) <= max_side:
-        return int(w), int(h)
-    k = max_side / max(w, h)
-    return max(1, round(w * k)), max(1, round(h * k))
+def display_image(image, max_side: int = MAX_DRAW_SIDE):
+    """A PIL RGB copy of ``image`` (PIL image, path or array) small enough to draw: long side at
+    most ``max_side`` (<= ``MAX_DRAW_SIDE``), at most ``MAX_ASPECT``:1. The plot functions take it
+    in place of the original (they place everything by fractions of the image), so a caller can
+    drop the full-size image before plotting."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    size = image.size if isinstance(image, Image.Image) else np.asarray(image).shape[1::-1]
+    return Image.fromarray(_load_image(image, _display_size(size, _check_max_side(max_side))))
 
 
 def _image_geometry(layout, image_index: int, max_side: Optional[int]):
@@ -135,10 +252,17 @@ def plot_token_heatmaps(
     generated tokens, else the last position), each titled with the token it produced
     ("pos -> 'tok'") or its own token, and its image-attention share.
 
-    ``image`` (PIL image, path or array) is drawn under the maps when given.
+    ``image`` (PIL image, path or array; the original or a smaller copy such as
+    :func:`display_image`'s) is drawn under the maps when given.
     Colours: attention mass per displayed pixel (see ``attention_map.image_heatmap``);
-    one colour bar per panel, or one shared one with ``shared_scale``.
+    one colour bar per panel, or one shared one with ``shared_scale``. Maps are computed at
+    the drawing size (long side ``max_side``, at most 1024, less when many panels share the
+    figure's budget: see the module doc).
     """
+    _check_max_side(max_side)
+    if not 1 <= int(max_tokens) <= MAX_PANELS:
+        raise ValueError(f"max_tokens={max_tokens}: expected 1 to {MAX_PANELS} panels")
+    auto = figsize is None
     layout = am._need_layout(record, "plot_token_heatmaps")
     L = am._seq_len(record)
     if positions is None:
@@ -147,10 +271,8 @@ def plot_token_heatmaps(
     positions = [int(p) + L if int(p) < 0 else int(p) for p in positions][:max_tokens]
     if not positions:
         raise ValueError("plot_token_heatmaps: no token positions to draw")
-    im_layout, size, disp = _image_geometry(layout, image_index, max_side)
-    pil = _load_image(image)
-    if pil is not None:
-        pil = pil.resize(disp)
+    im_layout, size, disp = _image_geometry(layout, image_index, _panel_side(len(positions), max_side))
+    pil = _load_image(image, disp)
 
     maps = [
         am.image_heatmap(record, p, layers=layers, heads=heads, head_reduce=head_reduce,
@@ -166,7 +288,7 @@ def plot_token_heatmaps(
     if figsize is None:
         pw = 3.2
         figsize = (max(6.0, ncols * pw + (0.9 if shared_scale else 0.0)), nrows * (pw * aspect + 0.5) + 0.7)
-    fig = _figure(figsize, dpi)
+    fig = _figure(figsize, dpi, auto)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     vmax = max(float(m.map.max()) for m in maps) if shared_scale else None
     ext = (0, disp[0], disp[1], 0)
@@ -198,7 +320,8 @@ def plot_token_heatmaps(
     fig.suptitle(
         f"Where each token's attention lands on image {image_index}\n"
         f"{_layers_desc(maps[0].layers, layer_reduce)}, {_heads_desc(heads, head_reduce)}, "
-        f"{' + '.join(parts)}; colour = attention mass per pixel, % = share on this image's tokens",
+        f"{' + '.join(parts)}; colour = attention mass per pixel, % = share on this image's tokens"
+        f"{_stretch_note(size)}",
         fontsize=9, wrap=True,
     )
     return _save(fig, path, dpi)
@@ -227,9 +350,10 @@ def plot_head_image_share(
     rs = am.role_shares(record, rows=rows, layers=layers, heads=heads, per_head=True)
     grid = np.asarray(rs[role], dtype=float)  # [n_layers, n_heads]
     nl, nh = grid.shape
+    auto = figsize is None
     if figsize is None:
         figsize = (min(16.0, 2.2 + 0.45 * nh), min(16.0, 1.6 + 0.32 * nl))
-    fig = _figure(figsize, dpi)
+    fig = _figure(figsize, dpi, auto)
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
                    interpolation="nearest")
@@ -282,7 +406,8 @@ def plot_attention_matrix(
     marking text / image / special tokens along both axes and token labels where
     they fit (at most ``max_labels`` per axis). The colour scale tops out at the
     ``clip_quantile`` of the positive entries (None: at the maximum), so that an
-    attention sink does not flatten everything else."""
+    attention sink does not flatten everything else. A matrix with more than 1024 rows
+    or columns is drawn as means over blocks of rows x columns (the colour bar says so)."""
     from matplotlib.colors import ListedColormap, LogNorm
     from matplotlib.patches import Patch
 
@@ -302,11 +427,14 @@ def plot_attention_matrix(
     def role_codes(ps):
         return np.array([ROLE_CODES[roles[p]] if p < len(roles) else ROLE_CODES["text"] for p in ps])
 
+    auto = figsize is None
     if figsize is None:
         side = float(np.clip(0.12 * max(len(rows), len(cols)) + 3.0, 5.0, 14.0))
         figsize = (side + 1.2, side)
-    fig = _figure(figsize, dpi)
+    fig = _figure(figsize, dpi, auto)
     ax = fig.add_subplot()
+    mat, (fy, fx) = _block_mean(mat, MAX_DRAW_SIDE, MAX_DRAW_SIDE)  # what is drawn
+    ext = (-0.5, len(cols) - 0.5, len(rows) - 0.5, -0.5)  # axes stay in row / column units
     pos = mat[mat > 0]
     top = float(mat.max()) if mat.size else 1.0
     if clip_quantile is not None and pos.size:
@@ -315,16 +443,17 @@ def plot_attention_matrix(
     clipped = mat.size > 0 and top < float(mat.max())
     if log_scale:
         norm = LogNorm(vmin=min(max(float(pos.min()) if pos.size else 1e-6, 1e-6), top / 10), vmax=top)
-        im = ax.imshow(np.where(mat > 0, mat, np.nan), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        im = ax.imshow(np.where(mat > 0, mat, np.nan), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest",
+                       extent=ext)
     else:
-        im = ax.imshow(mat, cmap=cmap, vmin=0.0, vmax=top, aspect="auto", interpolation="nearest")
+        im = ax.imshow(mat, cmap=cmap, vmin=0.0, vmax=top, aspect="auto", interpolation="nearest", extent=ext)
     band_cmap = ListedColormap([ROLE_COLORS[r] for r in ROLES])
     top = ax.inset_axes([0.0, 1.005, 1.0, 0.025])
-    top.imshow(role_codes(cols)[None, :], cmap=band_cmap, vmin=0, vmax=len(ROLES) - 1,
-               aspect="auto", interpolation="nearest")
+    top.imshow(role_codes(cols[::fx])[None, :], cmap=band_cmap, vmin=0, vmax=len(ROLES) - 1,
+               aspect="auto", interpolation="nearest", extent=(ext[0], ext[1], 0.5, -0.5))
     left = ax.inset_axes([-0.025, 0.0, 0.02, 1.0])
-    left.imshow(role_codes(rows)[:, None], cmap=band_cmap, vmin=0, vmax=len(ROLES) - 1,
-                aspect="auto", interpolation="nearest")
+    left.imshow(role_codes(rows[::fy])[:, None], cmap=band_cmap, vmin=0, vmax=len(ROLES) - 1,
+                aspect="auto", interpolation="nearest", extent=(-0.5, 0.5, ext[2], ext[3]))
     top.set_xticks([])
     top.set_yticks([])
     left.set_xticks([])
@@ -349,7 +478,8 @@ def plot_attention_matrix(
     left.set_ylabel("query token" + ("" if len(rows) <= max_labels else " position"))
     cb = fig.colorbar(im, ax=ax, shrink=0.85, extend="max" if clipped else "neither")
     cb.set_label("attention probability" + (" (log)" if log_scale else "")
-                 + (f", clipped at the {clip_quantile:.1%} quantile" if clipped else ""))
+                 + (f", clipped at the {clip_quantile:.1%} quantile" if clipped else "")
+                 + (f"\nmean over blocks of {fy} rows x {fx} columns" if fy * fx > 1 else ""))
     ax.legend(handles=[Patch(color=ROLE_COLORS[r], label=r) for r in ROLES], loc="upper right",
               fontsize=7, title="token role", title_fontsize=7, framealpha=0.8)
     ax.set_title(f"LLM layer {layer} attention ({_heads_desc(heads, head_reduce)}): "
@@ -375,9 +505,10 @@ def plot_role_shares(
     left out and named in the legend."""
     rs = am.role_shares(record, rows=rows, layers=layers, heads=heads)
     n = len(rs.layers)
+    auto = figsize is None
     if figsize is None:
         figsize = (float(np.clip(3.5 + 0.3 * n, 5.5, 16.0)), 4.0)
-    fig = _figure(figsize, dpi)
+    fig = _figure(figsize, dpi, auto)
     ax = fig.add_subplot()
     x = np.arange(n)
     bottom = np.zeros(n)
@@ -418,37 +549,57 @@ def plot_resampler_queries(
     dpi: int = 100,
 ) -> str:
     """Grid of the resampler's query maps over one slice's patch grid (heads mean),
-    drawn over that slice's crop of ``image`` (the original image) when given."""
+    drawn over that slice's crop of ``image`` (the original image or a smaller copy such as
+    :func:`display_image`'s) when given.
+
+    The image is reduced to at most 1024 px before it is cropped, and each panel draws the
+    crop and its map at most ``sqrt(8 Mpx / panels)`` px a side (see the module doc). With
+    ``queries=None`` at most ``MAX_PANELS`` (128) queries are drawn, the first ones."""
+    auto = figsize is None
     layout = am._need_layout(record, "plot_resampler_queries")
     maps = am.resampler_query_maps(record, image_index, slice, heads, "mean")  # [Q, h, w]
     sl = layout.slices[am.find_slice(layout, image_index, slice)]
     Q = maps.shape[0]
-    queries = list(range(Q)) if queries is None else [int(q) for q in queries]
+    if queries is None:
+        queries = list(range(min(Q, MAX_PANELS)))
+    else:
+        queries = [int(q) for q in queries]
+        if not 1 <= len(queries) <= MAX_PANELS:
+            raise ValueError(f"queries: expected 1 to {MAX_PANELS} query ids, got {len(queries)}")
     bad = [q for q in queries if not 0 <= q < Q]
     if bad:
         raise ValueError(f"queries {bad} out of range (resampler has {Q} queries)")
     n = len(queries)
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
     h, w = (int(v) for v in sl.tgt_size)
+    # panel drawing size (px) in the slice's shape (at most MAX_ASPECT:1), within the figure's budget
+    pw_px, ph_px = _fit_aspect((w, h), _panel_side(n))
+    aspect = ph_px / pw_px
+    ncols = ncols or max(1, min(n, math.ceil(math.sqrt(n * aspect) - 1e-9)))  # a roughly square grid
+    nrows = math.ceil(n / ncols)
+    drawn, _ = _block_mean(maps[queries], ph_px, pw_px)  # [n, <= ph_px, <= pw_px]
     crop = None
-    pil = _load_image(image)
-    if pil is not None:
-        x0, y0, x1, y1 = sl.box
-        crop = pil.crop((int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))))
-    aspect = h / w
+    if image is not None:
+        _, (W, H), small_size = _image_geometry(layout, image_index, MAX_DRAW_SIDE)
+        small = _load_image(image, small_size)  # reduced before cropping
+        kx, ky = small.shape[1] / W, small.shape[0] / H
+        x0, y0, x1, y1 = (float(v) for v in sl.box)
+        c0, r0 = min(int(x0 * kx), small.shape[1] - 1), min(int(y0 * ky), small.shape[0] - 1)
+        c1, r1 = max(c0 + 1, math.ceil(x1 * kx)), max(r0 + 1, math.ceil(y1 * ky))
+        from PIL import Image
+
+        crop = np.asarray(Image.fromarray(small[r0:r1, c0:c1]).resize((pw_px, ph_px), Image.Resampling.BILINEAR))
     if figsize is None:
-        pw = float(np.clip(9.0 / ncols, 0.8, 2.2))
-        figsize = (ncols * pw + 1.0, nrows * (pw * aspect + 0.25) + 0.6)
-    fig = _figure(figsize, dpi)
+        pw = float(np.clip(9.0 / ncols, 0.8, 2.2)) / math.sqrt(aspect)  # panel area as for a square one
+        figsize = (max(6.0, ncols * pw + 1.0), max(3.0, nrows * (pw * aspect + 0.25) + 0.8))
+    fig = _figure(figsize, dpi, auto)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    vmax = float(maps[queries].max()) or 1.0
+    vmax = float(drawn.max()) or 1.0
     im = None
-    for ax, q in zip(axes, queries):
-        ext = (0, w, h, 0)
+    ext = (0, pw_px, ph_px, 0)
+    for ax, q, m in zip(axes, queries, drawn):
         if crop is not None:
             ax.imshow(crop, extent=ext)
-        im = ax.imshow(maps[q], extent=ext, cmap=cmap, vmin=0.0, vmax=vmax,
+        im = ax.imshow(m, extent=ext, cmap=cmap, vmin=0.0, vmax=vmax,
                        alpha=alpha if crop is not None else 1.0, interpolation="nearest")
         ax.set_title(f"q{q}", fontsize=7, pad=2)
         ax.set_xticks([])
@@ -459,8 +610,10 @@ def plot_resampler_queries(
     cb.set_label("resampler attention (heads mean)")
     kind = "source image" if sl.kind == "source" else (
         f"slice {sl.index}" + ("" if sl.grid_pos is None else f" (grid row {sl.grid_pos[0]}, col {sl.grid_pos[1]})"))
+    more = f"; first {n} of {Q} queries" if n < Q and len(queries) == n and queries == list(range(n)) else ""
     fig.suptitle(f"Resampler queries over image {image_index}, {kind}\n{h} x {w} patches, "
-                 f"box {tuple(round(float(v), 1) for v in sl.box)}", fontsize=9)
+                 f"box {tuple(round(float(v), 1) for v in sl.box)}{more}{_stretch_note((w, h))}", fontsize=9,
+                 wrap=True)
     return _save(fig, path, dpi)
 
 
@@ -483,7 +636,11 @@ def plot_vision_received(
 
     ``layer``: a captured vision layer id (negative counts from the last captured one) or
     ``"rollout"``. Each slice's map is normalised to a mean of 1, so 1 = average attention.
+    ``image`` may be the original or a smaller copy (:func:`display_image`); everything is
+    drawn at most ``max_side`` (<= 1024) px on the long side.
     """
+    _check_max_side(max_side)
+    auto = figsize is None
     layout = am._need_layout(record, "plot_vision_received")
     captured = record.layers("vision")
     if not captured:
@@ -493,9 +650,7 @@ def plot_vision_received(
             raise ValueError(f"layer {layer}: only {len(captured)} vision layers captured ({captured})")
         layer = captured[layer]
     im_layout, size, disp = _image_geometry(layout, image_index, max_side)
-    pil = _load_image(image)
-    if pil is not None:
-        pil = pil.resize(disp)
+    pil = _load_image(image, disp)
     panels = {"overview": np.zeros(disp[::-1]), "grid slices": np.zeros(disp[::-1])}
     for sl in im_layout.slices:
         patch_map = am.vision_received_map(record, layer, image_index, sl.index, heads, "mean")
@@ -509,7 +664,7 @@ def plot_vision_received(
     show = [k for k in panels if panels[k].any()]
     if figsize is None:
         figsize = (3.4 * len(show) + 1.0, 3.4 * disp[1] / disp[0] + 0.9)
-    fig = _figure(figsize, dpi)
+    fig = _figure(figsize, dpi, auto)
     axes = np.atleast_1d(fig.subplots(1, len(show), squeeze=False)).ravel()
     vmax = max(float(panels[k].max()) for k in show) or 1.0
     ext = (0, disp[0], disp[1], 0)
@@ -524,6 +679,6 @@ def plot_vision_received(
         ax.set_yticks([])
     cb = fig.colorbar(im, ax=list(axes), shrink=0.85)
     cb.set_label("attention received / slice mean")
-    fig.suptitle(f"SigLIP layer {layer}: attention each patch receives (heads mean) on image {image_index}",
-                 fontsize=9)
+    fig.suptitle(f"SigLIP layer {layer}: attention each patch receives (heads mean) on image {image_index}"
+                 f"{_stretch_note(size)}", fontsize=9, wrap=True)
     return _save(fig, path, dpi)

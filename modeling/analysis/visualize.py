@@ -4,23 +4,96 @@ What ``scripts/visualize_attention.py`` runs, importable for notebooks. With ``m
 it uses the embedded tiny demo model (seeded RANDOM weights, built locally) and, with
 ``image=None``, a real photo bundled with matplotlib: the maps then show the pipeline, not
 meaning.
+
+Budget (what bounds memory and time beyond the model and its capture, which the capture
+checks itself, see ``CaptureTooLarge``): the image is decoded once at full size (at most
+``load_image``'s pixel limit) and refused before the model loads when preparing it would
+take more than ``IMAGE_BUDGET_BYTES`` (2 GiB; about 12 bytes per pixel for 8-bit RGB, so every
+RGB image the loader accepts, 16 for RGBA, 32 for 16-bit images); an image so narrow or wide
+that one slice would get more than ``MAX_SLICE_PATCHES_FACTOR`` (4) times the patches of a
+square image is refused before the capture runs; the plots draw downsampled copies only (see ``plotting``: at most 1024 px
+drawn per image, every PNG at most 4096 px a side and 8 Mpx).
 """
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..attention_record import AttentionRecord, atomic_write_text
 from ..capture import CaptureError, parse_index_list
 from ..demo import demo_image_path
-from ..image_processing_minicpmv import load_image
+from ..image_processing_minicpmv import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from . import pipeline
 from . import plotting as pl
 from .pipeline import DEFAULT_PROMPT, ToolError
 from .report import render_index
 
-__all__ = ["Visualization", "visualize"]
+__all__ = ["BUDGET", "IMAGE_BUDGET_BYTES", "RESERVED_MARKERS", "Visualization", "check_prompt",
+           "image_cost_bytes", "visualize"]
+
+IMAGE_BUDGET_BYTES = 2 * 2**30
+# peak bytes per pixel of preparing an image and chatting about it (decoded image, the copies chat
+# and the processor make, RGB conversion, 16-bit scaling), measured on the main command with margin
+# (RGB 11, RGBA 11.5, L 5, P 6, I;16 27); other modes count as 16
+BYTES_PER_PIXEL = {"1": 8, "L": 8, "P": 8, "RGB": 12, "YCbCr": 12, "LA": 16, "PA": 16, "RGBA": 16, "RGBX": 16,
+                   "RGBa": 16, "CMYK": 16, "I;16": 32, "I;16L": 32, "I;16B": 32, "I;16N": 32, "I": 40, "F": 40}
+MAX_SLICE_PATCHES_FACTOR = 4
+# markers the processor reserves for image placeholders: typed by the user they break the prompt
+RESERVED_MARKERS = ("<image>", "</image>", "<slice>", "</slice>")
+BUDGET = (f"Budget: the image is decoded at full size (at most {DEFAULT_MAX_IMAGE_PIXELS:,} pixels) and refused "
+          f"before the model loads if preparing it needs more than {IMAGE_BUDGET_BYTES / 2**30:g} GiB (about 12 bytes "
+          f"per pixel for 8-bit RGB, 32 for 16-bit); an image so narrow or wide that a slice would get more than "
+          f"{MAX_SLICE_PATCHES_FACTOR}x the patches of a square image is refused; " + pl.BUDGET + ".")
+
+
+def image_cost_bytes(size: Tuple[int, int], mode: str) -> int:
+    """Estimated peak bytes of preparing an image of ``size`` = (w, h) and PIL ``mode``."""
+    return int(size[0]) * int(size[1]) * BYTES_PER_PIXEL.get(mode, 16)
+
+
+def check_prompt(prompt: Optional[str], markers: Sequence[str] = RESERVED_MARKERS) -> str:
+    """The prompt to use: None -> the default; refuse (ToolError) an empty one or one with a
+    marker the processor reserves for image placeholders."""
+    if prompt is None:
+        return DEFAULT_PROMPT
+    if not prompt.strip():
+        raise ToolError(f"--prompt: expected a question about the image, found an empty prompt {prompt!r}")
+    found = [m for m in markers if m in prompt]
+    if found:
+        raise ToolError(f"--prompt: expected plain text without image markers, found {', '.join(found)} (reserved "
+                        f"for the image placeholder; the tool inserts the image itself): remove them")
+    return prompt
+
+
+def _check_image_budget(picture, image_path: str) -> None:
+    need = image_cost_bytes(picture.size, picture.mode)
+    if need > IMAGE_BUDGET_BYTES:
+        w, h = picture.size
+        per = BYTES_PER_PIXEL.get(picture.mode, 16)
+        raise ToolError(
+            f"--image {image_path}: expected an image that takes at most {IMAGE_BUDGET_BYTES / 2**30:g} GiB to "
+            f"prepare (at most {IMAGE_BUDGET_BYTES // per:,} pixels in mode {picture.mode}), found {w} x {h} = "
+            f"{w * h:,} pixels in mode {picture.mode}: about {need / 2**30:.1f} GiB ({per} bytes per pixel); "
+            f"downscale it or convert it to 8-bit RGB")
+
+
+def _check_slices(processor, picture, image_path: str) -> None:
+    ip = getattr(processor, "image_processor", None)
+    if ip is None or not hasattr(ip, "get_slice_layout"):
+        return
+    square = (int(ip.scale_resolution) // int(ip.patch_size)) ** 2
+    limit = MAX_SLICE_PATCHES_FACTOR * square
+    lay = ip.get_slice_layout(picture.size)
+    worst = max(lay.slices, key=lambda sl: int(sl.tgt_size[0]) * int(sl.tgt_size[1]))
+    ph, pw = (int(v) for v in worst.tgt_size)
+    if ph * pw > limit:
+        w, h = picture.size
+        raise ToolError(
+            f"--image {image_path}: expected at most {limit:,} patches per slice ({MAX_SLICE_PATCHES_FACTOR}x a square "
+            f"image's {square:,}), found {ph} x {pw} = {ph * pw:,} in slice {worst.index} of this {w} x {h} image "
+            f"(aspect {max(w, h) / min(w, h):.0f}:1; vision attention grows with the square: about "
+            f"{(ph * pw / square) ** 2:,.0f}x a square image's work); crop it or pad it to a less extreme shape")
 
 
 @dataclass
@@ -48,12 +121,19 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
     on the command line (``"0,3"``, ``"2:6"``, ``"all"``); ``rows`` is ``"all"`` or
     ``"generated"`` (default: all for the demo model, generated otherwise). Bad selections, an
     unreadable image, a model that does not load or a capture that is refused raise
-    :class:`~.pipeline.ToolError` (selections and the image are checked before the model loads).
+    :class:`~.pipeline.ToolError`, and so do an empty prompt, one with image markers
+    (``RESERVED_MARKERS``) and an image beyond the budget (module doc); the selections, the
+    prompt and the image are checked before the model loads.
     ``log`` receives progress lines (default: stderr, nothing with ``quiet``).
     """
     import torch
     from tqdm.auto import tqdm
 
+    prompt = check_prompt(prompt)
+    if max_new_tokens < 1:
+        raise ToolError(f"--max-new-tokens: expected at least 1, found {max_new_tokens}")
+    if not 1 <= max_plot_tokens <= pl.MAX_PANELS:
+        raise ToolError(f"--max-plot-tokens: expected 1 to {pl.MAX_PANELS} panels, found {max_plot_tokens}")
     try:
         layer_list = parse_index_list(layers, "layers")
         head_list = parse_index_list(heads, "heads")
@@ -63,8 +143,7 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
         picture = load_image(image_path)
     except (ValueError, FileNotFoundError) as e:
         raise ToolError(str(e)) from e
-    if max_new_tokens < 1:
-        raise ToolError("--max-new-tokens must be at least 1")
+    _check_image_budget(picture, image_path)
     torch.manual_seed(seed)
     t0 = time.time()
     if log is None:
@@ -74,6 +153,12 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
         net, processor, is_demo = pipeline.load_model_and_processor(model, device, dtype)
     except (OSError, ValueError) as e:
         raise ToolError(str(e)) from e
+    _check_slices(processor, picture, image_path)
+    # a custom checkpoint may name its markers differently
+    ip = getattr(processor, "image_processor", None)
+    check_prompt(prompt, tuple(RESERVED_MARKERS) + tuple(
+        str(getattr(ip, a)) for a in ("im_start_token", "im_end_token", "slice_start_token", "slice_end_token")
+        if isinstance(getattr(ip, a, None), str) and getattr(ip, a)))
     if rows is None:
         rows = "all" if is_demo else "generated"
     stages = ["llm", "resampler"]
@@ -83,7 +168,7 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
         layer_sel["vision"] = vision_list
     spec = {"stages": stages, "rows": rows, "dtype": "float32", "device": "cpu", "layers": layer_sel,
             "heads": {"llm": head_list} if head_list is not None else None}
-    prompt = prompt or DEFAULT_PROMPT
+    display = pl.display_image(picture)  # what the plots draw (at most 1024 px); the model gets the original
     try:
         # the random demo model would often stop after a token or two: make it say max_new_tokens
         answer, record = pipeline.capture_chat(net, processor, picture, prompt, spec, max_new_tokens,
@@ -91,6 +176,7 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
                                                min_new_tokens=max_new_tokens if is_demo else 0)
     except CaptureError as e:
         raise ToolError(str(e)) from e
+    del picture  # the full-size image is not needed any more
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     record.meta.update(image=os.path.abspath(image_path), demo=is_demo)
@@ -102,18 +188,19 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
     plots = [
         ("token_heatmaps.png", "Where each generated token looked in the image (LLM attention to image tokens x "
                                "resampler attention, mean over layers and heads)",
-         lambda p: pl.plot_token_heatmaps(record, p, image=picture, positions=gen_rows)),
+         lambda p: pl.plot_token_heatmaps(record, p, image=display, positions=gen_rows,
+                                          max_tokens=max_plot_tokens)),
         ("head_image_share.png", "Share of attention on image tokens per layer and head (generated rows)",
          lambda p: pl.plot_head_image_share(record, p, rows="generated")),
         ("role_shares.png", "Text vs image vs special attention share per layer (generated rows)",
          lambda p: pl.plot_role_shares(record, p, rows="generated")),
         ("resampler_queries.png", "Resampler query maps over the overview slice",
-         lambda p: pl.plot_resampler_queries(record, p, image=picture, slice=0)),
+         lambda p: pl.plot_resampler_queries(record, p, image=display, slice=0)),
     ]
     if not no_vision:
         plots.append(("vision_received.png", "SigLIP: attention each patch receives (last captured layer), "
                                               "overview and grid slices",
-                      lambda p: pl.plot_vision_received(record, p, image=picture)))
+                      lambda p: pl.plot_vision_received(record, p, image=display)))
     if rows == "all":
         plots.insert(2, (f"attention_matrix_layer{llm_layers[-1]}.png",
                          f"LLM attention matrix, layer {llm_layers[-1]}, mean over heads, with token roles",
