@@ -27,6 +27,7 @@ class MiniCPMVSliceConfig(PretrainedConfig):
         self.max_slice_nums = max_slice_nums
         self.scale_resolution = scale_resolution
 
+    # fork: configuration_minicpm.MiniCPMVSliceConfig
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "PretrainedConfig":
         config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
@@ -98,10 +99,12 @@ class MiniCPMVConfig(Qwen2Config):
                 f"MiniCPMVConfig.vision_config: expected a dict or SiglipVisionConfig, got {type(vision_config).__name__}"
             )
         self.patch_size = self.vision_config.patch_size
+        # fork: configuration_minicpm.MiniCPMVConfig
         kwargs.pop("slice_mode", None)
         kwargs.pop("patch_size", None)
         super().__init__(use_cache=use_cache, **kwargs)
 
+    # fork: configuration_minicpm.MiniCPMVConfig
     def to_dict(self):
         out = super().to_dict()
         for key in ("slice_config", "vision_config"):

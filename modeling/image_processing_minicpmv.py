@@ -18,6 +18,7 @@ row, ``reshape_by_patch`` layout), ``image_sizes`` = per sample the ``(width, he
 each image, ``tgt_sizes`` = per sample an ``[n_slices, 2]`` array of (patch rows, patch
 cols) (``[]`` for a sample without images).
 """
+# fork: image_processing_minicpmv (rewritten file)
 from __future__ import annotations
 
 import io
@@ -30,7 +31,7 @@ import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .layout import ImageLayout, SliceLayout  # fork: the one slice-layout type (boxes in the original image)
+from .layout import ImageLayout, SliceLayout  # fork: image_processing_minicpmv (one slice-layout type)
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",

@@ -20,14 +20,17 @@ from .capture import (AttentionCapture, CaptureError, CaptureSpec, attached, pad
                       special_token_ids, token_roles)
 from .checkpoint import CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights
 from .configuration_minicpm import MiniCPMVConfig
-from .layout import ImageLayout  # noqa: F401  # fork: transformers 4.4x copies only direct imports (attention_record needs it)
+from .layout import ImageLayout  # noqa: F401  # fork: modeling_minicpmv.MiniCPMV.chat (4.4x copies direct imports only)
 from .modeling_navit_siglip import SiglipVisionTransformer
+# fork: modeling_minicpmv.Qwen2ForCausalLM -- the fork's own Qwen2 (same keys, capture)
+# fork: modeling_minicpmv.MiniCPMVPreTrainedModel -- and its Qwen2PreTrainedModel
 from .modeling_qwen2 import CACHE_FIELD, Qwen2ForCausalLM, Qwen2PreTrainedModel, dtype_kwargs, output_cache
 from .resampler import Resampler
 
 TERMINATORS = ["<|im_end|>", "<|endoftext|>"]
 
 
+# fork: modeling_minicpmv.MiniCPMV.forward
 @dataclass
 class MiniCPMVOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the vision-side attention and the raw capture.
@@ -44,6 +47,7 @@ class MiniCPMVOutput(CausalLMOutputWithPast):
     capture_index: Optional[Dict[str, Any]] = None
 
 
+# fork: modeling_minicpmv.MiniCPMV.generate
 @dataclass
 class MiniCPMVGenerateOutput(ModelOutput):
     """What ``generate`` returns when attention is requested.
@@ -67,6 +71,7 @@ class MiniCPMVGenerateOutput(ModelOutput):
 
 class MiniCPMVPreTrainedModel(Qwen2PreTrainedModel):
     config_class = MiniCPMVConfig
+    # fork: modeling_minicpmv.MiniCPMVPreTrainedModel
     _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer"]
 
 
@@ -82,9 +87,11 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         self.resampler = self.init_resampler(self.embed_dim, self.vision_dim)
         self._processor = None
         self.terminators = list(TERMINATORS)
+        # fork: modeling_minicpmv.MiniCPMV.__init__
         self.post_init()
 
     # -- construction (upstream's names) ------------------------------------------------
+    # fork: modeling_minicpmv.MiniCPMV.init_vision_module
     def init_vision_module(self):
         model = SiglipVisionTransformer(self.config.vision_config)
         if self.config.drop_vision_last_layer:
@@ -98,6 +105,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     def get_input_embeddings(self):
         return self.llm.get_input_embeddings()
 
+    # fork: modeling_minicpmv.MiniCPMV.set_input_embeddings
     def set_input_embeddings(self, value):
         self.llm.set_input_embeddings(value)
 
@@ -113,6 +121,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     def get_decoder(self):
         return self.llm
 
+    # fork: modeling_minicpmv.MiniCPMV.__init__
     @property
     def processor(self):
         """The checkpoint folder's processor, loaded on first use (upstream loads it in __init__)."""
@@ -132,12 +141,14 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     def processor(self, value):
         self._processor = value
 
+    # fork: modeling_minicpmv.MiniCPMV.init_vision_module
     @property
     def vision_implementation(self) -> str:
         impl = self.config._attn_implementation or "sdpa"
         return impl if impl in ("eager", "flash_attention_2") else "sdpa"
 
     # -- loading ------------------------------------------------------------------------
+    # fork: modeling_minicpmv.MiniCPMVPreTrainedModel
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
         """Load an upstream MiniCPM-V-2.6 checkpoint (local folder or hub id).
@@ -174,6 +185,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return (model, info) if want_info else model
 
     # -- vision -------------------------------------------------------------------------
+    # fork: modeling_minicpmv.MiniCPMV.get_vllm_embedding
     def _vision_embedding(self, pixel_values_list, tgt_sizes):
         """All slices of the batch -> resampler outputs [N, Q, D] (None when there is no image)."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
@@ -204,7 +216,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         for i, (h, w) in enumerate(sizes.tolist()):
             patch_mask[i, 0, : h * w] = True
         chunk = max(1, int(self.config.vision_batch_size))
-        set_attention_implementation(self, self.vision_implementation)  # fork: follows config._attn_implementation
+        # fork: modeling_minicpmv.MiniCPMV.init_vision_module
+        set_attention_implementation(self, self.vision_implementation)
         hidden = torch.cat([
             self.vpm(pixels[i:i + chunk], patch_attention_mask=patch_mask[i:i + chunk],
                      tgt_sizes=sizes[i:i + chunk]).last_hidden_state
@@ -212,6 +225,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         ])
         return self.resampler(hidden, sizes), sizes
 
+    # fork: modeling_minicpmv.MiniCPMV.get_vllm_embedding
     def get_vllm_embedding(self, data):
         """Text embeddings with each sample's resampler outputs scattered into its image_bound rows."""
         check_data(data)
@@ -261,6 +275,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return torch.stack(rows), vision_hidden_states
 
     # -- capture plumbing ---------------------------------------------------------------
+    # fork: modeling_minicpmv.MiniCPMV.forward
     def capture_dims(self) -> Dict[str, Any]:
         return {
             "layers": {"llm": self.config.num_hidden_layers, "vision": len(self.vpm.encoder.layers), "resampler": 1},
@@ -286,6 +301,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return tensors, index, llm or None, vision or None, tensors.get("resampler.attn")
 
     # -- forward ------------------------------------------------------------------------
+    # fork: modeling_minicpmv.MiniCPMV.forward
     def forward(self, data, output_attentions=None, output_hidden_states=None, attention_mask=None, labels=None,
                 return_dict=True, special_token_ids=(), prompt_length=None, **kwargs):
         """Upstream's call: ``data`` = input_ids, pixel_values, tgt_sizes, image_bound, position_ids.
@@ -319,6 +335,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
     # -- generation ---------------------------------------------------------------------
+    # fork: modeling_minicpmv.MiniCPMV.generate
     def _terminator_ids(self, tokenizer):
         return [tokenizer.convert_tokens_to_ids(t) for t in self.terminators]
 
@@ -334,6 +351,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             texts.append(tokenizer.decode(result).strip())
         return texts
 
+    # fork: modeling_minicpmv.MiniCPMV.generate
     def generate(self, input_ids=None, pixel_values=None, tgt_sizes=None, image_bound=None, attention_mask=None,
                  tokenizer=None, vision_hidden_states=None, return_vision_hidden_states=False, stream=False,
                  decode_text=False, output_attentions=None, **kwargs):
@@ -408,6 +426,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             prompt_length=prompt_len, scores=getattr(result, "scores", None))
 
     # -- chat ---------------------------------------------------------------------------
+    # fork: modeling_minicpmv.MiniCPMV.chat
     def chat(self, image, msgs, tokenizer, processor=None, vision_hidden_states=None, max_new_tokens=2048,
              min_new_tokens=0, sampling=True, max_inp_length=8192, system_prompt="", stream=False,
              max_slice_nums=None, use_image_id=None, output_attentions=None, **kwargs):
@@ -437,7 +456,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             images.append(imgs)
         inputs = processor(prompts, images, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
                            return_tensors="pt").to(self.device)
-        check_prompt_lengths(inputs, max_inp_length)  # fork: refuse over-long prompts, never cut them
+        check_prompt_lengths(inputs, max_inp_length)  # fork: modeling_minicpmv.MiniCPMV.chat (never cut)
         if sampling:
             generation_config = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True,
                                  "repetition_penalty": 1.05}
@@ -464,7 +483,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             return stream_gen()
         if spec is None:
             return res if batched else res[0]
-        texts, records = chat_records(self, res, spec, replay, inputs, prompts, tokenizer)  # fork: attention records
+        # fork: modeling_minicpmv.MiniCPMV.chat
+        texts, records = chat_records(self, res, spec, replay, inputs, prompts, tokenizer)
         if batched:
             return texts, records
         return texts[0], records[0]
@@ -482,6 +502,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                                  f"{proc_key}={getattr(ip, proc_key)!r}; they must be the same")
 
 
+# fork: modeling_minicpmv.MiniCPMV.generate
 class _ThreadedStream:
     """Iterates a streamer fed by ``generate`` in a thread; an error there is raised here.
 
@@ -509,6 +530,7 @@ class _ThreadedStream:
             raise self.error
 
 
+# fork: modeling_minicpmv.MiniCPMV.chat
 def check_prompt_lengths(inputs, max_inp_length: Optional[int]) -> None:
     """Refuse prompts longer than ``max_inp_length`` with the length they need.
 
@@ -526,6 +548,7 @@ def check_prompt_lengths(inputs, max_inp_length: Optional[int]) -> None:
                              f"{int(n)} or shorten it")
 
 
+# fork: modeling_minicpmv.MiniCPMV.chat
 def chat_prompt(tokenizer, image, msgs, system_prompt=""):
     """(ChatML prompt text, images in order) for one conversation, with upstream's rules and clear errors."""
     from copy import deepcopy
@@ -569,6 +592,7 @@ def chat_prompt(tokenizer, image, msgs, system_prompt=""):
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), images
 
 
+# fork: modeling_minicpmv.MiniCPMV.get_vllm_embedding
 def check_data(data) -> None:
     """Clear errors for a malformed ``data`` dict (upstream fails deep inside with an IndexError)."""
     if not isinstance(data, dict):

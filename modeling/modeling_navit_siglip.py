@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from .attention import AttnMask, attend, checkpoint_call, hook_name
 
 
+# fork: modeling_navit_siglip.SiglipVisionConfig (from_pretrained removed)
 class SiglipVisionConfig(PretrainedConfig):
     """SigLIP vision configuration (``vision_config`` of a MiniCPM-V checkpoint)."""
 
@@ -64,6 +65,7 @@ class SiglipVisionEmbeddings(nn.Module):
         self.num_positions = self.num_patches
         self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
 
+    # fork: modeling_navit_siglip.SiglipVisionEmbeddings
     def position_ids(self, patch_attention_mask: torch.Tensor, tgt_sizes: Optional[torch.Tensor]) -> torch.Tensor:
         """[N, P] position ids: a slice of h x w patches maps its grid onto the 70 x 70 table."""
         n, p = patch_attention_mask.shape[0], patch_attention_mask[0].numel()
@@ -122,6 +124,7 @@ class SiglipAttention(nn.Module):
         return self.out_proj(out.reshape(b, n, self.embed_dim))
 
 
+# fork: modeling_navit_siglip.SiglipVisionTransformer
 class SiglipMLP(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
@@ -133,6 +136,7 @@ class SiglipMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(x)))
 
 
+# fork: modeling_navit_siglip.SiglipVisionTransformer
 class SiglipEncoderLayer(nn.Module):
     """Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
@@ -149,6 +153,7 @@ class SiglipEncoderLayer(nn.Module):
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
+# fork: modeling_navit_siglip.SiglipVisionTransformer
 class SiglipEncoder(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
@@ -168,6 +173,7 @@ class SiglipEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=states)
 
 
+# fork: modeling_navit_siglip.SiglipVisionTransformer
 class SiglipVisionTransformer(nn.Module):
     """Embeddings -> encoder -> post_layernorm, on a padded batch of slices.
 

@@ -14,6 +14,7 @@ that would cut through an image placeholder (upstream truncates and breaks
 :class:`~.layout.ImageLayout` with every slice's box in the
 original image) for attention-to-pixel mapping.
 """
+# fork: processing_minicpmv (rewritten file)
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
@@ -23,7 +24,7 @@ import transformers
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_minicpmv import MiniCPMVBatchFeature, MiniCPMVImageProcessor
-from .layout import ImageLayout  # noqa: F401  # fork: transformers 4.4x copies only direct relative imports
+from .layout import ImageLayout  # noqa: F401  # fork: processing_minicpmv (4.4x copies direct imports only)
 from .tokenization_minicpmv_fast import MiniCPMVTokenizerFast
 
 __all__ = ["IMAGE_TAG", "MiniCPMVProcessor", "register_processing"]
@@ -71,7 +72,7 @@ class MiniCPMVProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
         self.version = getattr(image_processor, "version", 2.6)
 
-    # fork: processing_minicpmv.MiniCPMVProcessor -- built directly, not through the Auto classes
+    # fork: processing_minicpmv -- built directly, not through the Auto classes
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """The image processor and tokenizer of a checkpoint folder (or hub id), built directly.

@@ -15,6 +15,7 @@ from torch import nn
 from .attention import AttnMask, attend, hook_name
 
 
+# fork: resampler.get_2d_sincos_pos_embed
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """[..., dim]: sin(pos * omega) then cos(pos * omega), omega_k = 1 / 10000^(k / (dim/2))."""
     omega = torch.arange(dim // 2, dtype=torch.float32) / (dim / 2.0)
@@ -33,6 +34,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, size) -> torch.Tensor:
     return torch.cat([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], dim=-1)
 
 
+# fork: resampler.MultiheadAttention (replaced by ResamplerAttention)
 class ResamplerAttention(nn.Module):
     """Multi-head cross-attention with upstream's parameters (packed ``in_proj``, ``out_proj``)."""
 
@@ -68,6 +70,7 @@ class ResamplerAttention(nn.Module):
         return self.out_proj(out.reshape(n, -1, self.embed_dim))
 
 
+# fork: resampler.Resampler
 class Resampler(nn.Module):
     """2-D perceiver resampler: one cross-attention layer from learned queries, 2-D sin-cos keys."""
 

@@ -7,6 +7,7 @@ Same public names as upstream's ``tokenization_minicpmv_fast.py``. The class add
 for any ``PreTrainedTokenizerFast``. The checkpoint's ``tokenizer.json`` therefore defines
 the vocabulary; this class only names the special tokens.
 """
+# fork: tokenization_minicpmv_fast (rewritten file)
 import os
 
 from transformers import PreTrainedTokenizerFast

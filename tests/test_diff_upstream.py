@@ -160,12 +160,26 @@ def test_pin_records_upstream_identity_and_notes():
     assert pin["upstream"]["repo_id"] == "openbmb/MiniCPM-V-2_6"
     assert "revision" in pin["upstream"]
     assert pinning.pinned_files(pin) == ISSUE_HASHES
-    assert pin["changes"], "one entry per changed upstream symbol"
+    for name in ISSUE_HASHES:  # the symbol snapshot that names an upstream edit by symbol
+        symbols = pinning.pinned_symbols(pin, name)
+        assert symbols and "<module>" in symbols, name
+        assert all({"kind", "signature", "body", "text", "lines"} <= set(v) for v in symbols.values()), name
+    assert pin["changes"], "one entry per note"
+    notes_dir = REPO / "patches" / "notes"
+    referenced = set()
     for entry in pin["changes"]:
         assert entry["file"] in ISSUE_HASHES, entry
         assert entry["symbol"] and entry["what"] and entry["why"], entry
         assert entry.get("kind", "changed") in ("changed", "added", "removed", "replaced"), entry
+        assert inventory.entry_symbols(entry), entry
         assert (REPO / "patches" / entry["note"]).is_file(), entry["note"]
+        referenced.add(entry["note"])
+    # at the grain a maintainer reads: one entry per note, every note used, no one-liners
+    assert len(referenced) == len(pin["changes"])
+    assert referenced == {f"notes/{p.name}" for p in notes_dir.glob("*.md")}
+    for note in notes_dir.glob("*.md"):
+        text = note.read_text()
+        assert "**Upstream.**" in text and "**Fork.**" in text and "**Why.**" in text, note.name
     snaps = transformers_check.transformers_snapshots(pin["transformers"])
     assert snaps and all(s["files"] for s in snaps.values()), "per-release transformers snapshots"
 
@@ -361,7 +375,10 @@ def test_changed_file_hash_is_reported(upstream):
     rc, report = run_cli(up, pin, out, "--no-transformers")
     assert rc == 1
     att = rows(report, attention=True)
-    assert [(f["section"], f["item"], f["status"]) for f in att] == [("files", "resampler.py", "changed since pin")]
+    assert [(f["section"], f["item"], f["status"]) for f in att] == [
+        ("files", "resampler.py", "changed since pin"),
+        ("symbols", "resampler.py::<module>", "edited since pin (comments/docstrings/layout only)")]
+    assert "<module>" in att[0]["detail"]  # the file row names the changed symbols too
 
 
 def test_missing_file_is_reported(upstream):
@@ -493,3 +510,322 @@ def test_transformers_change_is_flagged(tmp_path):
     findings, _ = transformers_check.compare_transformers(pin, FORK, None, log=log_quiet)
     assert [(f.item, f.status) for f in findings if f.section == "transformers" and f.item == "version"] == [
         ("version", "not verified")]
+
+
+# ----------------------------------------------------------------------------------------
+# upstream against the pinned snapshot of itself: every edit named by file and symbol
+# ----------------------------------------------------------------------------------------
+def edit_line_in(path: Path, qualname: str, edit):
+    """Apply ``edit(line) -> line`` to the first one-line simple statement (no comment on its
+    line) in ``qualname``'s body; return its line number."""
+    src = path.read_text()
+    lines = src.splitlines(True)
+    node = find_def(ast.parse(src), qualname)
+    simple = (ast.Assign, ast.Return, ast.AugAssign, ast.Expr)
+    stmt = min((n for n in ast.walk(node) if isinstance(n, simple) and n.lineno == n.end_lineno
+                and not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+                and "#" not in lines[n.lineno - 1]), key=lambda n: n.lineno)
+    lines[stmt.lineno - 1] = edit(lines[stmt.lineno - 1].rstrip("\n")) + "\n"
+    path.write_text("".join(lines))
+    return stmt.lineno
+
+
+def drift_rows(report):
+    return [f for f in rows(report, "symbols", attention=True) if "since pin" in f["status"]]
+
+
+@pytest.mark.parametrize("edit, status", [
+    (lambda line: line + "; pass", "body changed since pin"),
+    (lambda line: line + "  # edited upstream", "edited since pin (comments/docstrings/layout only)"),
+])
+def test_one_edited_line_is_named_by_file_and_symbol(upstream, edit, status):
+    up, pin, out = upstream
+    lineno = edit_line_in(up / "modeling_minicpmv.py", "MiniCPMV.get_vllm_embedding", edit)
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 1
+    drift = drift_rows(report)
+    assert [(f["item"], f["status"]) for f in drift] == [("modeling_minicpmv.py::MiniCPMV.get_vllm_embedding", status)]
+    lo, hi = [int(x) for x in drift[0]["detail"].split()[1].split("-")]
+    assert lo <= lineno <= hi
+    file_row = next(f for f in rows(report, "files") if f["item"] == "modeling_minicpmv.py")
+    assert file_row["attention"] and "MiniCPMV.get_vllm_embedding" in file_row["detail"]
+    upstream_changes = report["upstream_changes_since_pin"]
+    assert [c["qualname"] for c in upstream_changes] == ["MiniCPMV.get_vllm_embedding"]
+
+
+def test_signature_default_and_module_level_edits_are_named(upstream):
+    up, pin, out = upstream
+    cfg = up / "configuration_minicpm.py"
+    cfg.write_text(cfg.read_text().replace("vision_batch_size=16", "vision_batch_size=8"))
+    res = up / "resampler.py"
+    qual, param = pick_method_with_param(res, "Resampler")
+    rename_param(res, qual, param, param + "_renamed")
+    mod = up / "modeling_minicpmv.py"
+    assert "\nTERMINATORS = " in mod.read_text()
+    mod.write_text(mod.read_text().replace("\nTERMINATORS = ", "\nTERMINATORS = ['<x>'] + "))
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 1
+    drift = {f["item"]: f for f in drift_rows(report)}
+    init = drift["configuration_minicpm.py::MiniCPMVConfig.__init__"]
+    assert init["status"] == "signature changed since pin" and "~vision_batch_size=8" in init["detail"]
+    renamed = drift[f"resampler.py::{qual}"]
+    assert renamed["status"] == "signature changed since pin" and f"+{param}_renamed" in renamed["detail"]
+    assert f"-{param}" in renamed["detail"]
+    assert drift["modeling_minicpmv.py::TERMINATORS"]["status"] == "body changed since pin"
+    assert len(drift) == 3
+
+
+def test_added_and_removed_upstream_symbols_since_pin(upstream):
+    up, pin, out = upstream
+    replace_def(up / "modeling_minicpmv.py", "MiniCPMV.set_decoder", None)
+    with open(up / "resampler.py", "a") as f:
+        f.write("\n\ndef new_upstream_helper(x, y=2):\n    return x\n")
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 1
+    drift = {(f["item"], f["status"]) for f in drift_rows(report)}
+    assert ("modeling_minicpmv.py::MiniCPMV.set_decoder", "removed since pin") in drift
+    assert ("resampler.py::new_upstream_helper", "added since pin") in drift
+
+
+def test_a_pin_without_symbol_snapshot_still_needs_attention(upstream):
+    up, pin, out = upstream
+    data = json.loads(pin.read_text())
+    for entry in data["upstream"]["files"].values():
+        entry.pop("symbols")
+    atomic_write_json(pin, data)
+    with open(up / "resampler.py", "a") as f:
+        f.write("# edited\n")
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 1
+    assert [(f["item"], f["status"]) for f in drift_rows(report)] == [("resampler.py::?", "changed since pin")]
+
+
+def test_undocumented_fork_body_change_needs_attention(upstream):
+    """The fork changed a body and no note says so: that is a fork change to document."""
+    up, pin, out = upstream
+    edit_line_in(up.parent / "fork" / "modeling_minicpmv.py", "MiniCPMV.get_vllm_embedding",
+                 lambda line: line + "; pass")
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 1
+    att = rows(report, "symbols", attention=True)
+    assert [(f["item"], f["status"]) for f in att] == [
+        ("modeling_minicpmv.py::MiniCPMV.get_vllm_embedding", "body differs (undocumented)")]
+    entry = {"file": "modeling_minicpmv.py", "symbol": "MiniCPMV.get_vllm_embedding", "kind": "changed",
+             "what": "w", "why": "y", "note": "notes/x.md"}
+    pin2 = write_pin(up, out.parent / "pin2.json", changes=[entry])
+    rc, report = run_cli(up, pin2, out, "--no-transformers", "--no-structural")
+    assert rc == 0, rows(report, attention=True)
+
+
+def test_entries_document_by_kind_lists_and_stale_entries_are_listed(upstream):
+    up, _, out = upstream
+    replace_def(up / "modeling_minicpmv.py", "MiniCPMV.set_decoder", None)  # the fork "adds" it
+    res = up / "resampler.py"
+    res.write_text(res.read_text() + "\n\ndef upstream_only(x):\n    return x\n")  # the fork "removes" it
+    entry = {"file": "modeling_minicpmv.py", "symbol": "MiniCPMV.get_decoder", "kind": "changed",
+             "added": ["MiniCPMV.set_decoder"], "what": "w", "why": "y", "note": "notes/a.md"}
+    entry2 = {"file": "resampler.py", "symbol": "*", "kind": "replaced", "what": "w", "why": "y",
+              "note": "notes/b.md"}
+    stale = {"file": "resampler.py", "symbol": "Resampler.forward", "kind": "changed", "what": "w", "why": "y",
+             "note": "notes/c.md"}
+    pin = write_pin(up, out.parent / "pin.json", changes=[stale, entry, entry2])
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 0, rows(report, attention=True)
+    statuses = {f["item"]: f["status"] for f in rows(report, "symbols")}
+    assert statuses["modeling_minicpmv.py::MiniCPMV.set_decoder"] == "added (documented)"
+    assert statuses["resampler.py::upstream_only"] == "removed (documented)"
+    notes = rows(report, "notes")
+    assert [(f["item"], f["status"], f["attention"]) for f in notes] == [
+        ("resampler.py::Resampler.forward", "entry matches nothing", False)]
+
+
+def test_import_source_swap_is_a_symbol_difference(upstream):
+    """Upstream imports a name from transformers where the fork has its own module."""
+    up, pin, out = upstream
+    mod = up / "modeling_minicpmv.py"
+    src = mod.read_text()
+    assert "from .modeling_qwen2 import" in src
+    mod.write_text(src + "\nfrom transformers import Qwen2ForCausalLM  # noqa\n")
+    pin = write_pin(up, out.parent / "pin2.json")
+    rc, report = run_cli(up, pin, out, "--no-transformers", "--no-structural")
+    assert rc == 1
+    att = rows(report, "symbols", attention=True)
+    assert [(f["item"], f["status"]) for f in att] == [
+        ("modeling_minicpmv.py::<import Qwen2ForCausalLM>", "signature (undocumented)")]
+    assert "transformers" in att[0]["detail"]
+
+
+# ----------------------------------------------------------------------------------------
+# parity rows: present, and an error (with its reason) when they cannot run
+# ----------------------------------------------------------------------------------------
+NUMERIC_ROWS = ["logits", "llm attention", "vision attention", "resampler attention", "greedy generation"]
+
+
+def test_numeric_compares_all_attention_families_and_generation(upstream):
+    up, pin, out = upstream
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers")
+    num = {f["item"]: f for f in rows(report, "numeric")}
+    assert rc == 0 and list(num) == NUMERIC_ROWS and {f["status"] for f in num.values()} == {"ok"}, num
+    # an attention-only change upstream (the vision softmax temperature) shows where it happens
+    sig = up / "modeling_navit_siglip.py"
+    src = sig.read_text()
+    assert "self.scale = self.head_dim ** -0.5" in src
+    sig.write_text(src.replace("self.scale = self.head_dim ** -0.5", "self.scale = self.head_dim ** -0.4"))
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers")
+    num = {f["item"]: f for f in rows(report, "numeric")}
+    assert rc == 1
+    assert num["vision attention"]["status"] == "differs" and num["vision attention"]["attention"]
+    assert num["logits"]["status"] == "differs"
+    assert num["llm attention"]["attention"] or num["resampler attention"]["attention"]
+
+
+def test_parity_that_cannot_run_is_an_error_row(upstream):
+    up, pin, out = upstream
+    replace_def(up / "modeling_minicpmv.py", "MiniCPMV.init_resampler",
+                "def init_resampler(self, embed_dim, vision_dim):\n    raise RuntimeError('upstream is broken here')\n")
+    pin = write_pin(up, out.parent / "pin2.json")
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers")
+    assert rc == 1
+    sd = rows(report, "state_dict")
+    assert [(f["status"], f["attention"]) for f in sd] == [("error", True)]
+    assert "upstream is broken here" in sd[0]["detail"]
+    num = rows(report, "numeric")
+    assert [f["item"] for f in num] == NUMERIC_ROWS
+    assert all(f["status"] == "error" and "upstream is broken here" in f["detail"] for f in num), num
+
+
+def test_upstream_python_runs_upstream_in_a_subprocess(upstream):
+    """``--upstream-python``: upstream's side in another interpreter (here: this one, as a
+    subprocess), tensors exchanged as safetensors files."""
+    up, pin, out = upstream
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers", "--upstream-python", sys.executable)
+    assert rc == 0, rows(report, attention=True)
+    assert "--upstream-python" in rows(report, "parity")[0]["detail"]
+    assert [f["status"] for f in rows(report, "numeric")] == ["ok"] * 5
+    assert {f["status"] for f in rows(report, "state_dict")} == {"ok"}
+    assert report["parity"]["numeric"]["upstream"]["versions"]["executable"] == sys.executable
+    rc, report = run_cli(up, pin, out, "--numeric", "--no-transformers", "--upstream-python",
+                         str(out.parent / "no-such-python"))
+    assert rc == 1
+    errors = rows(report, "state_dict") + rows(report, "numeric")
+    assert len(errors) == 6 and all(f["status"] == "error" and "no-such-python" in f["detail"] for f in errors)
+
+
+def test_upstream_import_shims_leave_nothing_behind():
+    import importlib.util
+
+    import torch
+
+    assert importlib.util.find_spec("transformers") is not None
+    shims = loader.Shims()
+    had_tv = "torchvision" in sys.modules
+    with loader.upstream_import_shims(shims):
+        import torchvision  # noqa: F401  (the real one, or the stand-in)
+        from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+    if "torchvision" in shims.used and not had_tv:
+        assert "torchvision" not in sys.modules  # the stand-in is gone again
+        assert importlib.util.find_spec("torchvision") is None
+    if "modeling_attn_mask_utils" in shims.used:
+        assert "transformers.modeling_attn_mask_utils" not in sys.modules
+    mask = _prepare_4d_attention_mask(torch.tensor([[1, 1, 0]]), torch.float32)
+    assert mask.shape == (1, 1, 3, 3)
+    assert (mask[..., :2] == 0).all() and (mask[..., 2] == torch.finfo(torch.float32).min).all()
+
+
+def test_cross_interpreter_config_drift_is_informational():
+    from minicpmv_attn.upstream.parity import compare_config_fields
+
+    fork = {"query_num": 64, "rope_parameters.rope_theta": 1e6, "sliding_window": None}
+    up = {"query_num": 64, "rope_theta": 1e6, "sliding_window": 4096}
+    fork_base = {"defaults": {"rope_parameters.rope_theta": 1e6, "sliding_window": None}, "nested": {}}
+    up_base = {"defaults": {"rope_theta": 1e6, "sliding_window": 4096}, "nested": {}}
+    found = compare_config_fields(fork, up, {}, "defaults", fork_base, up_base)
+    assert not any(f.attention for f in found)
+    assert {f.status for f in found} >= {"fork only (transformers)", "upstream only (transformers)"}
+    up["query_num"] = 32  # upstream's own field changed: never transformers' drift
+    found = compare_config_fields(fork, up, {}, "defaults", fork_base, up_base)
+    assert [(f.item, f.status) for f in found if f.attention] == [("defaults:query_num", "differs")]
+    up["query_num"], up["sliding_window"] = 64, 8192  # a base field upstream overrides
+    found = compare_config_fields(fork, up, {}, "defaults", fork_base, up_base)
+    assert [(f.item, f.status) for f in found if f.attention] == [("defaults:sliding_window", "differs")]
+
+
+def test_summary_table_fits_120_columns():
+    from minicpmv_attn.upstream.report import Finding, format_table
+
+    long = [Finding("symbols", "image_processing_minicpmv.py::MiniCPMVImageProcessor.get_slice_image_placeholder",
+                    "edited since pin (comments/docstrings/layout only)", "x" * 300, attention=True),
+            Finding("files", "resampler.py", "matches pin")]
+    text = format_table(long)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "placeholder" in text and "!!" in text
+    assert "x" * 300 in format_table(long, width=None)
+
+
+def test_help_says_the_upstream_code_is_executed(capsys):
+    with pytest.raises(SystemExit):
+        diff_upstream.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "EXECUTE THE UPSTREAM FOLDER'S CODE" in text
+    assert "--upstream-python" in text
+
+
+def test_upstream_side_script_needs_only_torch_and_transformers(upstream):
+    """``upstream_run.py`` as another interpreter runs it: no ``minicpmv_attn`` import at all."""
+    from minicpmv_attn.upstream import upstream_run
+
+    up, _, out = upstream
+    work = out.parent / "work"
+    work.mkdir()
+    (work / "request.json").write_text(json.dumps({"op": "describe", "folder": str(up), "config": {}}))
+    script = str(Path(upstream_run.__file__).resolve())
+    code = ("import sys, runpy; sys.modules['minicpmv_attn'] = None; "
+            f"sys.argv = [{script!r}, {str(work / 'request.json')!r}]; runpy.run_path({script!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=str(work))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads((work / "response.json").read_text())
+    assert not answer["errors"] and answer["state_dict"], answer.get("errors")
+
+
+def test_built_package_carries_the_pin_notes_and_upstream_side(tmp_path):
+    """What a wheel installs: ``minicpmv_attn.patches`` (pin + notes) and the upstream tools."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "generated", "*.egg-info")
+    for name in ("modeling", "scripts", "patches"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("setup.py", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    lib = tmp_path / "lib"
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=str(src),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pkg = lib / "minicpmv_attn"
+    pin = json.loads((pkg / "patches" / "UPSTREAM.json").read_text())
+    notes = {f"notes/{p.name}" for p in (pkg / "patches" / "notes").glob("*.md")}
+    assert {e["note"] for e in pin["changes"]} <= notes and notes
+    assert (pkg / "upstream" / "upstream_run.py").is_file() and (pkg / "upstream" / "loader.py").is_file()
+    code = ("from minicpmv_attn.upstream import pin; p = pin.installed_pin(); print(p); "
+            "print(pin.notes_dir().joinpath('processing_minicpmv.md').is_file())")
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.split("\n")[:2]
+    assert first.startswith(str(lib)) and second == "True"
+
+
+def test_fork_marks_name_existing_notes():
+    """Every ``# fork: <note>`` mark in the fork's upstream-named files names a note in patches/notes/."""
+    from minicpmv_attn.upstream.diff import FORK_MARK
+
+    notes = {p.stem for p in (REPO / "patches" / "notes").glob("*.md")}
+    marks = {}
+    for name in ISSUE_HASHES:
+        for i, line in enumerate((FORK / name).read_text().splitlines(), 1):
+            m = FORK_MARK.search(line)
+            if m:
+                marks[f"{name}:{i}"] = m.group(1).rstrip(".")
+    assert marks, "the fork's edits are marked"
+    assert {k: v for k, v in marks.items() if v not in notes} == {}
+    used = {n for n in marks.values()}
+    assert used == notes, f"notes without a mark: {sorted(notes - used)}"

@@ -1,287 +1,363 @@
 """Parity of the fork with an upstream copy: structure (meta device) and numbers (random weights).
 
-* **Structural**: both ``MiniCPMV`` classes built on the meta device from one config;
-  state-dict keys, shapes, dtypes and config fields (from ``config.json`` and the classes'
-  defaults) compared. Config fields the pin lists under ``expected_config_differences``
-  are documented, not flagged.
-* **Numeric**: both built on a tiny version of the config and given the same random
-  weights (every tensor non-trivial), run on two left-padded samples with images; logits on
-  real positions compared within ``atol``.
+Upstream's code is executed (see :mod:`upstream_run`), in this interpreter with
+:mod:`loader`'s shims or, with ``upstream_python``, in that interpreter (a Python with
+upstream's own transformers) through a subprocess that exchanges tensors as safetensors files.
+The fork always runs here.
+
+* **Structural**: config fields (class defaults, and built from ``config.json`` when there is
+  one) and every state-dict key, shape and dtype of both ``MiniCPMV`` classes built on the
+  meta device. A config field that differs between two interpreters only as their plain
+  transformers configs do is transformers' drift (informational); fields the pin lists under
+  ``expected_config_differences`` are documented; any other difference needs attention.
+* **Numeric**: both built on a tiny version of the config with upstream's random weights, run
+  on two left-padded samples with images: logits, the LLM, vision and resampler attention
+  (per head, on real positions) within ``atol``, and a greedy generation token for token.
+
+A check that could not run is an ``error`` row with its reason, never an absent row.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import upstream_run as run
+from .upstream_run import randomize_state_dict, synthetic_inputs, tiny_config_dict  # noqa: F401  (one home)
 from .common import Log, log_stderr
-from .loader import MODEL_CLASS, LoadedSide, build_config, build_model, load_side, unload_package
+from .loader import build_config, build_model, load_side, unload_package
 from .report import Finding
 
-# Config fields never compared (bookkeeping, not architecture).
-CONFIG_FIELDS_IGNORED = ("transformers_version", "_name_or_path", "_commit_hash", "auto_map")
+NUMERIC_PREFIXES = {"logits": "logits", "llm attention": "attn.llm.", "vision attention": "attn.vision.",
+                    "resampler attention": "attn.resampler", "greedy generation": "generated"}
+NUMERIC_ROWS = tuple(NUMERIC_PREFIXES)
+NEW_TOKENS = 6
+
+
+class UpstreamSideError(RuntimeError):
+    """Upstream's side could not run at all (the message says where and why)."""
+
+
+class UpstreamRunner:
+    """Runs :mod:`upstream_run` on an upstream folder: here, or in ``python`` (a subprocess)."""
+
+    def __init__(self, folder, python=None, timeout: float = 900.0, log: Log = log_stderr):
+        self.folder = str(Path(folder).resolve())
+        self.python = str(python) if python else None
+        self.timeout = timeout
+        self.log = log
+
+    def where(self) -> str:
+        return f"--upstream-python {self.python}" if self.python else "this interpreter"
+
+    def describe(self, config_dict: Dict[str, Any]) -> Dict[str, Any]:
+        if not self.python:
+            return run.describe(self.folder, config_dict)
+        with tempfile.TemporaryDirectory(prefix="minicpmv_up_") as work:
+            return self._call(Path(work), {"op": "describe", "folder": self.folder, "config": config_dict})
+
+    def numeric(self, tiny: Dict[str, Any], data, mask, seed: int, new_tokens: int):
+        if not self.python:
+            return run.run_numeric(self.folder, tiny, data, mask, seed, new_tokens)
+        from safetensors.torch import load_file, save_file
+
+        with tempfile.TemporaryDirectory(prefix="minicpmv_up_") as work:
+            work = Path(work)
+            save_file(run.pack_inputs(data, mask), str(work / "inputs.safetensors"))
+            info = self._call(work, {"op": "numeric", "folder": self.folder, "config": tiny, "seed": seed,
+                                     "new_tokens": new_tokens})
+            weights = load_file(str(work / "weights.safetensors")) if (work / "weights.safetensors").is_file() else {}
+            outputs = load_file(str(work / "outputs.safetensors")) if (work / "outputs.safetensors").is_file() else {}
+        return weights, outputs, info
+
+    def _call(self, work: Path, request: Dict[str, Any]) -> Dict[str, Any]:
+        (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
+        cmd = [self.python, str(Path(run.__file__).resolve()), str(work / "request.json")]
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        self.log(f"  upstream side ({request['op']}): {' '.join(cmd[:2])} ...")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, env=env, cwd=str(work))
+        except OSError as e:  # not there, not executable, ...
+            raise UpstreamSideError(f"--upstream-python {self.python}: cannot run it ({e})") from None
+        except subprocess.TimeoutExpired:
+            raise UpstreamSideError(f"--upstream-python {self.python}: no answer in {self.timeout:.0f} s") from None
+        answer = work / "response.json"
+        if not answer.is_file():
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+            raise UpstreamSideError(f"--upstream-python {self.python} exited {proc.returncode} without an answer: "
+                                    + " | ".join(tail))
+        response = json.loads(answer.read_text(encoding="utf-8"))
+        if "fatal" in response:
+            raise UpstreamSideError(f"{self.python}: {response['fatal']}")
+        return response
+
+
+def _side_note(desc: Dict[str, Any]) -> str:
+    v = desc.get("versions", {})
+    shims = ", ".join(sorted(desc.get("shims", {}))) or "none"
+    return f"transformers {v.get('transformers', '?')}, torch {v.get('torch', '?')}, shims: {shims}"
 
 
 # --------------------------------------------------------------------------------------
-# structural parity (meta device)
+# structural parity
 # --------------------------------------------------------------------------------------
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if hasattr(d, "to_dict") and not isinstance(d, dict):
-        d = d.to_dict()
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) or (hasattr(v, "to_dict") and not isinstance(v, (str, bytes))):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _attributable(fields: Dict[str, Any], base: Dict[str, Dict[str, Any]], level: str, key: str) -> bool:
+    """Whether ``key`` is on this side exactly as this side's plain transformers config has it."""
+    top, _, rest = key.partition(".")
+    ref = base.get("nested", {}) if rest and top in ("vision_config", "slice_config") else base.get(level, {})
+    name = rest if rest and top in ("vision_config", "slice_config") else key
+    if key in fields:
+        return name in ref and ref[name] == fields[key]
+    return name not in ref
 
 
-def _config_fields(config) -> Dict[str, Any]:
-    flat = _flatten(config.to_dict())
-    return {k: v for k, v in flat.items()
-            if not any(part.startswith("_") for part in k.split(".")) and k.split(".")[-1] not in CONFIG_FIELDS_IGNORED}
-
-
-def compare_config_fields(fork_cfg, up_cfg, pin: Dict[str, Any], label: str) -> List[Finding]:
-    ff, uf = _config_fields(fork_cfg), _config_fields(up_cfg)
-    expected = set(pin.get("expected_config_differences", []))
+def compare_config_fields(fork, up, pin: Dict[str, Any], label: str, fork_base=None, up_base=None,
+                          level: str = "defaults") -> List[Finding]:
+    """Config fields of both sides (flattened dicts, or config objects) -> findings."""
+    fork = fork if isinstance(fork, dict) else run.config_fields(fork)
+    up = up if isinstance(up, dict) else run.config_fields(up)
+    expected = pin.get("expected_config_differences", [])
     out = []
-    for k in sorted(set(ff) | set(uf)):
-        if k in ff and k in uf and ff[k] == uf[k]:
+    for k in sorted(set(fork) | set(up)):
+        if k in fork and k in up and fork[k] == up[k]:
             continue
-        if k not in uf:
-            status, detail = "fork only", f"fork={ff[k]!r}"
-        elif k not in ff:
-            status, detail = "upstream only", f"upstream={uf[k]!r}"
+        if k not in up:
+            status, detail = "fork only", f"fork={fork[k]!r}"
+        elif k not in fork:
+            status, detail = "upstream only", f"upstream={up[k]!r}"
         else:
-            status, detail = "differs", f"fork={ff[k]!r} upstream={uf[k]!r}"
-        documented = any(fnmatch.fnmatchcase(k, p) for p in expected)
-        out.append(Finding("config", f"{label}:{k}", status + (" (documented)" if documented else ""), detail,
-                           attention=not documented))
-    if not out:
-        out.append(Finding("config", label, "ok", f"{len(ff)} fields equal"))
+            status, detail = "differs", f"fork={fork[k]!r} upstream={up[k]!r}"
+        if any(fnmatch.fnmatchcase(k, p) for p in expected):
+            out.append(Finding("config", f"{label}:{k}", status + " (documented)", detail))
+        elif fork_base and up_base and _attributable(fork, fork_base, level, k) and _attributable(up, up_base, level, k):
+            out.append(Finding("config", f"{label}:{k}", status + " (transformers)", detail))
+        else:
+            out.append(Finding("config", f"{label}:{k}", status, detail, attention=True))
+    if not any(f.attention for f in out):
+        equal = sum(1 for k in set(fork) & set(up) if fork[k] == up[k])
+        drift = sum(1 for f in out if f.status.endswith("(transformers)"))
+        documented = sum(1 for f in out if f.status.endswith("(documented)"))
+        extra = "".join(f", {n} {what}" for n, what in ((drift, "differ only as transformers' own configs do"),
+                                                          (documented, "documented")) if n)
+        out.append(Finding("config", label, "ok", f"{equal} fields equal{extra}"))
     return out
 
 
-def state_dict_shapes(model) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()}
+def compare_state_dicts(fork_sd: Dict[str, Any], up_sd: Dict[str, Any]) -> List[Finding]:
+    def fmt(v):
+        return f"shape={tuple(v[0])} dtype={v[1]}"
 
-
-def compare_state_dicts(fork_sd, up_sd) -> List[Finding]:
     out = []
     for k in sorted(set(fork_sd) | set(up_sd)):
         if k not in up_sd:
-            out.append(Finding("state_dict", k, "fork only", f"shape={fork_sd[k][0]}", attention=True))
+            out.append(Finding("state_dict", k, "fork only", fmt(fork_sd[k]), attention=True))
         elif k not in fork_sd:
-            out.append(Finding("state_dict", k, "upstream only", f"shape={up_sd[k][0]}", attention=True))
-        elif fork_sd[k] != up_sd[k]:
-            out.append(Finding("state_dict", k, "differs", f"fork={fork_sd[k]} upstream={up_sd[k]}", attention=True))
+            out.append(Finding("state_dict", k, "upstream only", fmt(up_sd[k]), attention=True))
+        elif list(fork_sd[k][0]) != list(up_sd[k][0]) or fork_sd[k][1] != up_sd[k][1]:
+            out.append(Finding("state_dict", k, "differs", f"fork {fmt(fork_sd[k])}, upstream {fmt(up_sd[k])}",
+                               attention=True))
     if not out:
         out.append(Finding("state_dict", "keys", "ok", f"{len(fork_sd)} keys, shapes and dtypes equal"))
     return out
 
 
-def structural_parity(fork: LoadedSide, upstream: LoadedSide, config_dict: Dict[str, Any], pin: Dict[str, Any],
-                      log: Log = log_stderr) -> List[Finding]:
-    findings: List[Finding] = []
-    # config fields: from the same dict, and the classes' defaults
+def structural_parity(fork_dir, runner: UpstreamRunner, config_dict: Dict[str, Any], pin: Dict[str, Any],
+                      has_config: bool, log: Log = log_stderr) -> Tuple[List[Finding], Dict[str, Any]]:
+    log("  fork and upstream MiniCPMV on the meta device")
+    fork = run.describe(fork_dir, config_dict, label="fork", is_upstream=False)
     try:
-        fork_default, up_default = fork.config_cls(), upstream.config_cls()
-        findings += compare_config_fields(fork_default, up_default, pin, "defaults")
-    except Exception as e:  # noqa: BLE001 - reported, not raised
-        findings.append(Finding("config", "defaults", "error", f"{type(e).__name__}: {e}", attention=True))
-    try:
-        fork_cfg = build_config(fork, config_dict)
-        up_cfg = build_config(upstream, config_dict, attn_implementation="eager")
-        findings += compare_config_fields(fork_cfg, up_cfg, pin, "from config.json")
-    except Exception as e:  # noqa: BLE001
-        findings.append(Finding("config", "from config.json", "error", f"{type(e).__name__}: {e}", attention=True))
-        return findings
-    sds = {}
-    for side, cfg, is_up in ((fork, fork_cfg, False), (upstream, up_cfg, True)):
-        log(f"  building {side.label} {MODEL_CLASS} on the meta device")
-        try:
-            model = build_model(side, cfg, is_upstream=is_up, device="meta")
-            sds[side.label] = state_dict_shapes(model)
-            del model
-        except Exception as e:  # noqa: BLE001
-            findings.append(Finding("state_dict", side.label, "error", f"build on meta failed: {type(e).__name__}: {e}",
-                                    attention=True))
-    if len(sds) == 2:
-        findings += compare_state_dicts(sds[fork.label], sds[upstream.label])
-    return findings
-
-
-# --------------------------------------------------------------------------------------
-# numeric parity (random weights, same inputs)
-# --------------------------------------------------------------------------------------
-TINY_OVERRIDES = {
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "query_num": 16,
-    "vocab_size": 160,
-    "tie_word_embeddings": False,
-    "use_cache": True,
-}
-TINY_VISION_OVERRIDES = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
-
-
-def tiny_config_dict(config_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """The same architecture shrunk to a size that runs in a second on a CPU."""
-    d = copy.deepcopy(config_dict)
-    d.update(TINY_OVERRIDES)
-    d.pop("torch_dtype", None)
-    d.pop("dtype", None)
-    d.pop("layer_types", None)  # derived from num_hidden_layers on transformers 5
-    d.pop("max_window_layers", None)
-    for i, key in enumerate(("bos_token_id", "eos_token_id", "pad_token_id")):
-        ids = d.get(key)
-        if isinstance(ids, int) and ids >= d["vocab_size"]:
-            d[key] = 3 + i  # keep special ids inside the shrunk vocabulary
-        elif isinstance(ids, list):
-            d[key] = [x if x < d["vocab_size"] else 3 + i for x in ids]
-    vc = dict(d.get("vision_config") or {})
-    vc.update(TINY_VISION_OVERRIDES)
-    vc.setdefault("patch_size", 14)
-    vc.setdefault("image_size", 980)
-    d["vision_config"] = vc
-    return d
-
-
-def randomize_state_dict(state: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
-    """Non-trivial random values for every float tensor (norm weights near 1), deterministic."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k in sorted(state):
-        v = state[k]
-        if not torch.is_floating_point(v):
-            out[k] = v.clone()
+        up = runner.describe(config_dict)
+    except UpstreamSideError as e:
+        up = {"errors": {"import": str(e)}}
+    findings = [Finding("parity", "upstream side", "info", f"{runner.where()}: {_side_note(up)}")]
+    checks = [("config_defaults", "defaults", "defaults", ("import", "config defaults"))]
+    if has_config:
+        checks.append(("config_from_dict", "from config.json", "from_config", ("import", "config")))
+    for key, label, level, stages in checks:
+        err = next((f"{side} {s}: {d['errors'][s]}" for side, d in (("fork", fork), ("upstream", up))
+                    for s in stages if s in d.get("errors", {})), None)
+        if err or key not in fork or key not in up:
+            findings.append(Finding("config", label, "error", err or "not produced", attention=True))
             continue
-        r = torch.randn(v.shape, generator=g, dtype=torch.float32)
-        norm_like = v.dim() == 1 and k.endswith("weight") and ("norm" in k or k.split(".")[-2].startswith("ln"))
-        out[k] = (1.0 + 0.1 * r if norm_like else 0.05 * r).to(v.dtype)
-    return out
-
-
-def synthetic_inputs(config, seed: int = 0) -> Tuple[Dict[str, Any], Any]:
-    """Two samples, left padded: sample 0 has two slices, sample 1 one slice. Returns (data, mask)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-    q = int(config.query_num)
-    patch = int(getattr(config, "patch_size", 14))
-    vocab = int(config.vocab_size)
-    slices = [[(4, 6), (3, 3)], [(5, 4)]]
-    bounds, lengths = [], []
-    for s in slices:
-        b, pos = [], 2
-        for _ in s:
-            b.append((pos, pos + q))
-            pos += q + 3
-        bounds.append(b)
-        lengths.append(pos + 2)
-    L = max(lengths)
-    ids = torch.randint(5, vocab, (2, L), generator=g)
-    mask = torch.zeros(2, L, dtype=torch.long)
-    image_bound, pixel_values, tgt_sizes = [], [], []
-    for i, (s, b, n) in enumerate(zip(slices, bounds, lengths)):
-        pad = L - n
-        ids[i, :pad] = 0
-        mask[i, pad:] = 1
-        image_bound.append(torch.tensor([[x + pad, y + pad] for x, y in b], dtype=torch.long))
-        pixel_values.append([torch.randn(3, patch, patch * h * w, generator=g) for h, w in s])
-        tgt_sizes.append(torch.tensor(s, dtype=torch.int32))
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    data = {"input_ids": ids, "pixel_values": pixel_values, "tgt_sizes": tgt_sizes, "image_bound": image_bound,
-            "position_ids": position_ids}
-    return data, mask
-
-
-def _logits_of(out):
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-def numeric_parity(fork: LoadedSide, upstream: LoadedSide, config_dict: Dict[str, Any], atol: float = 1e-4,
-                   seed: int = 0, fork_attn: Optional[str] = None, log: Log = log_stderr) -> List[Finding]:
-    import torch
-
-    tiny = tiny_config_dict(config_dict)
-    try:
-        up_cfg = build_config(upstream, tiny, attn_implementation="eager")
-        fork_cfg = build_config(fork, tiny, attn_implementation=fork_attn)
-        log("  building upstream on the CPU (tiny config, random weights)")
-        torch.manual_seed(seed)
-        up_model = build_model(upstream, up_cfg, is_upstream=True)
-        weights = randomize_state_dict(up_model.state_dict(), seed)
-        up_model.load_state_dict(weights, strict=True)
-        log("  building the fork and loading the same weights")
-        fork_model = build_model(fork, fork_cfg, is_upstream=False)
-        res = fork_model.load_state_dict(weights, strict=False)
-    except Exception as e:  # noqa: BLE001
-        return [Finding("numeric", "setup", "error", f"{type(e).__name__}: {e}", attention=True)]
-    missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
-    if missing or unexpected:
-        return [Finding("numeric", "load_state_dict", "error",
-                        f"fork missing {missing[:5]} unexpected {unexpected[:5]}", attention=True)]
-    up_model.eval()
-    fork_model.eval()
-    data, mask = synthetic_inputs(up_cfg, seed)
-    try:
-        with torch.no_grad():
-            up_logits = _logits_of(up_model(copy.deepcopy(data), attention_mask=mask.clone()))
-            fork_logits = _logits_of(fork_model(copy.deepcopy(data), attention_mask=mask.clone()))
-    except Exception as e:  # noqa: BLE001
-        return [Finding("numeric", "forward", "error", f"{type(e).__name__}: {e}", attention=True)]
-    if up_logits.shape != fork_logits.shape:
-        return [Finding("numeric", "logits", "differs", f"shape fork={tuple(fork_logits.shape)} "
-                        f"upstream={tuple(up_logits.shape)}", attention=True)]
-    real = mask.bool()
-    diff = (up_logits.float() - fork_logits.float()).abs()[real].max().item()
-    ok = diff <= atol
-    return [Finding("numeric", "logits", "ok" if ok else "differs",
-                    f"max |fork - upstream| = {diff:.3g} on real positions (atol {atol:g})", attention=not ok)]
+        findings += compare_config_fields(fork[key], up[key], pin, label, fork.get("base"), up.get("base"), level)
+    if not has_config:  # said on the defaults row: nothing to compare from a config.json
+        for f in findings:
+            if f.section == "config" and f.item == "defaults" and f.status == "ok":
+                f.detail += " (no config.json upstream: class defaults only; --config FILE)"
+    err = next((f"{side} {s}: {d['errors'][s]}" for side, d in (("fork", fork), ("upstream", up))
+                for s in ("import", "config", "state_dict") if s in d.get("errors", {})), None)
+    if err or "state_dict" not in fork or "state_dict" not in up:
+        findings.append(Finding("state_dict", "keys", "error", err or "not produced", attention=True))
+    else:
+        findings += compare_state_dicts(fork["state_dict"], up["state_dict"])
+    return findings, {"fork": {k: fork.get(k) for k in ("versions", "errors", "shims")},
+                      "upstream": {k: up.get(k) for k in ("versions", "errors", "shims")}}
 
 
 # --------------------------------------------------------------------------------------
-# both, on two folders
+# numeric parity
+# --------------------------------------------------------------------------------------
+def fork_numeric(fork_dir, tiny: Dict[str, Any], weights: Dict[str, Any], data, mask, new_tokens: int,
+                 fork_attn: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """The fork on the same tiny config and weights: the outputs :func:`upstream_run.run_numeric` gives."""
+    import torch
+
+    errors: Dict[str, str] = {}
+    outputs: Dict[str, Any] = {}
+    side = load_side(fork_dir, "fork", is_upstream=False)
+    try:
+        model = build_model(side, build_config(side, tiny, attn_implementation=fork_attn), is_upstream=False)
+        res = model.load_state_dict(weights, strict=False)
+        if res.missing_keys or res.unexpected_keys:
+            errors["setup"] = f"fork missing {list(res.missing_keys)[:5]} unexpected {list(res.unexpected_keys)[:5]}"
+            return outputs, errors
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(copy.deepcopy(data), attention_mask=mask.clone(), output_attentions=True)
+            outputs.update({"logits": out.logits, **run.attention_outputs(out, {})})
+        except Exception as e:  # noqa: BLE001
+            errors["forward"] = f"{type(e).__name__}: {e}"
+        try:
+            gen = model.generate(**run.generate_kwargs(copy.deepcopy(data), mask.clone(), new_tokens))
+            outputs["generated"] = gen.sequences if hasattr(gen, "sequences") else gen
+        except Exception as e:  # noqa: BLE001
+            errors["generate"] = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001
+        errors["setup"] = f"{type(e).__name__}: {e}"
+    finally:
+        unload_package(side.package)
+    return outputs, errors
+
+
+def _max_diff(pairs) -> Tuple[float, int]:
+    worst, n = 0.0, 0
+    for a, b, sel in pairs:
+        d = (a.float() - b.float()).abs()
+        d = d[sel.expand(d.shape)] if hasattr(sel, "expand") else d[sel]
+        if d.numel():
+            worst = max(worst, float(d.max()))
+        n += 1
+    return worst, n
+
+
+def compare_numeric(fork: Dict[str, Any], up: Dict[str, Any], data, mask, atol: float) -> Dict[str, Finding]:
+    """One finding per row of :data:`NUMERIC_ROWS` whose tensors both sides produced."""
+    import torch
+
+    real = mask.bool()
+    sizes = [(int(h), int(w)) for per in data["tgt_sizes"] for h, w in per.tolist()]
+    out: Dict[str, Finding] = {}
+
+    def tensors(prefix):
+        keys_f = sorted(k for k in fork if k.startswith(prefix))
+        keys_u = sorted(k for k in up if k.startswith(prefix))
+        return keys_f, keys_u
+
+    def row(name, prefix, select):
+        keys_f, keys_u = tensors(prefix)
+        if not keys_f or not keys_u:
+            return
+        if keys_f != keys_u:
+            out[name] = Finding("numeric", name, "differs", f"fork has {len(keys_f)} tensors, upstream {len(keys_u)}",
+                                attention=True)
+            return
+        shapes = [(tuple(fork[k].shape), tuple(up[k].shape)) for k in keys_f]
+        bad = [(k, s) for k, s in zip(keys_f, shapes) if s[0] != s[1]]
+        if bad:
+            out[name] = Finding("numeric", name, "differs", f"{bad[0][0]}: shape fork={bad[0][1][0]} "
+                                f"upstream={bad[0][1][1]}", attention=True)
+            return
+        worst, n = _max_diff((fork[k], up[k], sel) for k in keys_f for sel in select(fork[k]))
+        ok = worst <= atol
+        out[name] = Finding("numeric", name, "ok" if ok else "differs",
+                            f"max |fork - upstream| {worst:.2g} (atol {atol:g}) over {n} block{'s' * (n != 1)}, "
+                            "real positions",
+                            attention=not ok)
+
+    row("logits", "logits", lambda t: [real[:, :, None]])
+    row("llm attention", "attn.llm.", lambda t: [real[:, None, :, None] & real[:, None, None, :]])
+    row("vision attention", "attn.vision.",
+        lambda t: [(slice(n, n + 1), slice(None), slice(0, h * w), slice(0, h * w)) for n, (h, w) in enumerate(sizes)])
+    row("resampler attention", "attn.resampler",
+        lambda t: [(slice(n, n + 1), slice(None), slice(None), slice(0, h * w)) for n, (h, w) in enumerate(sizes)])
+    if "generated" in fork and "generated" in up:
+        f, u = fork["generated"], up["generated"]
+        if f.shape == u.shape and torch.equal(f, u):
+            out["greedy generation"] = Finding("numeric", "greedy generation", "ok",
+                                               f"{f.shape[1]} new tokens x {f.shape[0]} samples equal")
+        else:
+            where = "shape fork=%s upstream=%s" % (tuple(f.shape), tuple(u.shape))
+            if f.shape == u.shape:
+                i, t = [int(x) for x in (f != u).nonzero()[0]]
+                where = f"sample {i} step {t}: fork {int(f[i, t])}, upstream {int(u[i, t])}"
+            out["greedy generation"] = Finding("numeric", "greedy generation", "differs", where, attention=True)
+    return out
+
+
+def numeric_parity(fork_dir, runner: UpstreamRunner, config_dict: Dict[str, Any], atol: float = 1e-4,
+                   seed: int = 0, fork_attn: Optional[str] = None, log: Log = log_stderr
+                   ) -> Tuple[List[Finding], Dict[str, Any]]:
+    tiny = run.tiny_config_dict(config_dict)
+    data, mask = run.synthetic_inputs(tiny, seed)
+    log("  upstream on the tiny config with random weights")
+    try:
+        weights, up_out, info = runner.numeric(tiny, data, mask, seed, NEW_TOKENS)
+    except UpstreamSideError as e:
+        weights, up_out, info = {}, {}, {"errors": {"setup": str(e)}}
+    up_err = info.get("errors", {})
+    fork_out, fork_err = {}, {}
+    if weights:
+        log("  the fork on the same weights and inputs")
+        fork_out, fork_err = fork_numeric(fork_dir, tiny, weights, data, mask, NEW_TOKENS, fork_attn)
+    crash = None
+    try:
+        rows = compare_numeric(fork_out, up_out, data, mask, atol)
+    except Exception as e:  # noqa: BLE001 - e.g. outputs of unexpected layout
+        rows, crash = {}, f"comparing the outputs failed: {type(e).__name__}: {e}"
+    findings = []
+    for name in NUMERIC_ROWS:
+        if name in rows:
+            findings.append(rows[name])
+            continue
+        stage = "generate" if name == "greedy generation" else "forward"
+        reason = crash or next((f"{side} {s}: {e[s]}" for s in ("setup", stage) for side, e in
+                                (("upstream", up_err), ("fork", fork_err)) if s in e), None)
+        if reason is None:
+            prefix = NUMERIC_PREFIXES[name]
+            side = "upstream" if any(k.startswith(prefix) for k in fork_out) else "fork"
+            reason = f"{side} produced no {name} tensors"
+        findings.append(Finding("numeric", name, "error", reason, attention=True))
+    return findings, {"upstream": {k: info.get(k) for k in ("versions", "errors", "shims")}, "fork_errors": fork_err}
+
+
+# --------------------------------------------------------------------------------------
+# both
 # --------------------------------------------------------------------------------------
 def run_parity(fork_dir, upstream_dir, config_dict: Dict[str, Any], pin: Dict[str, Any], structural: bool = True,
                numeric: bool = False, atol: float = 1e-4, seed: int = 0, fork_attn: Optional[str] = None,
-               log: Log = log_stderr) -> List[Finding]:
-    """Load both folders as packages and run the structural and/or numeric check; unload them."""
+               upstream_python=None, has_config: Optional[bool] = None, log: Log = log_stderr
+               ) -> Tuple[List[Finding], Dict[str, Any]]:
+    """The structural and/or numeric check; returns (findings, details for report.json)."""
+    runner = UpstreamRunner(upstream_dir, upstream_python, log=log)
+    has_config = bool(config_dict) if has_config is None else has_config
     findings: List[Finding] = []
-    if structural or numeric:
-        log("[4/5] structural parity on the meta device")
-        try:
-            fork_side = load_side(fork_dir, "fork", is_upstream=False)
-            up_side = load_side(upstream_dir, "upstream", is_upstream=True)
-        except Exception as e:  # noqa: BLE001
-            findings.append(Finding("state_dict", "import", "error", f"{type(e).__name__}: {e}", attention=True))
-            fork_side = up_side = None
-        if fork_side is not None:
-            try:
-                if structural:
-                    findings += structural_parity(fork_side, up_side, config_dict, pin, log=log)
-                if numeric:
-                    log("[5/5] numeric parity on random weights")
-                    findings += numeric_parity(fork_side, up_side, config_dict or {}, atol=atol, seed=seed,
-                                               fork_attn=fork_attn, log=log)
-            finally:
-                unload_package(fork_side.package)
-                unload_package(up_side.package)
-    if not numeric:
-        findings.append(Finding("numeric", "logits", "skipped", "pass --numeric to compare logits"))
-    return findings
+    details: Dict[str, Any] = {"upstream_side": runner.where()}
+    if structural:
+        log("[4/5] structural parity (upstream's code runs: " + runner.where() + ")")
+        f, details["structural"] = structural_parity(fork_dir, runner, config_dict, pin, has_config, log)
+        findings += f
+    else:
+        findings.append(Finding("state_dict", "keys", "skipped", "--no-structural"))
+    if numeric:
+        log("[5/5] numeric parity on random weights")
+        f, details["numeric"] = numeric_parity(fork_dir, runner, config_dict, atol, seed, fork_attn, log)
+        findings += f
+    else:
+        findings.append(Finding("numeric", "logits", "skipped", "--numeric: logits, attention, generation"))
+    return findings, details

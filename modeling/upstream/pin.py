@@ -2,9 +2,11 @@
 
 The pin holds the upstream repo id, the sha256 of each upstream remote-code file the golden
 fixtures were made from (the revision itself is unknown: the hashes are the identity of the
-pin), one entry per upstream symbol the fork changes (what and why, with a note under
-``notes/``), and per verified transformers release a snapshot of the attention code the
-fork mirrors. The default pin is the one installed with the package
+pin) with the snapshot of its symbol inventory (per class / function / method / module-level
+statements: signature, body and text hashes, lines; no code), so that an edit of upstream is
+reported by file *and* symbol; the ``changes`` entries that document what the fork changes
+(per upstream symbol or per rewritten file, what and why, with a note under ``notes/``); and
+per verified transformers release a snapshot of the attention code the fork mirrors. The default pin is the one installed with the package
 (``minicpmv_attn.patches``); a pin anywhere else comes in as a path.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..attention_record import atomic_write_json
 from .common import read_json, sha256_file
+from .inventory import snapshot, symbol_inventory
 from .transformers_check import transformers_snapshot
 
 UPSTREAM_REPO_ID = "openbmb/MiniCPM-V-2_6"
@@ -62,6 +65,15 @@ def load_pin(path=None) -> Dict[str, Any]:
     return pin
 
 
+def notes_dir(path=None):
+    """The ``notes/`` folder beside the pin at ``path`` (default: the installed one)."""
+    if path is None:
+        from importlib.resources import files
+
+        return files("minicpmv_attn.patches") / "notes"
+    return Path(path).parent / "notes"
+
+
 def pin_source(path=None) -> str:
     """Where :func:`load_pin` reads ``path`` from, for reports."""
     return str(path if path is not None else installed_pin())
@@ -70,6 +82,22 @@ def pin_source(path=None) -> str:
 def pinned_files(pin: Dict[str, Any]) -> Dict[str, str]:
     files = pin.get("upstream", {}).get("files", {})
     return {name: (v["sha256"] if isinstance(v, dict) else v) for name, v in files.items()}
+
+
+def pinned_symbols(pin: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
+    """The pinned symbol snapshot of upstream file ``name`` (None for a pin without one)."""
+    entry = pin.get("upstream", {}).get("files", {}).get(name)
+    return entry.get("symbols") if isinstance(entry, dict) else None
+
+
+def file_entry(path: Path) -> Dict[str, Any]:
+    """``{sha256, symbols}`` of one upstream file (``symbols`` only when it parses)."""
+    entry: Dict[str, Any] = {"sha256": sha256_file(path)}
+    try:
+        entry["symbols"] = snapshot(symbol_inventory(path.read_text(encoding="utf-8"), str(path), pseudo=True))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        pass
+    return entry
 
 
 @dataclass
@@ -110,9 +138,7 @@ def make_pin(upstream_dir, base_pin: Optional[Dict[str, Any]] = None, repo_id: O
     up = dict(base.get("upstream", {}))
     up["repo_id"] = repo_id or up.get("repo_id", UPSTREAM_REPO_ID)
     up["revision"] = revision if revision is not None else up.get("revision")
-    up["files"] = {
-        name: {"sha256": sha256_file(upstream_dir / name)} for name in files if (upstream_dir / name).is_file()
-    }
+    up["files"] = {name: file_entry(upstream_dir / name) for name in files if (upstream_dir / name).is_file()}
     return {
         "format": PIN_FORMAT,
         "upstream": up,

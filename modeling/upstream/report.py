@@ -4,12 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
+TABLE_WIDTH = 120
+
 
 @dataclass
 class Finding:
     """One row of the report. ``attention`` marks what a maintainer must look at."""
 
-    section: str  # files | symbols | state_dict | config | numeric | transformers | setup
+    section: str  # files | symbols | notes | config | state_dict | parity | numeric | transformers | setup
     item: str
     status: str
     detail: str = ""
@@ -20,22 +22,39 @@ def needs_attention(findings: Iterable[Finding]) -> bool:
     return any(f.attention for f in findings)
 
 
-def format_table(findings: Sequence[Finding], max_detail: int = 70) -> str:
-    """A fixed-width table: a ``!!`` in the first column marks rows needing attention."""
+def _cut(text: str, width: int, keep_end: bool = False) -> str:
+    """``text`` in at most ``width`` characters (``...`` where it was cut)."""
+    if len(text) <= width:
+        return text
+    if width <= 3:
+        return text[:width]
+    if keep_end:  # items: keep the file and the end of the symbol
+        head = width // 2 - 2
+        return text[:head] + "..." + text[len(text) - (width - head - 3):]
+    return text[: width - 3] + "..."
+
+
+def format_table(findings: Sequence[Finding], width: int = TABLE_WIDTH) -> str:
+    """A fixed-width table at most ``width`` characters wide (``None``: no limit, nothing cut): a
+    ``!!`` in the first column marks rows needing attention. Long items are cut in the middle; a
+    detail that does not fit beside its row goes on the next line, cut to the width
+    (report.json has every row whole)."""
     head = ("", "section", "item", "status", "detail")
-    rows = []
-    for f in findings:
-        detail = f.detail.replace("\n", " ")
-        if len(detail) > max_detail:
-            detail = detail[: max_detail - 3] + "..."
-        rows.append(("!!" if f.attention else "", f.section, f.item, f.status, detail))
-    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(4)]
-    lines = []
+    rows = [("!!" if f.attention else "", f.section, f.item, f.status, " ".join(f.detail.split()))
+            for f in findings]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(4)]
+    if width is not None:
+        widths[1], widths[2], widths[3] = min(widths[1], 12), min(widths[2], 54), min(widths[3], 30)
+    room = None if width is None else width - sum(widths) - 2 * 4
     fmt = "  ".join("{:<%d}" % w for w in widths) + "  {}"
-    lines.append(fmt.format(*head).rstrip())
-    lines.append(fmt.format(*("-" * w for w in widths), "-" * 6).rstrip())
+    lines = [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths), "-" * 6).rstrip()]
     for r in rows:
-        lines.append(fmt.format(*r).rstrip())
+        cells = [r[0], _cut(r[1], widths[1]), _cut(r[2], widths[2], keep_end=True), _cut(r[3], widths[3])]
+        if room is None or len(r[4]) <= room:
+            lines.append(fmt.format(*cells, r[4]).rstrip())
+        else:
+            lines.append(fmt.format(*cells, "").rstrip())
+            lines.append("      " + _cut(r[4], width - 6))
     n_att = sum(f.attention for f in findings)
     lines.append("")
     lines.append(f"{len(findings)} rows, {n_att} need attention" if n_att else f"{len(findings)} rows, nothing needs attention")
@@ -43,15 +62,18 @@ def format_table(findings: Sequence[Finding], max_detail: int = 70) -> str:
 
 
 def summarize(findings: Sequence[Finding]) -> List[Finding]:
-    """Collapse the many per-symbol rows into counts, keeping every attention row."""
+    """Collapse the many informational per-symbol (and per-field) rows into counts, keeping every
+    attention, error, ok and info row."""
     out: List[Finding] = []
-    info_counts: Dict[Tuple[str, str], int] = {}
+    counts: Dict[Tuple[str, str], int] = {}
     for f in findings:
-        if f.attention or f.section not in ("symbols", "transformers") or f.status in ("ok", "error"):
+        collapsible = f.section in ("symbols", "transformers", "config") and f.status not in ("ok", "error", "info", "skipped")
+        if f.attention or not collapsible:
             out.append(f)
         else:
             key = (f.section, f.status)
-            info_counts[key] = info_counts.get(key, 0) + 1
-    for (section, status), n in sorted(info_counts.items()):
-        out.append(Finding(section, f"({n} symbols)", status, "informational; see report.json"))
+            counts[key] = counts.get(key, 0) + 1
+    for (section, status), n in sorted(counts.items()):
+        what = "fields" if section == "config" else "symbols"
+        out.append(Finding(section, f"({n} {what})", status, "informational; every row in report.json"))
     return out
