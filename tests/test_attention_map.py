@@ -241,34 +241,35 @@ def test_shares_sum_and_combination_random_record():
 def test_restricted_columns_and_missing_pieces():
     layout = build_layout([((300, 200), (3, 2), (4, 6), (5, 5))])
     rec = build_record(layout, seed=5)
-    L = len(layout.tokens)
+    L, P = len(layout.tokens), layout.n_prompt
     img_cols = layout.positions("image")
-    full = image_heatmap(rec, L - 1)
-    # keep only the last row and the image columns
+    full = image_heatmap(rec, P - 1)
+    # keep only the last prompt row (rows="last", as a capture spec means it) and the image columns
     for l in (0, 1):
         name = hook_name("llm", l)
-        rec.tensors[name] = rec.tensors[name][:, [L - 1]][:, :, img_cols].clone()
-        rec.index[name] = {"rows": [L - 1], "cols": img_cols, "heads": None, "reduce": "none"}
-    part = image_heatmap(rec, -1)
+        rec.tensors[name] = rec.tensors[name][:, [P - 1]][:, :, img_cols].clone()
+        rec.index[name] = {"rows": [P - 1], "cols": img_cols, "heads": None, "reduce": "none"}
+    part = image_heatmap(rec, -1)  # negative rows count from the end of the prompt
+    assert part.position == P - 1 and image_heatmap(rec, "last").position == P - 1
     np.testing.assert_allclose(part.map, full.map, atol=1e-9)
     assert part.shares["image"] == pytest.approx(full.shares["image"])
     assert np.isnan(part.shares["text"]) and np.isnan(part.shares["special"])
     with pytest.raises(ValueError, match=r"no query row for position\(s\) \[3\]"):
         image_heatmap(rec, 3)
-    with pytest.raises(ValueError, match="full square"):
-        image_heatmap(rec, L - 1, layer_reduce="rollout")
+    with pytest.raises(ValueError, match=r"lacks query rows 0\.\.\d+, \d+; key columns 0\.\.4, 9"):
+        image_heatmap(rec, P - 1, layer_reduce="rollout")
     with pytest.raises(ValueError, match=r"no llm.layers.7.attn; captured llm layers: \[0, 1\]"):
-        image_heatmap(rec, L - 1, layers=[7])
+        image_heatmap(rec, P - 1, layers=[7])
     with pytest.raises(ValueError, match="no head"):
-        image_heatmap(rec, L - 1, heads=[5])
+        image_heatmap(rec, P - 1, heads=[5])
     del rec.tensors["resampler.attn"]
     with pytest.raises(ValueError, match="record has no resampler.attn; capture stage 'resampler'"):
-        image_heatmap(rec, L - 1)
+        image_heatmap(rec, P - 1)
     no_llm = AttentionRecord(tensors={}, index={}, layout=layout)
     with pytest.raises(ValueError, match="capture stage 'llm'"):
-        image_heatmap(no_llm, L - 1)
+        image_heatmap(no_llm, P - 1)
     with pytest.raises(ValueError, match="layout"):
-        image_heatmap(AttentionRecord(tensors=rec.tensors, index=rec.index), L - 1)
+        image_heatmap(AttentionRecord(tensors=rec.tensors, index=rec.index), P - 1)
     # image columns missing -> cannot map
     rec2 = build_record(layout, seed=5)
     for l in (0, 1):
@@ -340,9 +341,9 @@ def test_role_shares_per_layer_and_head():
         A = rec.tensors[hook_name("llm", l)].mean(0)[gen].numpy()
         for r in ("text", "image", "special"):
             assert rs[r][l] == pytest.approx(A[:, roles == r].sum(1).mean())
-    ph = role_shares(rec, rows=[-1], per_head=True)
-    assert ph["image"].shape == (2, 3) and ph.heads == [0, 1, 2]
-    A = rec.tensors["llm.layers.1.attn"][2, -1].numpy()
+    ph = role_shares(rec, rows=[-1], per_head=True)  # -1 = the last prompt row
+    assert ph["image"].shape == (2, 3) and ph.heads == [0, 1, 2] and ph.rows == [layout.n_prompt - 1]
+    A = rec.tensors["llm.layers.1.attn"][2, layout.n_prompt - 1].numpy()
     assert ph["image"][1, 2] == pytest.approx(A[roles == "image"].sum())
     np.testing.assert_allclose(ph["text"] + ph["image"] + ph["special"], 1.0)
     # default rows skip left padding; chunked evaluation gives the same means
@@ -423,3 +424,89 @@ def test_vision_rollout():
     del rec.tensors["vision.layers.0.attn"], rec.tensors["vision.layers.1.attn"]
     with pytest.raises(ValueError, match="capture stage 'vision'"):
         vision_rollout(rec)
+
+
+# ------------------------------------------------------------------------------------------ chat records
+_CHAT = {}
+
+
+def chat_record(rows="all"):
+    """A real chat record of the tiny demo model (prompt + 4 generated tokens; the last one is never
+    fed, so the LLM maps hold rows 0..L-2 over L columns), cached per row selection."""
+    if rows not in _CHAT:
+        from minicpmv_attn.analysis import pipeline
+        from minicpmv_attn.demo import demo_image_path
+        from minicpmv_attn.image_processing_minicpmv import load_image
+
+        if "model" not in _CHAT:
+            _CHAT["model"] = pipeline.load_model_and_processor(None)[:2]
+        net, proc = _CHAT["model"]
+        spec = {"stages": ["llm", "resampler"], "rows": rows, "dtype": "float32", "device": "cpu"}
+        _, rec = pipeline.capture_chat(net, proc, load_image(demo_image_path()), "Hi", spec, max_new_tokens=4,
+                                       min_new_tokens=4, progress=False)
+        _CHAT[rows] = rec
+    return _CHAT[rows]
+
+
+def test_row_convention_on_chat_records():
+    from minicpmv_attn.analysis.attention_map import fed_length, llm_attention_rows, prompt_length, resolve_rows
+
+    rec = chat_record()
+    L, P = len(rec.layout.tokens), rec.layout.n_prompt
+    t = rec.tensors["llm.layers.2.attn"]
+    assert L - P == 4 and t.shape[1:] == (L - 1, L) and fed_length(rec) == L - 1 and prompt_length(rec) == P
+    assert resolve_rows(rec, "last") == resolve_rows(rec, -1) == [P - 1]
+    assert resolve_rows(rec, "generated") == list(range(P - 1, L - 1))
+    assert resolve_rows(rec, [-2, 3, P + 1]) == [P - 2, 3, P + 1]
+    w, cov, _ = llm_attention_rows(rec, 2, [-1])
+    np.testing.assert_allclose(w[0], t[:, P - 1].double().mean(0).numpy(), atol=1e-12)
+    assert cov.all()
+    w, _, _ = llm_attention_rows(rec, 2, "generated", head_reduce=None)
+    np.testing.assert_allclose(w, t[:, P - 1: L - 1].double().numpy(), atol=1e-12)
+    roles = np.array(rec.layout.roles)
+    for rows, sel in (("last", [P - 1]), ("generated", list(range(P - 1, L - 1))), (-3, [P - 3])):
+        rs = role_shares(rec, rows=rows)
+        assert rs.rows == sel
+        for r in ("text", "image", "special"):
+            want = [t_l[:, sel][..., roles == r].double().sum(-1).mean().item()
+                    for t_l in (rec.tensors[f"llm.layers.{l}.attn"] for l in rs.layers)]
+            np.testing.assert_allclose(rs[r], want, atol=1e-9)
+    hm = image_heatmap(rec, "last")
+    assert hm.position == P - 1 and 0 < hm.image_share <= 1
+    with pytest.raises(ValueError, match=r"position\(s\) \[%d\] were never fed" % (L - 1)):
+        llm_attention_rows(rec, 0, [L - 1])
+    with pytest.raises(ValueError, match="outside the sequence"):
+        resolve_rows(rec, [-P - 1])
+
+
+def test_rollout_on_chat_record_is_the_fed_square():
+    rec = chat_record()
+    L = len(rec.layout.tokens)
+    mats = []
+    for l in rec.layers("llm"):
+        t = rec.tensors[f"llm.layers.{l}.attn"].double()
+        assert float(t[:, :, L - 1].abs().max()) == 0.0  # the never-fed last column
+        mats.append(t[:, :, : L - 1].mean(0))
+    want = torch.eye(L - 1, dtype=torch.float64)
+    for a in mats:
+        a = 0.5 * a + 0.5 * torch.eye(L - 1, dtype=torch.float64)
+        want = (a / a.sum(-1, keepdim=True)) @ want
+    R = llm_rollout(rec)
+    assert R.shape == (L - 1, L - 1)
+    np.testing.assert_allclose(R, want.numpy(), atol=1e-10)
+    hm = image_heatmap(rec, L - 2, layer_reduce="rollout")  # the row that produced the last token
+    img = rec.layout.positions("image")
+    assert hm.image_share == pytest.approx(R[L - 2, img].sum())
+    with pytest.raises(ValueError, match="never fed"):
+        image_heatmap(rec, L - 1, layer_reduce="rollout")
+    last = chat_record("last")  # rows missing: named
+    with pytest.raises(ValueError, match=r"lacks query rows 0\.\.%d, %d\.\.%d \(holds rows %d" % (
+            last.layout.n_prompt - 2, last.layout.n_prompt, L - 2, last.layout.n_prompt - 1)):
+        llm_rollout(last)
+    # a leak into the never-fed column is refused, not dropped silently
+    bad = AttentionRecord(tensors=dict(rec.tensors), index=dict(rec.index), layout=rec.layout)
+    t = rec.tensors["llm.layers.0.attn"].clone()
+    t[0, 5, L - 1] = 0.5
+    bad.tensors["llm.layers.0.attn"] = t
+    with pytest.raises(ValueError, match="never-fed columns"):
+        llm_rollout(bad)

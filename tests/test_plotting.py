@@ -110,3 +110,126 @@ def test_vision_received(rec, photo, tmp_path):
     with pytest.raises(ValueError, match="only 2 vision layers captured"):
         plotting.plot_vision_received(rec, tmp_path / "bad.png", layer=-3)
     assert not (tmp_path / "bad.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ figure checks
+@pytest.fixture
+def figs(monkeypatch):
+    """The matplotlib figures the plot functions save (drawn by the save)."""
+    saved = []
+    real = plotting._save
+
+    def spy(fig, path, dpi):
+        out = real(fig, path, dpi)
+        saved.append(fig)
+        return out
+
+    monkeypatch.setattr(plotting, "_save", spy)
+    return saved
+
+
+def texts_outside(fig):
+    """Visible non-empty texts whose box leaves the canvas (clipped titles / labels)."""
+    from matplotlib.text import Text
+
+    r = fig.canvas.get_renderer()
+    W, H = fig.canvas.get_width_height()
+    bad = []
+    for t in fig.findobj(Text):
+        if not t.get_visible() or not t.get_text().strip():
+            continue
+        b = t.get_window_extent(r)
+        if b.x0 < -1 or b.y0 < -1 or b.x1 > W + 1 or b.y1 > H + 1:
+            bad.append(t.get_text())
+    return bad
+
+
+def test_small_head_grid_keeps_title_and_colourbar_label_inside(tmp_path, figs):
+    small = build_record(build_layout([((90, 90), None, (3, 3), None)], n_gen=2), n_layers=1, heads=2, seed=1)
+    p = plotting.plot_head_image_share(small, tmp_path / "h.png", rows="generated")
+    check_png(p)
+    assert texts_outside(figs[-1]) == []
+    assert any("share on image tokens" in t.get_text() for t in figs[-1].findobj(lambda a: hasattr(a, "get_text")))
+
+
+def test_token_heatmaps_share_one_colour_scale(rec, photo, tmp_path, figs):
+    def clims(fig):  # the heat layer is the last image of each panel
+        return [ax.images[-1].get_clim() for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+
+    plotting.plot_token_heatmaps(rec, tmp_path / "s.png", photo, positions="generated")
+    shared = clims(figs[-1])
+    assert len(shared) == 3 and len(set(shared)) == 1 and shared[0][1] > 0
+    colourbars = [ax for ax in figs[-1].axes if ax.get_label() == "<colorbar>"]
+    assert len(colourbars) == 1
+    plotting.plot_token_heatmaps(rec, tmp_path / "p.png", photo, positions="generated", shared_scale=False)
+    own = clims(figs[-1])
+    assert len(own) == 3 and len(set(own)) == 3
+    # every colour bar writes its ticks with the same formatter (one power of ten, same digits)
+    bars = [ax for ax in figs[-1].axes if ax.get_label() == "<colorbar>"]
+    labels = {ax.get_ylabel() for ax in bars}
+    assert len(bars) == 3 and len(labels) == 1
+    fmts = [ax.yaxis.get_major_formatter() for ax in bars]
+    assert len({f(0.5 * own[0][1], 0) for f in fmts}) == 1
+
+
+def test_attention_matrix_masked_cells_are_not_black(rec, tmp_path, figs):
+    p = plotting.plot_attention_matrix(rec, tmp_path / "m.png", 0, figsize=(8, 8), dpi=60)
+    fig = figs[-1]
+    ax = [a for a in fig.axes if a.images and a.get_label() != "<colorbar>" and a.get_xlabel()][0]
+    drawn = ax.images[0].get_array()
+    assert np.ma.is_masked(drawn) or np.isnan(np.asarray(drawn, dtype=float)).any()
+    with Image.open(p) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=float)
+    bb = ax.get_window_extent()
+    H = rgb.shape[0]
+    # a patch of the upper-right triangle (future keys): grey / hatched, never the colormap's zero (black)
+    x0, x1 = int(bb.x0 + 0.75 * bb.width), int(bb.x0 + 0.95 * bb.width)
+    y0, y1 = int(H - (bb.y0 + 0.95 * bb.height)), int(H - (bb.y0 + 0.75 * bb.height))
+    patch = rgb[y0:y1, x0:x1]
+    assert patch.mean() > 120 and np.abs(patch[..., 0] - patch[..., 2]).mean() < 10
+    assert any("masked" in (t.get_text() or "") for t in fig.legends[0].get_texts())
+
+
+def test_attention_matrix_of_generated_rows_is_wide_and_short(tmp_path, figs):
+    lay = build_layout([((300, 200), (3, 2), (4, 6), (5, 5))], n_text=40, n_gen=7)
+    full = build_record(lay, n_layers=1, heads=2, seed=2)
+    rows = list(range(lay.n_prompt - 1, len(lay.tokens) - 1))
+    t = full.tensors["llm.layers.0.attn"][:, rows]
+    gen = type(full)(tensors={**full.tensors, "llm.layers.0.attn": t},
+                     index={**full.index, "llm.layers.0.attn": {"rows": rows, "cols": None, "heads": None,
+                                                                 "reduce": "none"}}, layout=lay)
+    p = plotting.plot_attention_matrix(gen, tmp_path / "g.png", 0)
+    with Image.open(p) as im:
+        w, h = im.size
+    assert h < w / 2.5 and h >= 300, (w, h)
+    fig = figs[-1]
+    r = fig.canvas.get_renderer()
+    inner = [c for ax in fig.axes for c in ax.child_axes]  # the row labels sit on the role band
+    labels = [t for ax in inner for t in ax.get_yticklabels() if t.get_text()]
+    assert len(labels) == len(rows) and min(t.get_fontsize() for t in labels) >= 6
+    ys = sorted(t.get_window_extent(r).y0 for t in labels)
+    assert min(np.diff(ys)) >= 0.9 * max(t.get_window_extent(r).height for t in labels)  # no overlap
+    assert texts_outside(fig) == []
+
+
+def test_sink_share_plot(rec, tmp_path, figs):
+    p = plotting.plot_sink_shares(rec, tmp_path / "sinks.png")
+    check_png(p)
+    assert texts_outside(figs[-1]) == []
+    title = figs[-1]._suptitle.get_text()
+    assert "sinks (first token" in title and "0 '<s>'" in title
+    check_png(plotting.plot_sink_shares(rec, tmp_path / "s2.png", sinks=[0, 2], figsize=(5, 3), dpi=60), (300, 180))
+
+
+def test_plots_of_a_chat_record(tmp_path, figs):
+    chat = _builders.chat_record()
+    p = plotting.plot_token_heatmaps(chat, tmp_path / "roll.png", None, layer_reduce="rollout")
+    check_png(p)
+    check_png(plotting.plot_attention_matrix(chat, tmp_path / "m.png", 1))
+    gen = _builders.chat_record("generated")  # 4 rows x all columns
+    p = plotting.plot_attention_matrix(gen, tmp_path / "g.png", 1)
+    with Image.open(p) as im:
+        assert im.size[1] < im.size[0] / 3
+    assert texts_outside(figs[-1]) == []
+    check_png(plotting.plot_head_image_share(gen, tmp_path / "h.png", rows="generated"))
+    check_png(plotting.plot_sink_shares(gen, tmp_path / "s.png", rows="last"))

@@ -31,11 +31,34 @@ separately too). ``map.sum()`` equals the row's attention to that image's tokens
 (resampler rows sum to 1 over real patches). ``interpolation="bilinear"`` smooths
 each slice's map inside its box (mass kept per slice) for display.
 
+Rows: one convention everywhere (the capture spec's)
+----------------------------------------------------
+Every function that takes query ``rows`` / ``positions`` reads them like
+``CaptureSpec.rows`` does (:func:`resolve_rows`): a position is an absolute
+sequence position; ``"last"`` is the last *prompt* token (the row that predicts
+the first answer token); negative positions count from the end of the prompt
+(``-1`` = ``"last"``; ``layout.n_prompt``, which for a forward record is the whole
+sequence); ``"generated"`` = the rows that produced each generated token
+(``n_prompt - 1 .. L - 2``); ``"prompt"`` = the prompt rows after left padding;
+None / ``"all"`` = every captured row after left padding. A generate / chat record
+holds rows ``0 .. L - 2`` only: its last generated token is never fed.
+
 Attention rollout (Abnar & Zuidema, 2020)
 ----------------------------------------
 ``A~ = 0.5 A + 0.5 I`` with rows renormalised, multiplied from the first selected
-layer up: ``R = A~_last @ ... @ A~_first``. It needs every query row and key column
-of each layer used (a full square map); head reduction happens per layer first.
+layer up: ``R = A~_last @ ... @ A~_first``, over the square of *fed* positions
+``0 .. n_fed - 1`` (:func:`fed_length`: the whole sequence of a forward record,
+prompt + generated - 1 for a generate / chat record). Each layer used needs every
+fed query row and key column; the never-fed last column of a chat record is
+checked to hold no attention and dropped. Head reduction happens per layer first.
+
+Attention sinks (:func:`find_sinks`, :func:`sink_shares`)
+--------------------------------------------------------
+A sink is the first non-padding token, plus every key position whose mean
+*attention ratio* exceeds ``SINK_FACTOR`` (5): the ratio of a key ``k`` in a row
+``r`` is ``A[r, k] * n_visible(r)`` (1 = the uniform share over the row's
+``n_visible = r + 1 - padding`` keys), averaged over the captured rows that see
+``k``, the heads and the layers used. ``sinks=[...]`` overrides the rule.
 
 Conventions for errors: whatever is missing (a stage, a layer, a head, a query row,
 key columns, the layout) is named in a ``ValueError``, with how to capture it.
@@ -57,7 +80,8 @@ __all__ = [
     "place_patch_map", "llm_attention_rows", "rollout", "llm_rollout",
     "resampler_query_maps", "query_patch_map", "image_heatmap", "row_role_shares",
     "role_shares", "vision_attention", "vision_rollout", "vision_patch_map",
-    "vision_received_map",
+    "vision_received_map", "prompt_length", "fed_length", "resolve_rows", "SinkShares", "Sink",
+    "SINK_FACTOR", "find_sinks", "sink_shares", "record_summary", "format_record_summary",
 ]
 
 HeadSel = Optional[Union[int, Sequence[int]]]
@@ -291,22 +315,81 @@ def _seq_len(record: AttentionRecord) -> int:
     return n
 
 
+def prompt_length(record: AttentionRecord) -> int:
+    """Prompt positions (``layout.n_prompt``); the whole sequence for a forward record."""
+    lay = record.layout
+    return int(lay.n_prompt) if lay is not None and lay.n_prompt else _seq_len(record)
+
+
+def fed_length(record: AttentionRecord) -> int:
+    """Positions that were fed to the model (rows that can exist): the whole sequence of a
+    forward record; prompt + generated - 1 for a generate / chat record (the last generated
+    token is never fed), unless the record holds rows past that (a replayed full sequence)."""
+    L, P = _seq_len(record), prompt_length(record)
+    n = L - 1 if L > P else L
+    for name in record.names("llm"):
+        t = record.tensors[name]
+        n = max(n, max(_positions(_idx(record, name), "rows", t.shape[-2]), default=-1) + 1)
+    return n
+
+
+def resolve_rows(record: AttentionRecord, rows=None, captured: Optional[Sequence[int]] = None) -> List[int]:
+    """Absolute query positions of a row selection, with the capture spec's convention (module doc).
+
+    ``rows``: None / ``"all"`` (``captured``, default every fed row, left padding dropped),
+    ``"last"``, ``"generated"``, ``"prompt"``, a position or a list of positions (negative
+    count from the end of the prompt).
+    """
+    L, P = _seq_len(record), prompt_length(record)
+    pad = int(record.layout.padding) if record.layout is not None else 0
+    if rows is None or (isinstance(rows, str) and rows == "all"):
+        return [p for p in (range(fed_length(record)) if captured is None else captured) if p >= pad]
+    if isinstance(rows, str):
+        if rows == "last":
+            return [P - 1]
+        if rows == "generated":
+            sel = list(range(P - 1, L - 1))
+            if not sel:
+                raise ValueError("rows='generated': the record has no generated tokens (its prompt is the whole "
+                                 f"sequence of {L} positions)")
+            return sel
+        if rows == "prompt":
+            return list(range(pad, P))
+        raise ValueError(f"rows must be None, 'all', 'generated', 'prompt', 'last', a position or positions; "
+                         f"got {rows!r}")
+    out = []
+    for p in _as_list(rows):
+        q = p + P if p < 0 else p
+        if not 0 <= q < L:
+            raise ValueError(f"row {p} is outside the sequence: valid are {-P}..{L - 1} (negative rows count "
+                             f"from the end of the {P}-token prompt)")
+        out.append(q)
+    return out
+
+
 def _span(ps: List[int]) -> str:
+    """Positions as runs: ``"0..49, 51, 60..63"`` (at most 6 runs shown)."""
     if not ps:
         return "none"
-    if ps == list(range(ps[0], ps[-1] + 1)):
-        return f"{ps[0]}..{ps[-1]}"
-    return str(ps if len(ps) <= 12 else ps[:6] + ["..."] + ps[-3:])
+    runs, start = [], ps[0]
+    for a, b in zip(ps, list(ps[1:]) + [None]):
+        if b != a + 1:
+            runs.append(f"{start}..{a}" if a != start else str(a))
+            start = b
+    return ", ".join(runs) if len(runs) <= 6 else ", ".join(runs[:4] + ["...", runs[-1]]) + f" ({len(ps)} in all)"
 
 
 def llm_attention_rows(
     record: AttentionRecord,
     layer: int,
-    positions: Sequence[int],
+    positions,
     heads: HeadSel = None,
     head_reduce: Optional[str] = "mean",
 ) -> Tuple[np.ndarray, np.ndarray, list]:
     """Query rows of one LLM layer spread over all key positions.
+
+    ``positions``: a row selection read by :func:`resolve_rows` (absolute positions,
+    negative from the end of the prompt, ``"last"``, ``"generated"``, ...).
 
     Returns ``(weights, covered, head_labels)``: ``weights`` is ``[n_pos, L]``
     (``[n_heads, n_pos, L]`` if ``head_reduce`` is None) with zeros at key positions
@@ -320,13 +403,15 @@ def llm_attention_rows(
     rows = _positions(idx, "rows", t.shape[1])
     cols = _positions(idx, "cols", t.shape[2])
     L = _seq_len(record)
-    want = [int(p) + L if int(p) < 0 else int(p) for p in positions]
+    want = resolve_rows(record, positions, rows)
     row_set = set(rows)
     missing = [p for p in want if p not in row_set]
     if missing:
+        never = [p for p in missing if p >= fed_length(record)]
         raise ValueError(
             f"{name} has no query row for position(s) {missing} (captured rows: {_span(rows)}); "
-            f"capture rows that include them"
+            + (f"position(s) {never} were never fed (the last generated token has no row)" if never else
+               "capture rows that include them")
         )
     if len(cols) > t.shape[2]:
         raise ValueError(f"{name}: index lists {len(cols)} key columns but the tensor has {t.shape[2]}")
@@ -361,16 +446,31 @@ def rollout(mats: Sequence, residual: float = 0.5) -> np.ndarray:
     return out.numpy()
 
 
-def _full_square(record: AttentionRecord, name: str, t: torch.Tensor, n: Optional[int] = None):
+def _fed_square(record: AttentionRecord, name: str, t: torch.Tensor, n: int) -> torch.Tensor:
+    """``[H', n, n]`` of ``t`` over the fed positions ``0 .. n-1``, or a ValueError naming the
+    missing rows / columns; columns past ``n`` (never fed) must hold no attention."""
     idx = _idx(record, name)
     rows = _positions(idx, "rows", t.shape[-2])
     cols = _positions(idx, "cols", t.shape[-1])
-    n = max(len(rows), len(cols)) if n is None else n
-    if rows != list(range(n)) or cols != list(range(n)):
+    need = set(range(n))
+    miss_r, miss_c = sorted(need - set(rows)), sorted(need - set(cols))
+    if miss_r or miss_c:
+        what = "; ".join(x for x in (f"query rows {_span(miss_r)}" if miss_r else "",
+                                     f"key columns {_span(miss_c)}" if miss_c else "") if x)
         raise ValueError(
-            f"attention rollout needs full square maps, but {name} holds rows {_span(rows)} and "
-            f"cols {_span(cols)} of {n} positions; capture all rows and all cols of every layer used"
+            f"attention rollout needs every fed query row and key column (positions 0..{n - 1}), but {name} "
+            f"lacks {what} (holds rows {_span(rows)}, cols {_span(cols)}); capture rows='all' and cols='all'"
         )
+    r_at = {p: i for i, p in enumerate(rows)}
+    c_at = {p: i for i, p in enumerate(cols)}
+    t = t[:, [r_at[p] for p in range(n)]]
+    extra = [c_at[p] for p in cols if p >= n]
+    if extra:
+        leak = float(t[:, :, extra].abs().max())
+        if leak > 1e-6:
+            raise ValueError(f"{name}: fed rows put {leak:.3g} attention on never-fed columns "
+                             f"{_span([p for p in cols if p >= n])}; the record is not causal")
+    return t[:, :, [c_at[p] for p in range(n)]]
 
 
 def llm_rollout(
@@ -380,7 +480,8 @@ def llm_rollout(
     head_reduce: str = "mean",
     residual: float = 0.5,
 ) -> np.ndarray:
-    """Rollout ``[L, L]`` over the selected (default: all captured) LLM layers, in order.
+    """Rollout ``[n_fed, n_fed]`` over the selected (default: all captured) LLM layers, in order,
+    over the fed positions (:func:`fed_length`; a chat record's never-fed last token is left out).
 
     Skipping layers makes the rollout an approximation; with every layer captured
     from 0 it is the standard one.
@@ -388,13 +489,12 @@ def llm_rollout(
     if head_reduce not in ("mean", "max"):
         raise ValueError(f"rollout needs one map per layer: head_reduce must be 'mean' or 'max', got {head_reduce!r}")
     layers = sorted(_stage_layers(record, "llm", layers))
-    L = _seq_len(record)
+    n = fed_length(record)
     mats = []
     for l in layers:
         name = hook_name("llm", l)
-        t = _tensor(record, name, "capture stage 'llm'")
-        _full_square(record, name, t, L)
-        t, _ = _select_heads(t[:, :L, :L], _idx(record, name), name, heads, 0)
+        t = _fed_square(record, name, _tensor(record, name, "capture stage 'llm'"), n)
+        t, _ = _select_heads(t, _idx(record, name), name, heads, 0)
         mats.append(_reduce_heads(t, head_reduce, 0))
     return rollout(mats, residual)
 
@@ -488,31 +588,6 @@ def row_role_shares(weights: np.ndarray, covered: np.ndarray, layout: TokenLayou
     return out
 
 
-def _resolve_rows(record: AttentionRecord, rows, captured: List[int]) -> List[int]:
-    layout = record.layout
-    L = _seq_len(record)
-    if rows is None:
-        pad = int(layout.padding) if layout is not None else 0
-        return [p for p in captured if p >= pad]
-    if isinstance(rows, str):
-        if layout is None:
-            raise ValueError(f"rows={rows!r} needs the record's layout")
-        n_prompt = int(layout.n_prompt) if layout.n_prompt else L
-        if rows == "generated":
-            # the rows that produced each generated token: the last prompt row, then the
-            # rows of every generated token but the final one (capture's convention)
-            sel = list(range(n_prompt - 1, L - 1))
-            if not sel:
-                raise ValueError("rows='generated': the record has no generated tokens (n_prompt covers all)")
-            return sel
-        if rows == "prompt":
-            return list(range(int(layout.padding), n_prompt))
-        if rows == "last":
-            return [L - 1]
-        raise ValueError(f"rows must be None, 'generated', 'prompt', 'last', a position or positions; got {rows!r}")
-    return [p + L if p < 0 else p for p in _as_list(rows)]
-
-
 @dataclass
 class RoleShares:
     """Mean share of attention (over the chosen query rows) going to each token role."""
@@ -538,9 +613,10 @@ def role_shares(
     """Text / image / special share of attention per LLM layer (and per head).
 
     ``rows``: None (every captured row but left padding), ``"generated"``,
-    ``"prompt"``, ``"last"``, a position or a list of positions (negative counts
-    from the end). Shares are raw attention mass averaged over the rows; a row's
-    roles sum to 1 when its heads are kept or mean-reduced.
+    ``"prompt"``, ``"last"`` (last prompt token), a position or a list of positions
+    (negative count from the end of the prompt; see :func:`resolve_rows`). Shares are raw
+    attention mass averaged over the rows; a row's roles sum to 1 when its heads are kept or
+    mean-reduced.
     """
     layout = _need_layout(record, "role shares")
     layers = _stage_layers(record, "llm", layers)
@@ -551,7 +627,7 @@ def role_shares(
         name = hook_name("llm", l)
         t = record.tensors[name]
         captured = _positions(_idx(record, name), "rows", t.shape[-2])
-        sel = _resolve_rows(record, rows, captured)
+        sel = resolve_rows(record, rows, captured)
         if not sel:
             raise ValueError(f"{name}: no query rows to average (captured rows: {_span(captured)})")
         sums = {r: 0.0 for r in ROLES}
@@ -571,6 +647,230 @@ def role_shares(
         sel_rows = sel
     return RoleShares(layers=layers, rows=sel_rows, heads=labels if per_head else None,
                       shares={r: np.stack(v) for r, v in res.items()})
+
+
+# ----------------------------------------------------------------------------------
+# Attention sinks
+# ----------------------------------------------------------------------------------
+SINK_FACTOR = 5.0  # a key is a sink when its mean attention ratio exceeds 5x the uniform share
+
+
+@dataclass(frozen=True)
+class Sink:
+    """One sink position with its share (mean over the layers, heads and rows used)."""
+
+    position: int
+    token: Optional[str]
+    share: float
+
+
+@dataclass
+class SinkShares:
+    """Share of attention on the attention sinks per LLM layer (and head); see the module doc.
+
+    ``shares`` is ``[n_layers, n_heads]`` (``per_head``) or ``[n_layers]``: mean over ``rows``
+    of the mass on all ``sinks``; ``per_sink`` adds a leading ``[n_sinks]`` axis. Iterating
+    gives one :class:`Sink` per sink position.
+    """
+
+    layers: List[int]
+    heads: Optional[list]
+    sinks: List[int]
+    shares: np.ndarray
+    per_sink: np.ndarray
+    rows: List[int]
+    tokens: List[Optional[str]]
+    factor: Optional[float]  # the rule's factor; None when ``sinks`` were given
+
+    def __iter__(self):
+        for i, p in enumerate(self.sinks):
+            yield Sink(p, self.tokens[i], float(np.nanmean(self.per_sink[i])))
+
+    def __len__(self) -> int:
+        return len(self.sinks)
+
+
+def _layer_rows(record: AttentionRecord, layer: int, rows) -> Tuple[str, List[int]]:
+    name = hook_name("llm", layer)
+    t = record.tensors[name]
+    captured = _positions(_idx(record, name), "rows", t.shape[-2])
+    sel = resolve_rows(record, rows, captured)
+    if not sel:
+        raise ValueError(f"{name}: no query rows to use (captured rows: {_span(captured)})")
+    return name, sel
+
+
+def find_sinks(record: AttentionRecord, rows=None, layers: LayerSel = None, factor: float = SINK_FACTOR,
+               chunk: int = 256) -> List[int]:
+    """Sink positions by the module doc's rule: the first non-padding token, plus every captured
+    key whose mean attention ratio (``A[r, k] * n_visible(r)``, over the rows that see ``k``,
+    heads mean, layers mean) exceeds ``factor``."""
+    pad = int(record.layout.padding) if record.layout is not None else 0
+    layers = _stage_layers(record, "llm", layers)
+    L = _seq_len(record)
+    ratio, count, covered = np.zeros(L), np.zeros(L), np.ones(L, dtype=bool)
+    for l in layers:
+        _, sel = _layer_rows(record, l, rows)
+        for c in range(0, len(sel), chunk):
+            part = np.asarray(sel[c: c + chunk])
+            w, cov, _ = llm_attention_rows(record, l, part.tolist(), None, "mean")  # [n, L]
+            covered &= cov
+            sees = np.arange(L)[None, :] <= part[:, None]
+            ratio += (w * np.maximum(part + 1 - pad, 1)[:, None] * sees).sum(0)
+            count += sees.sum(0)
+    mean = np.divide(ratio, count, out=np.zeros(L), where=count > 0)
+    extra = [int(k) for k in np.nonzero((mean > factor) & covered & (np.arange(L) >= pad))[0] if k != pad]
+    return [pad] + extra
+
+
+def sink_shares(record: AttentionRecord, rows=None, layers: LayerSel = None, sinks: Optional[Sequence[int]] = None,
+                per_head: bool = True, factor: float = SINK_FACTOR, chunk: int = 256) -> SinkShares:
+    """Share of attention on the attention sinks per LLM layer (and per head).
+
+    ``sinks``: positions to use (default :func:`find_sinks` with ``rows``, ``layers`` and
+    ``factor``); ``rows``: query rows (:func:`resolve_rows`; default every captured row past
+    the padding). A sink whose key column was not captured is refused.
+    """
+    layers = _stage_layers(record, "llm", layers)
+    rule = sinks is None
+    sinks = find_sinks(record, rows, layers, factor, chunk) if rule else resolve_rows(record, sinks)
+    L = _seq_len(record)
+    bad = [p for p in sinks if not 0 <= p < L]
+    if bad:
+        raise ValueError(f"sinks {bad} are outside the {L} positions")
+    per_layer, labels, used = [], None, None
+    for l in layers:
+        name, sel = _layer_rows(record, l, rows)
+        acc = 0.0
+        for c in range(0, len(sel), chunk):
+            w, cov, lab = llm_attention_rows(record, l, sel[c: c + chunk], None, None if per_head else "mean")
+            lost = [p for p in sinks if not cov[p]]
+            if lost:
+                raise ValueError(f"{name} lacks the key columns of sink position(s) {lost}; capture cols 'all'")
+            if per_head:
+                if labels is not None and list(lab) != list(labels):
+                    raise ValueError(f"per-head sink shares need the same heads in every layer; {name} has {lab}, "
+                                     f"earlier {labels}")
+                labels = lab
+            acc = acc + w[..., sinks].sum(-2)  # [(H,) n_sinks]
+        per_layer.append(np.moveaxis(np.asarray(acc) / len(sel), -1, 0))  # [n_sinks, (H)]
+        used = sel
+    per_sink = np.stack(per_layer, 1)  # [n_sinks, n_layers, (H)]
+    toks = [record.layout.tokens[p] if record.layout is not None and p < len(record.layout.tokens) else None
+            for p in sinks]
+    return SinkShares(layers=list(layers), heads=labels if per_head else None, sinks=list(sinks),
+                      shares=per_sink.sum(0), per_sink=per_sink, rows=used, tokens=toks,
+                      factor=factor if rule else None)
+
+
+def _drop_sinks(record, wts, covered, pos, layers, sinks, head_reduce, layer_reduce):
+    """``wts [*lead, L]`` with the sink columns zeroed and the rest rescaled to the row's total."""
+    sinks = find_sinks(record, None, layers) if sinks is None else resolve_rows(record, sinks)
+    lost = [p for p in sinks if not covered[p]]
+    if lost:
+        raise ValueError(f"exclude_sinks: the record lacks the key columns of sink position(s) {lost}")
+    pad = int(record.layout.padding) if record.layout is not None else 0
+    if covered[pad: pos + 1].all():
+        total = wts.sum(-1, keepdims=True)
+    elif head_reduce == "max":
+        raise ValueError("exclude_sinks with head_reduce='max' needs every key column of the row (its total is "
+                         "not 1); capture cols 'all'")
+    else:
+        total = np.ones(wts.shape[:-1] + (1,))  # softmax rows (and their means) sum to 1
+    sink_mass = wts[..., sinks].sum(-1, keepdims=True)
+    out = wts.copy()
+    out[..., sinks] = 0.0
+    rest = total - sink_mass
+    out = np.where(rest > 1e-12, out * total / np.where(rest > 1e-12, rest, 1.0), 0.0)
+    share = np.divide(sink_mass, total, out=np.zeros_like(total), where=total > 0)[..., 0]
+    return out, {"sinks": list(sinks), "sink_share": _squeeze(share)}
+
+
+# ----------------------------------------------------------------------------------
+# A record at a glance
+# ----------------------------------------------------------------------------------
+def _json_num(x):
+    x = np.asarray(x, dtype=float)
+    return [None if not np.isfinite(v) else round(float(v), 4) for v in x.ravel()] if x.ndim else (
+        None if not np.isfinite(x) else round(float(x), 4))
+
+
+def record_summary(record: AttentionRecord, rows=None) -> Dict[str, object]:
+    """A JSON-ready dict: tokens (prompt / generated / fed / padding / roles), images and slices,
+    what was captured, and per LLM layer (heads mean, over ``rows``, default every captured
+    row) the role shares and the sink shares. Parts that cannot be computed from the record
+    say why (``"unavailable": reason``) instead of failing the whole summary."""
+    lay = record.layout
+    out: Dict[str, object] = {}
+    if lay is not None:
+        L = len(lay.tokens)
+        out["tokens"] = {"total": L, "prompt": prompt_length(record), "generated": L - prompt_length(record),
+                         "fed": fed_length(record), "padding": int(lay.padding),
+                         "roles": {r: int(sum(1 for x in lay.roles if x == r)) for r in ROLES}}
+        out["images"] = [{"index": im.index, "size": list(im.size), "grid": list(im.grid) if im.grid else None,
+                          "slices": len(im.slices)} for im in lay.images]
+    cap: Dict[str, object] = {}
+    for stage in ("llm", "vision", "resampler"):
+        names = record.names(stage)
+        if not names:
+            continue
+        info = _idx(record, names[0])
+        t = record.tensors[names[0]]
+        entry = {"layers": record.layers(stage), "reduce": info.get("reduce") or "none",
+                 "heads": info.get("heads") if info.get("heads") is not None else t.shape[-3]}
+        if stage == "llm":
+            entry["rows"] = _span(_positions(info, "rows", t.shape[-2]))
+            entry["cols"] = _span(_positions(info, "cols", t.shape[-1]))
+        cap[stage] = entry
+    out["captured"] = cap
+    if "llm" in cap and lay is not None:
+        try:
+            rs = role_shares(record, rows=rows)
+            out["role_shares"] = {"layers": rs.layers, "rows": _span(rs.rows),
+                                  **{r: _json_num(rs[r]) for r in ROLES}}
+        except ValueError as e:
+            out["role_shares"] = {"unavailable": str(e)}
+        try:
+            ss = sink_shares(record, rows=rows, per_head=False)
+            out["sinks"] = {"positions": ss.sinks, "tokens": ss.tokens, "factor": ss.factor, "layers": ss.layers,
+                            "rows": _span(ss.rows), "share": _json_num(ss.shares)}
+        except ValueError as e:
+            out["sinks"] = {"unavailable": str(e)}
+    return out
+
+
+def format_record_summary(summary: Dict[str, object]) -> str:
+    """:func:`record_summary`'s dict as a few lines of text."""
+    lines = []
+    t = summary.get("tokens")
+    if t:
+        lines.append(f"tokens: {t['total']} ({t['prompt']} prompt incl. {t['padding']} padding, {t['generated']} "
+                     f"generated, {t['fed']} fed); roles " + ", ".join(f"{k} {v}" for k, v in t["roles"].items()))
+    for im in summary.get("images", []):
+        lines.append(f"image {im['index']}: {im['size'][0]} x {im['size'][1]} px, grid {im['grid']}, "
+                     f"{im['slices']} slices")
+    for stage, c in summary.get("captured", {}).items():
+        extra = f", rows {c['rows']}, cols {c['cols']}" if stage == "llm" else ""
+        lines.append(f"captured {stage}: layers {c['layers']}, heads {c['heads']} ({c['reduce']}){extra}")
+
+    def per_layer(values):
+        return " ".join("n/a" if v is None else f"{v:.2f}" for v in values)
+
+    rs = summary.get("role_shares")
+    if rs:
+        if "unavailable" in rs:
+            lines.append(f"role shares: unavailable ({rs['unavailable']})")
+        else:
+            lines.append(f"role shares per layer {rs['layers']} (rows {rs['rows']}, heads mean):")
+            lines += [f"  {r:8s} {per_layer(rs[r])}" for r in ROLES]
+    sk = summary.get("sinks")
+    if sk:
+        if "unavailable" in sk:
+            lines.append(f"sinks: unavailable ({sk['unavailable']})")
+        else:
+            named = ", ".join(f"{p} {tok!r}" for p, tok in zip(sk["positions"], sk["tokens"]))
+            lines.append(f"sinks: {named}; share per layer {per_layer(sk['share'])} (rows {sk['rows']})")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------
@@ -606,6 +906,49 @@ class ImageHeatmap:
     extra: Dict[str, object] = field(default_factory=dict)
 
 
+def place_token_weights(layout: TokenLayout, res: np.ndarray, axis: List[int], wts: np.ndarray, image: int = 0,
+                        out_size: Optional[Tuple[int, int]] = None, include_source: bool = True,
+                        include_slices: bool = True, interpolation: str = "nearest", name: str = "resampler.attn"):
+    """Put per-position weights ``wts [*lead, L]`` of image ``image``'s tokens onto its pixels.
+
+    ``res`` ``[S, Q, P]``: the query -> patch maps (rows sum to 1 over real patches) whose S
+    axis holds ``layout.slices[axis[i]]``. Returns ``(source_map, slices_map, image_share,
+    (W, H))``: the maps ``[*lead, H_out, W_out]`` (None where excluded or unsliced) and the
+    weights' sum over the image's tokens. Used by :func:`image_heatmap` and relevancy maps.
+    """
+    images = {im.index: im for im in layout.images}
+    if image not in images:
+        raise ValueError(f"layout has no image {image}; images: {sorted(images)}")
+    im = images[image]
+    W, H = (int(v) for v in im.size)
+    Wo, Ho = (W, H) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    lead = wts.shape[:-1]
+    src = np.zeros(lead + (Ho, Wo)) if include_source else None
+    grid = np.zeros(lead + (Ho, Wo)) if include_slices and any(s.kind != "source" for s in im.slices) else None
+    img_share = np.zeros(lead)
+    for g, sl in enumerate(layout.slices):
+        if sl.image != image:
+            continue
+        start, end = (int(v) for v in sl.token_span)
+        if end > wts.shape[-1]:
+            raise ValueError(f"image {image} slice {sl.index} has tokens {start}..{end - 1} but the weights cover "
+                             f"{wts.shape[-1]} positions")
+        w_tok = wts[..., start:end]  # [*lead, Q]
+        img_share = img_share + w_tok.sum(-1)
+        target = src if sl.kind == "source" else grid
+        if target is None:
+            continue
+        s = _slice_pos(axis, g, name)
+        h, w = (int(v) for v in sl.tgt_size)
+        if res.shape[1] < end - start or res.shape[2] < h * w:
+            raise ValueError(f"{name} is [{', '.join(map(str, res.shape))}]; slice {g} needs {end - start} queries "
+                             f"x {h * w} patches")
+        a = np.asarray(res[s, : end - start, : h * w], dtype=np.float64)  # [Q, h*w]
+        m = (w_tok @ a).reshape(lead + (h, w))
+        target += place_patch_map(m, sl.box, (W, H), (Wo, Ho), interpolation)
+    return src, grid, img_share, (W, H)
+
+
 def image_heatmap(
     record: AttentionRecord,
     row_position: int,
@@ -620,12 +963,23 @@ def image_heatmap(
     include_slices: bool = True,
     resampler_heads: HeadSel = None,
     interpolation: str = "nearest",
+    exclude_sinks: bool = False,
+    sinks: Optional[Sequence[int]] = None,
 ) -> ImageHeatmap:
     """Heatmap over original image ``image`` of LLM query row ``row_position``.
 
+    ``row_position``: one row (:func:`resolve_rows`: absolute, negative from the end of the
+    prompt, or ``"last"``).
+    ``exclude_sinks``: zero the attention-sink columns (:func:`find_sinks` over the same
+    layers, or ``sinks``) of the row and rescale the rest so the row keeps its total: the
+    map, ``image_share`` and ``shares`` become shares of the *non-sink* attention (every
+    image token's mass is multiplied by ``1 / (1 - sink share)``; an image-token sink drops
+    out of the map). With ``layer_reduce="rollout"`` this acts on the rolled-out row, not
+    inside each layer. ``extra`` gets ``sinks`` and ``sink_share`` (of the row's total).
+
     ``layers``: LLM layers (default all captured); ``layer_reduce``: ``"mean"`` of
-    the layers' rows, ``"rollout"`` (row of the rollout over the layers; needs full
-    square maps) or None (one map per layer). ``heads`` / ``head_reduce`` select and
+    the layers' rows, ``"rollout"`` (row of the rollout over the layers; needs every fed
+    row and column, see :func:`llm_rollout`) or None (one map per layer). ``heads`` / ``head_reduce`` select and
     reduce LLM heads; the resampler is head-averaged (over ``resampler_heads``).
     ``out_size`` = (width, height), default the original image size.
     """
@@ -637,14 +991,20 @@ def image_heatmap(
     if not include_source and not include_slices:
         raise ValueError("include_source and include_slices are both False: nothing to draw")
     L = _seq_len(record)
-    pos = int(row_position) + L if int(row_position) < 0 else int(row_position)
+    sel = resolve_rows(record, row_position)
+    if len(sel) != 1:
+        raise ValueError(f"image_heatmap draws one query row; {row_position!r} selects {len(sel)} rows")
+    pos = sel[0]
     layers = _stage_layers(record, "llm", layers)
 
     # LLM weights of the row over all key positions: [*lead, L]
     if layer_reduce == "rollout":
         R = llm_rollout(record, layers, heads, head_reduce)
-        wts, covered, labels = R[pos], np.ones(L, dtype=bool), (
+        if pos >= R.shape[0]:
+            raise ValueError(f"rollout covers the fed positions 0..{R.shape[0] - 1}; position {pos} was never fed")
+        wts, covered, labels = np.zeros(L), np.ones(L, dtype=bool), (
             [head_reduce] if heads is None else _as_list(heads))
+        wts[: R.shape[1]] = R[pos]
         layers = sorted(layers)
     elif layer_reduce in ("mean", None):
         per, covered, labels = [], np.ones(L, dtype=bool), None
@@ -661,38 +1021,24 @@ def image_heatmap(
     else:
         raise ValueError(f"layer_reduce must be 'mean', 'rollout' or None, got {layer_reduce!r}")
 
+    extra: Dict[str, object] = {}
+    if exclude_sinks:
+        wts, extra = _drop_sinks(record, wts, covered, pos, layers, sinks, head_reduce, layer_reduce)
     shares = {r: _squeeze(v[..., 0])
               for r, v in row_role_shares(wts[..., None, :], covered, layout, [pos]).items()}
 
-    res, _, rname = _resampler(record, resampler_heads, "mean")  # [S, Q, P]
-    axis = _slice_axis(record, rname, res, layout)
-    W, H = (int(v) for v in im.size)
-    Wo, Ho = (W, H) if out_size is None else (int(out_size[0]), int(out_size[1]))
-    lead = wts.shape[:-1]
-    src = np.zeros(lead + (Ho, Wo)) if include_source else None
-    grid = np.zeros(lead + (Ho, Wo)) if include_slices and any(s.kind != "source" for s in im.slices) else None
-    img_share = np.zeros(lead)
-    for g, sl in enumerate(layout.slices):
-        if sl.image != image:
-            continue
-        start, end = (int(v) for v in sl.token_span)
-        toks = np.arange(start, end)
+    for sl in im.slices:
+        toks = np.arange(*(int(v) for v in sl.token_span))
         miss = toks[(toks <= pos) & ~covered[np.clip(toks, 0, L - 1)]]
         if miss.size:
             raise ValueError(
                 f"the record lacks the key columns of image {image}'s tokens (positions {_span(miss.tolist())}); "
                 f"capture cols including image tokens"
             )
-        w_tok = wts[..., start:end]  # [*lead, Q]
-        img_share = img_share + w_tok.sum(-1)
-        target = src if sl.kind == "source" else grid
-        if target is None:
-            continue
-        s = _slice_pos(axis, g, rname)
-        h, w = (int(v) for v in sl.tgt_size)
-        a = res[s, : end - start, : h * w].numpy()  # [Q, h*w]
-        m = (w_tok @ a).reshape(lead + (h, w))
-        target += place_patch_map(m, sl.box, (W, H), (Wo, Ho), interpolation)
+    res, _, rname = _resampler(record, resampler_heads, "mean")  # [S, Q, P]
+    axis = _slice_axis(record, rname, res, layout)
+    src, grid, img_share, (W, H) = place_token_weights(layout, res.numpy(), axis, wts, image, out_size,
+                                                       include_source, include_slices, interpolation, rname)
     total = sum(x for x in (src, grid) if x is not None)
     tok = layout.tokens[pos] if pos < len(layout.tokens) else None
     return ImageHeatmap(
@@ -701,7 +1047,7 @@ def image_heatmap(
         slices_map=None if grid is None else grid.astype(np.float32),
         shares=shares, image_share=_squeeze(img_share), position=pos, token=tok, image=image,
         image_size=(W, H), layers=list(layers), heads=list(labels),
-        layer_reduce=layer_reduce, head_reduce=head_reduce,
+        layer_reduce=layer_reduce, head_reduce=head_reduce, extra=extra,
     )
 
 

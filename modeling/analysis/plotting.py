@@ -37,10 +37,11 @@ from . import attention_map as am
 
 __all__ = [
     "display_image", "plot_token_heatmaps", "plot_head_image_share", "plot_attention_matrix",
-    "plot_role_shares", "plot_resampler_queries", "plot_vision_received",
+    "plot_role_shares", "plot_resampler_queries", "plot_vision_received", "plot_sink_shares",
 ]
 
 ROLE_COLORS = {"text": "#4C72B0", "image": "#DD8452", "special": "#8C8C8C"}
+MASKED_STYLE = {"facecolor": "#d4d4d4", "hatch": "///", "edgecolor": "#8a8a8a"}  # masked / never-attended cells
 
 # the drawing budget (see the module doc)
 MAX_DRAW_SIDE = 1024  # px, long side of any image or map drawn
@@ -148,10 +149,23 @@ def _block_mean(a, max_rows: int, max_cols: int) -> Tuple[np.ndarray, Tuple[int,
     if fy == 1 and fx == 1:
         return a, (1, 1)
     ry, rx = np.arange(0, R, fy), np.arange(0, C, fx)
-    s = np.add.reduceat(a, ry, axis=-2, dtype=np.float64)
+    valid = np.isfinite(a)  # NaN cells (masked) are left out; an all-NaN block stays NaN
+    s = np.add.reduceat(np.where(valid, a, 0.0), ry, axis=-2, dtype=np.float64)
     s = np.add.reduceat(s, rx, axis=-1)
-    cy, cx = np.diff(np.append(ry, R)), np.diff(np.append(rx, C))
-    return (s / (cy[:, None] * cx[None, :])).astype(np.float32), (fy, fx)
+    n = np.add.reduceat(np.add.reduceat(valid.astype(np.float64), ry, axis=-2), rx, axis=-1)
+    out = np.divide(s, n, out=np.full(s.shape, np.nan), where=n > 0)
+    return out.astype(np.float32), (fy, fx)
+
+
+def _scale_formatter(vmax: float):
+    """(tick formatter, label suffix) with one power of ten for every colour bar of a figure:
+    ticks read ``v / 10**e`` with 2 significant digits and the label says ``x 1e{e}``."""
+    from matplotlib.ticker import FuncFormatter
+
+    e = int(math.floor(math.log10(vmax))) if vmax > 0 and math.isfinite(vmax) else 0
+    e = 0 if -1 <= e <= 1 else e
+    k = 10.0 ** e
+    return FuncFormatter(lambda v, _: f"{v / k:.2g}"), ("" if e == 0 else f" (x 1e{e})")
 
 
 def _label(tok: Optional[str], n: int = 14) -> str:
@@ -239,7 +253,7 @@ def plot_token_heatmaps(
     include_source: bool = True,
     include_slices: bool = True,
     interpolation: str = "nearest",
-    shared_scale: bool = False,
+    shared_scale: bool = True,
     max_tokens: int = 32,
     ncols: int = 4,
     max_side: int = 320,
@@ -254,8 +268,12 @@ def plot_token_heatmaps(
 
     ``image`` (PIL image, path or array; the original or a smaller copy such as
     :func:`display_image`'s) is drawn under the maps when given.
-    Colours: attention mass per displayed pixel (see ``attention_map.image_heatmap``);
-    one colour bar per panel, or one shared one with ``shared_scale``. Maps are computed at
+    ``positions``: rows as :func:`attention_map.resolve_rows` reads them (absolute, negative
+    from the end of the prompt, ``"generated"``, ``"last"``).
+    Colours: attention mass per displayed pixel (see ``attention_map.image_heatmap``); by
+    default one colour scale and bar shared by every panel (so panels compare), or one per
+    panel with ``shared_scale=False``; every bar uses the same tick format and power of ten.
+    Maps are computed at
     the drawing size (long side ``max_side``, at most 1024, less when many panels share the
     figure's budget: see the module doc).
     """
@@ -266,9 +284,8 @@ def plot_token_heatmaps(
     layout = am._need_layout(record, "plot_token_heatmaps")
     L = am._seq_len(record)
     if positions is None:
-        n_prompt = int(layout.n_prompt) if layout.n_prompt else L
-        positions = list(range(n_prompt - 1, L - 1)) or [L - 1]
-    positions = [int(p) + L if int(p) < 0 else int(p) for p in positions][:max_tokens]
+        positions = "generated" if L > am.prompt_length(record) else "last"
+    positions = am.resolve_rows(record, positions)[:max_tokens]
     if not positions:
         raise ValueError("plot_token_heatmaps: no token positions to draw")
     im_layout, size, disp = _image_geometry(layout, image_index, _panel_side(len(positions), max_side))
@@ -290,7 +307,8 @@ def plot_token_heatmaps(
         figsize = (max(6.0, ncols * pw + (0.9 if shared_scale else 0.0)), nrows * (pw * aspect + 0.5) + 0.7)
     fig = _figure(figsize, dpi, auto)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    vmax = max(float(m.map.max()) for m in maps) if shared_scale else None
+    vmax = max(float(m.map.max()) for m in maps)
+    fmt, suffix = _scale_formatter(vmax)
     ext = (0, disp[0], disp[1], 0)
     last = None
     for ax, hm in zip(axes, maps):
@@ -308,19 +326,22 @@ def plot_token_heatmaps(
         ax.set_xticks([])
         ax.set_yticks([])
         if not shared_scale:
-            cb = fig.colorbar(last, ax=ax, shrink=0.85, pad=0.01)
+            cb = fig.colorbar(last, ax=ax, shrink=0.85, pad=0.01, format=fmt)
             cb.ax.tick_params(labelsize=6)
-            cb.ax.yaxis.get_offset_text().set_fontsize(6)
+            if suffix:
+                cb.set_label(suffix.strip(" ()"), fontsize=6)
     for ax in axes[n:]:
         ax.set_axis_off()
     if shared_scale:
-        cb = fig.colorbar(last, ax=list(axes[:n]), shrink=0.8)
-        cb.set_label("attention mass per pixel")
+        cb = fig.colorbar(last, ax=list(axes[:n]), shrink=0.8, format=fmt)
+        cb.ax.tick_params(labelsize=7)
+        cb.set_label("attention mass per pixel" + suffix, fontsize=8)
     parts = [p for p, on in (("source", include_source), ("slices", include_slices)) if on]
     fig.suptitle(
         f"Where each token's attention lands on image {image_index}\n"
         f"{_layers_desc(maps[0].layers, layer_reduce)}, {_heads_desc(heads, head_reduce)}, "
-        f"{' + '.join(parts)}; colour = attention mass per pixel, % = share on this image's tokens"
+        f"{' + '.join(parts)}; colour = attention mass per pixel "
+        f"({'one scale for all panels' if shared_scale else 'own scale per panel'}), % = share on this image's tokens"
         f"{_stretch_note(size)}",
         fontsize=9, wrap=True,
     )
@@ -330,6 +351,40 @@ def plot_token_heatmaps(
 # ----------------------------------------------------------------------------------
 # (2) layer x head grid of image-attention share
 # ----------------------------------------------------------------------------------
+def _layer_head_grid(grid, layers, heads, title: str, label: str, cmap: str, annotate: Optional[bool],
+                     figsize, dpi, path) -> str:
+    """One layer x head heatmap of shares in [0, 1] (NaN = not captured), annotated when small.
+    Automatic sizes leave room for the title and the colour-bar label on small grids."""
+    grid = np.asarray(grid, dtype=float).reshape(len(layers), -1)
+    nl, nh = grid.shape
+    auto = figsize is None
+    if figsize is None:
+        figsize = (min(16.0, max(5.6, 2.8 + 0.45 * nh)), min(16.0, max(3.8, 2.0 + 0.32 * nl)))
+    fig = _figure(figsize, dpi, auto)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
+                   interpolation="nearest")
+    ax.set_xlabel("head", fontsize=8)
+    ax.set_ylabel("LLM layer", fontsize=8)
+    step_x = max(1, nh // 16)
+    step_y = max(1, nl // 24)
+    ax.set_xticks(range(0, nh, step_x), [str(h) for h in heads][::step_x], fontsize=7)
+    ax.set_yticks(range(0, nl, step_y), [str(l) for l in layers][::step_y], fontsize=7)
+    if annotate is None:
+        annotate = nl * nh <= 144
+    if annotate:
+        for i in range(nl):
+            for j in range(nh):
+                v = grid[i, j]
+                ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                        fontsize=6, color="white" if not np.isnan(v) and v < 0.5 else "black")
+    cb = fig.colorbar(im, ax=ax)
+    cb.ax.tick_params(labelsize=7)
+    cb.set_label(label, fontsize=7)
+    fig.suptitle(title, fontsize=8, wrap=True)
+    return _save(fig, path, dpi)
+
+
 def plot_head_image_share(
     record: AttentionRecord,
     path,
@@ -348,34 +403,35 @@ def plot_head_image_share(
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     rs = am.role_shares(record, rows=rows, layers=layers, heads=heads, per_head=True)
-    grid = np.asarray(rs[role], dtype=float)  # [n_layers, n_heads]
-    nl, nh = grid.shape
-    auto = figsize is None
-    if figsize is None:
-        figsize = (min(16.0, 2.2 + 0.45 * nh), min(16.0, 1.6 + 0.32 * nl))
-    fig = _figure(figsize, dpi, auto)
-    ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
-                   interpolation="nearest")
-    ax.set_xlabel("head")
-    ax.set_ylabel("LLM layer")
-    step_x = max(1, nh // 16)
-    step_y = max(1, nl // 24)
-    ax.set_xticks(range(0, nh, step_x), [str(h) for h in rs.heads][::step_x], fontsize=7)
-    ax.set_yticks(range(0, nl, step_y), [str(l) for l in rs.layers][::step_y], fontsize=7)
-    if annotate is None:
-        annotate = nl * nh <= 144
-    if annotate:
-        for i in range(nl):
-            for j in range(nh):
-                v = grid[i, j]
-                ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
-                        fontsize=6, color="white" if not np.isnan(v) and v < 0.5 else "black")
-    cb = fig.colorbar(im, ax=ax)
-    cb.set_label(f"share of attention on {role} tokens")
-    ax.set_title(f"{role.capitalize()} attention share per layer and head\n"
-                 f"(mean over {len(rs.rows)} query row(s) {_rows_desc(rs.rows)})", fontsize=9)
-    return _save(fig, path, dpi)
+    return _layer_head_grid(rs[role], rs.layers, rs.heads,
+                            f"{role.capitalize()} attention share per layer and head\n"
+                            f"mean over {len(rs.rows)} query row(s) {_rows_desc(rs.rows)}",
+                            f"share on {role} tokens", cmap, annotate, figsize, dpi, path)
+
+
+def plot_sink_shares(
+    record: AttentionRecord,
+    path,
+    rows=None,
+    *,
+    layers=None,
+    sinks=None,
+    cmap: str = "viridis",
+    annotate: Optional[bool] = None,
+    figsize: Optional[Tuple[float, float]] = None,
+    dpi: int = 100,
+) -> str:
+    """Layer x head heatmap of the share of attention on the attention sinks (the first
+    non-padding token plus the rule's sinks, or ``sinks``), mean over query ``rows``
+    (see ``attention_map.sink_shares``); the title names the sink tokens."""
+    ss = am.sink_shares(record, rows=rows, layers=layers, sinks=sinks, per_head=True)
+    named = ", ".join(f"{p} '{_label(t, 10)}'" for p, t in zip(ss.sinks[:6], ss.tokens[:6]))
+    named += "" if len(ss.sinks) <= 6 else f" and {len(ss.sinks) - 6} more"
+    rule = (f"first token + keys over {ss.factor:g}x the uniform share" if ss.factor is not None else "given")
+    return _layer_head_grid(ss.shares, ss.layers, ss.heads,
+                            f"Attention-sink share per layer and head\nsinks ({rule}): {named}\n"
+                            f"mean over {len(ss.rows)} query row(s) {_rows_desc(ss.rows)}",
+                            "share on the sink tokens", cmap, annotate, figsize, dpi, path)
 
 
 def _rows_desc(rows) -> str:
@@ -407,9 +463,15 @@ def plot_attention_matrix(
     they fit (at most ``max_labels`` per axis). The colour scale tops out at the
     ``clip_quantile`` of the positive entries (None: at the maximum), so that an
     attention sink does not flatten everything else. A matrix with more than 1024 rows
-    or columns is drawn as means over blocks of rows x columns (the colour bar says so)."""
+    or columns is drawn as means over blocks of rows x columns (the colour bar says so).
+
+    Cells a query can never attend to (future keys, padding, the never-fed last token) are
+    drawn hatched grey, not in the colour of zero attention (legend and title say so). The
+    figure takes the matrix's shape: a few rows (e.g. ``rows="generated"``) over many
+    columns give a wide, short figure with readable row labels."""
+    import matplotlib
     from matplotlib.colors import ListedColormap, LogNorm
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch, Rectangle
 
     if head_reduce not in ("mean", "max"):
         raise ValueError(f"head_reduce must be 'mean' or 'max' for a single matrix, got {head_reduce!r}")
@@ -422,31 +484,44 @@ def plot_attention_matrix(
     cols = am._positions(idx, "cols", t.shape[2])
     sel, labels = am._select_heads(t.detach().float().cpu()[:, :, : len(cols)], idx, name, heads, 0)
     mat = am._reduce_heads(sel, head_reduce, 0).numpy()
+    # cells no query can attend to: future keys, padding keys / queries, never-fed positions
+    pad, n_fed = int(layout.padding), am.fed_length(record)
+    r_pos, c_pos = np.asarray(rows)[:, None], np.asarray(cols)[None, :]
+    masked = (c_pos > r_pos) | (c_pos < pad) | (r_pos < pad) | (c_pos >= n_fed)
+    mat = np.where(masked, np.nan, mat)
     roles = list(layout.roles)
 
     def role_codes(ps):
         return np.array([ROLE_CODES[roles[p]] if p < len(roles) else ROLE_CODES["text"] for p in ps])
 
     auto = figsize is None
-    if figsize is None:
-        side = float(np.clip(0.12 * max(len(rows), len(cols)) + 3.0, 5.0, 14.0))
-        figsize = (side + 1.2, side)
+    if figsize is None:  # the matrix's shape; rows at least a readable label's height when labelled
+        width = float(np.clip(0.12 * len(cols) + 3.0, 5.0, 14.0)) + 1.2
+        cell = (width - 4.2) / max(len(cols), 1)
+        row_h = max(cell, 0.12 if len(rows) <= max_labels else 0.0)
+        height = float(np.clip(row_h * len(rows) + 3.0, 3.4, 14.0))
+        figsize = (width, height)
     fig = _figure(figsize, dpi, auto)
     ax = fig.add_subplot()
     mat, (fy, fx) = _block_mean(mat, MAX_DRAW_SIDE, MAX_DRAW_SIDE)  # what is drawn
     ext = (-0.5, len(cols) - 0.5, len(rows) - 0.5, -0.5)  # axes stay in row / column units
-    pos = mat[mat > 0]
-    top = float(mat.max()) if mat.size else 1.0
+    ax.add_patch(Rectangle((ext[0], ext[3]), ext[1] - ext[0], ext[2] - ext[3], lw=0, zorder=0, **MASKED_STYLE))
+    cmap = matplotlib.colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # NaN: the hatch shows through
+    finite = mat[np.isfinite(mat)]
+    pos = finite[finite > 0]
+    top = float(finite.max()) if finite.size else 1.0
     if clip_quantile is not None and pos.size:
         top = min(top, float(np.quantile(pos, clip_quantile)))
     top = max(top, 1e-6)
-    clipped = mat.size > 0 and top < float(mat.max())
+    clipped = finite.size > 0 and top < float(finite.max())
     if log_scale:
-        norm = LogNorm(vmin=min(max(float(pos.min()) if pos.size else 1e-6, 1e-6), top / 10), vmax=top)
-        im = ax.imshow(np.where(mat > 0, mat, np.nan), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest",
-                       extent=ext)
+        low = min(max(float(pos.min()) if pos.size else 1e-6, 1e-6), top / 10)
+        norm = LogNorm(vmin=low, vmax=top)
+        im = ax.imshow(np.where(np.isnan(mat) | (mat > low), mat, low), cmap=cmap, norm=norm, aspect="auto",
+                       interpolation="nearest", extent=ext, zorder=1)
     else:
-        im = ax.imshow(mat, cmap=cmap, vmin=0.0, vmax=top, aspect="auto", interpolation="nearest", extent=ext)
+        im = ax.imshow(mat, cmap=cmap, vmin=0.0, vmax=top, aspect="auto", interpolation="nearest", extent=ext,
+                       zorder=1)
     band_cmap = ListedColormap([ROLE_COLORS[r] for r in ROLES])
     top = ax.inset_axes([0.0, 1.005, 1.0, 0.025])
     top.imshow(role_codes(cols[::fx])[None, :], cmap=band_cmap, vmin=0, vmax=len(ROLES) - 1,
@@ -477,13 +552,16 @@ def plot_attention_matrix(
     ax.set_xlabel("key token" + ("" if len(cols) <= max_labels else " position"))
     left.set_ylabel("query token" + ("" if len(rows) <= max_labels else " position"))
     cb = fig.colorbar(im, ax=ax, shrink=0.85, extend="max" if clipped else "neither")
+    cb.ax.tick_params(labelsize=7)
     cb.set_label("attention probability" + (" (log)" if log_scale else "")
-                 + (f", clipped at the {clip_quantile:.1%} quantile" if clipped else "")
-                 + (f"\nmean over blocks of {fy} rows x {fx} columns" if fy * fx > 1 else ""))
-    ax.legend(handles=[Patch(color=ROLE_COLORS[r], label=r) for r in ROLES], loc="upper right",
-              fontsize=7, title="token role", title_fontsize=7, framealpha=0.8)
+                 + (f"\nclipped at the {clip_quantile:.1%} quantile" if clipped else "")
+                 + (f"\nmean over blocks of {fy} x {fx}" if fy * fx > 1 else ""), fontsize=7)
+    handles = [Patch(color=ROLE_COLORS[r], label=f"{r} token") for r in ROLES]
+    handles.append(Patch(label="masked (future / padding / never fed)", **MASKED_STYLE))
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=7, framealpha=0.8)
     ax.set_title(f"LLM layer {layer} attention ({_heads_desc(heads, head_reduce)}): "
-                 f"{len(rows)} query rows x {len(cols)} key columns", fontsize=10, pad=14)
+                 f"{len(rows)} query rows x {len(cols)} key columns\nhatched grey = masked cells (no attention "
+                 f"possible), not zero attention", fontsize=9, pad=14)
     return _save(fig, path, dpi)
 
 
