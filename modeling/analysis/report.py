@@ -1,42 +1,65 @@
-"""The ``index.html`` page of a visualisation: the question, the answer and every plot with its caption."""
+"""The ``index.html`` page of a visualisation: the interactive viewer (``viewer.py``) with the run's
+facts above it and the static PNG plots listed below it.
+
+The page names files by their base name only (never a path of the machine that wrote it) and
+loads nothing: the PNGs are links next to the page, the viewer is inside it.
+"""
 import html
 import os
 from typing import Optional, Sequence, Tuple
 
 from ..attention_record import AttentionRecord
 
-__all__ = ["render_index"]
+__all__ = ["facts_html", "plots_html", "render_index", "size_note"]
 
 
-def render_index(prompt: str, answer: str, image_path: str, plots: Sequence[Tuple[str, str]], is_demo: bool,
-                 model_name: Optional[str], record: AttentionRecord) -> str:
-    """The page as a string; ``plots`` are (path, caption) pairs, shown by file name (same folder)."""
+def size_note(record: AttentionRecord) -> str:
+    """`` (W x H px; the plots draw a copy at most N px on the long side[, stretched to 4:1])`` of the
+    record's first image, or ''."""
+    images = getattr(record.layout, "images", None) or []
+    if not images:
+        return ""
+    from .plotting import MAX_ASPECT, MAX_DRAW_SIDE
+
+    w, h = (int(v) for v in images[0].size)
+    stretched = max(w, h) > MAX_ASPECT * max(1, min(w, h))
+    return (f" ({w} x {h} px; the plots draw a copy at most {MAX_DRAW_SIDE} px on the long side"
+            + (f", stretched to {MAX_ASPECT:g}:1" if stretched else "") + ")")
+
+
+def facts_html(image_path: Optional[str], is_demo: bool, model_name: Optional[str], record: AttentionRecord) -> str:
+    """The demo warning, model, image (base name and size) and what the record holds, as HTML."""
     esc = html.escape
     note = ("<p class=warn><b>Demo model with random weights:</b> these maps show the pipeline "
             "(tokens &rarr; slices &rarr; patches &rarr; pixels), not meaning. Pass <code>--model</code> "
             "with a real MiniCPM-V-2.6 checkpoint for meaningful maps.</p>" if is_demo else "")
-    items = "\n".join(f"<figure><img src='{esc(os.path.basename(p))}' alt='{esc(c)}'><figcaption>{esc(c)}"
-                      f"</figcaption></figure>" for p, c in plots)
-    names = ", ".join(record.names())
-    size = ""
-    images = getattr(record.layout, "images", None) or []
-    if images:
-        from .plotting import MAX_ASPECT, MAX_DRAW_SIDE
+    model = "tiny demo (seeded, random weights)" if not model_name else (
+        os.path.basename(str(model_name).rstrip("/\\")) if os.path.isdir(str(model_name)) else str(model_name))
+    image = os.path.basename(str(image_path)) if image_path else "not given"
+    return (f"{note}<p><b>Model:</b> {esc(model)}<br><b>Image:</b> {esc(image)}{esc(size_note(record))}</p>"
+            f"<p>Record: <code>record.safetensors</code> + <code>record.json</code> (load with "
+            f"<code>minicpmv_attn.AttentionRecord.load('record')</code>); captured: {esc(', '.join(record.names()))}</p>")
 
-        w, h = (int(v) for v in images[0].size)
-        stretched = max(w, h) > MAX_ASPECT * max(1, min(w, h))
-        size = (f" ({w} x {h} px; the plots draw a copy at most {MAX_DRAW_SIDE} px on the long side"
-                + (f", stretched to {MAX_ASPECT:g}:1" if stretched else "") + ")")
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>minicpmv-attn: attention maps</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
-img{{max-width:100%;border:1px solid #ddd}} figure{{margin:2em 0}} .warn{{background:#fff3cd;padding:.6em}}
-code{{background:#f4f4f4;padding:0 .2em}}</style></head><body>
-<h1>Attention maps</h1>{note}
-<p><b>Model:</b> {esc(model_name or 'tiny demo (seeded, random weights)')}<br>
-<b>Image:</b> {esc(image_path)}{esc(size)}<br><b>Prompt:</b> {esc(prompt)}<br><b>Answer:</b> {esc(answer)}</p>
-<p>Record: <code>record.safetensors</code> + <code>record.json</code> (load with
-<code>minicpmv_attn.AttentionRecord.load('record')</code>); captured: {esc(names)}</p>
-{items}
-</body></html>
-"""
+
+def plots_html(plots: Sequence[Tuple[str, str]]) -> str:
+    """The static plots as links by base name (files next to the page; nothing is loaded)."""
+    if not plots:
+        return ""
+    esc = html.escape
+    items = "\n".join(f"<li><a href='{esc(os.path.basename(p))}'>{esc(os.path.basename(p))}</a>: {esc(c)}</li>"
+                      for p, c in plots)
+    return f"<h2>Static plots</h2><p class=dim>PNG files written next to this page:</p><ul>\n{items}\n</ul>"
+
+
+def render_index(prompt: str, answer: str, image_path: str, plots: Sequence[Tuple[str, str]], is_demo: bool,
+                 model_name: Optional[str], record: AttentionRecord, viewer=None) -> str:
+    """The page as a string: the interactive viewer (``viewer``, a :class:`~.viewer.Viewer`; built
+    from ``record`` when None, without an image) with the facts above and ``plots`` ((path, caption)
+    pairs, listed by base name) below."""
+    from .viewer import build_viewer, render_viewer
+
+    if viewer is None:
+        viewer = build_viewer(record, None, prompt=prompt, answer=answer)
+    return render_viewer(viewer, title="minicpmv-attn: attention maps",
+                         header_html=facts_html(image_path, is_demo, model_name, record),
+                         footer_html=plots_html(plots))

@@ -12,13 +12,17 @@ take more than ``IMAGE_BUDGET_BYTES`` (2 GiB; about 12 bytes per pixel for 8-bit
 RGB image the loader accepts, 16 for RGBA, 32 for 16-bit images); an image so narrow or wide
 that one slice would get more than ``MAX_SLICE_PATCHES_FACTOR`` (4) times the patches of a
 square image is refused before the capture runs; the plots draw downsampled copies only (see ``plotting``: at most 1024 px
-drawn per image, every PNG at most 4096 px a side and 8 Mpx).
+drawn per image, every PNG at most 4096 px a side and 8 Mpx); ``index.html`` is the interactive viewer (``viewer``: at
+most 16 MiB of embedded map data, one self-contained file).
+
+The defaults of the main command (model, image, prompt, token counts, selections, output folder) are kept in one place,
+``DEFAULTS``; the command line reads them from there.
 """
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..attention_record import AttentionRecord, atomic_write_text
 from ..capture import CaptureError, parse_index_list
@@ -28,9 +32,18 @@ from . import pipeline
 from . import plotting as pl
 from .pipeline import DEFAULT_PROMPT, ToolError
 from .report import render_index
+from .viewer import BUDGET as VIEWER_BUDGET
+from .viewer import build_viewer
 
-__all__ = ["BUDGET", "IMAGE_BUDGET_BYTES", "RESERVED_MARKERS", "Visualization", "check_prompt",
+__all__ = ["BUDGET", "DEFAULTS", "IMAGE_BUDGET_BYTES", "RESERVED_MARKERS", "Visualization", "check_prompt",
            "image_cost_bytes", "visualize"]
+
+# the main command's defaults, in one place (the command line shows and uses these): model None = the embedded
+# tiny demo model, image None = the demo photo, prompt None = pipeline.DEFAULT_PROMPT, rows None = all for the demo
+# model and generated otherwise
+DEFAULTS = {"model": None, "image": None, "prompt": None, "max_new_tokens": 8, "layers": None, "heads": None,
+            "rows": None, "vision_layers": "-1", "max_plot_tokens": 16, "out": "attention_out", "device": None,
+            "dtype": "auto", "seed": 0}
 
 IMAGE_BUDGET_BYTES = 2 * 2**30
 # peak bytes per pixel of preparing an image and chatting about it (decoded image, the copies chat
@@ -44,7 +57,8 @@ RESERVED_MARKERS = ("<image>", "</image>", "<slice>", "</slice>")
 BUDGET = (f"Budget: the image is decoded at full size (at most {DEFAULT_MAX_IMAGE_PIXELS:,} pixels) and refused "
           f"before the model loads if preparing it needs more than {IMAGE_BUDGET_BYTES / 2**30:g} GiB (about 12 bytes "
           f"per pixel for 8-bit RGB, 32 for 16-bit); an image so narrow or wide that a slice would get more than "
-          f"{MAX_SLICE_PATCHES_FACTOR}x the patches of a square image is refused; " + pl.BUDGET + ".")
+          f"{MAX_SLICE_PATCHES_FACTOR}x the patches of a square image is refused; " + pl.BUDGET + "; "
+          + VIEWER_BUDGET + ".")
 
 
 def image_cost_bytes(size: Tuple[int, int], mode: str) -> int:
@@ -96,6 +110,25 @@ def _check_slices(processor, picture, image_path: str) -> None:
             f"{(ph * pw / square) ** 2:,.0f}x a square image's work); crop it or pad it to a less extreme shape")
 
 
+def _relevancy(net, processor, picture, record, max_tokens: int, log) -> Dict[int, Any]:
+    """{generated-token index: relevancy map} of the first ``max_tokens`` answer tokens, at most
+    ``viewer.EXTRA_SIDE`` px on the long side."""
+    from .relevancy import relevancy_maps
+    from .viewer import EXTRA_SIDE
+
+    lay = record.layout
+    n = min(len(lay.input_ids) - lay.n_prompt, max_tokens)
+    w, h = (int(v) for v in lay.images[0].size)
+    k = EXTRA_SIDE / max(w, h)
+    log(f"gradient relevancy of {n} tokens ...")
+    try:
+        maps = relevancy_maps(net, processor, picture, record, list(range(n)),
+                              out_size=(max(1, round(w * k)), max(1, round(h * k))))
+    except (CaptureError, ValueError) as e:
+        raise ToolError(f"--relevancy: {e}") from e
+    return dict(enumerate(maps))
+
+
 @dataclass
 class Visualization:
     """What :func:`visualize` wrote."""
@@ -108,12 +141,15 @@ class Visualization:
     seconds: float  # from loading the model to the last file
 
 
-def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: Optional[str] = None,
-              max_new_tokens: int = 8, layers: Optional[str] = None, heads: Optional[str] = None,
-              rows: Optional[str] = None, vision_layers: Optional[str] = "-1", max_plot_tokens: int = 16,
-              out: str = "attention_out", device: Optional[str] = None, dtype: Optional[str] = "auto",
-              sampling: bool = False, seed: int = 0, quiet: bool = False,
-              log: Optional[Callable[..., None]] = None) -> Visualization:
+def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = DEFAULTS["image"],
+              prompt: Optional[str] = DEFAULTS["prompt"], max_new_tokens: int = DEFAULTS["max_new_tokens"],
+              layers: Optional[str] = DEFAULTS["layers"], heads: Optional[str] = DEFAULTS["heads"],
+              rows: Optional[str] = DEFAULTS["rows"], vision_layers: Optional[str] = DEFAULTS["vision_layers"],
+              max_plot_tokens: int = DEFAULTS["max_plot_tokens"], out: str = DEFAULTS["out"],
+              device: Optional[str] = DEFAULTS["device"], dtype: Optional[str] = DEFAULTS["dtype"],
+              sampling: bool = False, seed: int = DEFAULTS["seed"], quiet: bool = False,
+              log: Optional[Callable[..., None]] = None,
+              extra_kinds: Optional[Dict[str, Dict[int, Any]]] = None, relevancy: bool = False) -> Visualization:
     """Answer ``prompt`` about ``image`` with attention captured and write the plots, the record
     (``record.safetensors`` + ``record.json``) and ``index.html`` to ``out``.
 
@@ -124,7 +160,11 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
     :class:`~.pipeline.ToolError`, and so do an empty prompt, one with image markers
     (``RESERVED_MARKERS``) and an image beyond the budget (module doc); the selections, the
     prompt and the image are checked before the model loads.
-    ``log`` receives progress lines (default: stderr, nothing with ``quiet``).
+    ``log`` receives progress lines (default: stderr, nothing with ``quiet``). ``extra_kinds``:
+    more precomputed maps for the viewer, ``{kind: {generated-token index: [H, W] map}}`` (e.g.
+    gradient relevancy; see ``viewer.build_viewer``). ``relevancy``: also compute gradient
+    relevancy maps (``relevancy.relevancy_maps``: one more forward, one backward per token) of the
+    first ``max_plot_tokens`` generated tokens for the viewer (its capture refuses what cannot fit).
     """
     import torch
     from tqdm.auto import tqdm
@@ -176,6 +216,9 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
                                                min_new_tokens=max_new_tokens if is_demo else 0)
     except CaptureError as e:
         raise ToolError(str(e)) from e
+    if relevancy:
+        extra_kinds = dict(extra_kinds or {})
+        extra_kinds["relevancy"] = _relevancy(net, processor, picture, record, max_plot_tokens, log)
     del picture  # the full-size image is not needed any more
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -208,7 +251,13 @@ def visualize(model: Optional[str] = None, image: Optional[str] = None, prompt: 
     written = []
     for name, caption, fn in tqdm(plots, desc="plotting", disable=quiet, leave=False):
         written.append((fn(os.path.join(out, name)), caption))
-    page = render_index(prompt, answer, image_path, written, is_demo, model, record)
+    log("building the interactive viewer (index.html) ...")
+    try:
+        viewer = build_viewer(record, display, prompt=prompt, answer=answer, extra_kinds=extra_kinds,
+                              progress=not quiet)
+    except ValueError as e:
+        raise ToolError(f"viewer: {e}") from e
+    page = render_index(prompt, answer, image_path, written, is_demo, model, record, viewer=viewer)
     atomic_write_text(os.path.join(out, "index.html"), page)
     return Visualization(answer=answer, out=out, plots=written, record=record, is_demo=is_demo,
                          seconds=time.time() - t0)

@@ -1,0 +1,958 @@
+"""Interactive attention viewer: one self-contained, offline HTML file written from a record.
+
+:func:`write_viewer` turns an :class:`~..attention_record.AttentionRecord` (and, optionally, the
+image it was captured on) into a single ``index.html``: no network, no CDN, no other file. The
+data is embedded compactly and decoded in the page (vanilla JS, canvas):
+
+* every LLM map is stored at the **image-token** level: for each clicked token (the row that
+  produced it), each (layer choice, head choice) block holds the row's attention on the image's
+  tokens, quantised to uint8 with one float32 scale per row; the resampler (head mean) is stored
+  per slice as ``[queries, patches]`` (uint8 + one scale per query). The page multiplies the two
+  and spreads every patch's mass over its cell of the slice's box (area weighting, exactly as
+  ``attention_map.image_heatmap`` with ``interpolation="nearest"``) on a grid of at most
+  ``GRID_SIDE`` px; so a heatmap equals ``image_heatmap``'s up to quantisation;
+* SigLIP patch maps (``attention_map.vision_attention``, head mean) per captured vision layer and
+  slice, with query patches pooled in ``f x f`` blocks when needed (keys stay per patch);
+* optional extra maps (``extra_kinds``, e.g. gradient relevancy) reduced to at most
+  ``EXTRA_SIDE`` px on the long side, one per token;
+* the image as a JPEG at most ``DISPLAY_SIDE`` px on the long side (at most 4:1, like the plots).
+
+The reader clicks a generated token (``.token``) and picks the map kind (``#kind``), LLM layer
+(``#layer``: each layer, mean, rollout) and head (``#head``: each head, mean, max); the page
+outlines the slices' boxes and shows the token's attention shares (image / text / special).
+
+Budget (bounded memory, time and file size): the embedded data is at most ``MAX_DATA_BYTES``
+(16 MiB before base64, which adds a third: a page of at most about 22 MiB). LLM blocks go in by
+priority, each group whole: (1) every layer and the layer mean with heads averaged, and the
+rollout; (2) every head and the head max with layers averaged; (3) every layer with the head max;
+(4) every (layer, head) pair. A group that does not fit is left out and the page says so (as
+does ``Viewer.notes``); if group 1 alone does not fit, the tokens are cut to what fits (at least
+one, else :class:`ValueError` before any map is computed). Vision maps take at most
+``VISION_BUDGET_BYTES`` of that (3 MiB; query patches pooled until they fit). At most
+``MAX_TOKENS`` (1024) tokens are clickable. The rollout is only computed when the record holds
+full square LLM maps and ``(layers + heads) x positions^2 x 8`` bytes stay within
+``ROLLOUT_BUDGET_BYTES`` (1 GiB). Work while building is one LLM layer at a time:
+``heads x tokens x positions`` float64 values.
+
+Real-size check (MiniCPM-V-2.6: 28 layers x 28 heads, 10 slices x 64 queries, 300 generated
+tokens): ``scripts/bench_viewer.py`` (numbers in the README).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..attention_record import AttentionRecord, atomic_write_text
+from ..capture import hook_name
+from . import attention_map as am
+
+__all__ = ["MAX_DATA_BYTES", "VISION_BUDGET_BYTES", "MAX_TOKENS", "DISPLAY_SIDE", "GRID_SIDE", "EXTRA_SIDE",
+           "ROLLOUT_BUDGET_BYTES", "BUDGET", "Viewer", "build_viewer", "render_viewer", "write_viewer",
+           "read_viewer_data", "view_record", "token_text"]
+
+MAX_DATA_BYTES = 16 * 2**20
+VISION_BUDGET_BYTES = 3 * 2**20
+MAX_TOKENS = 1024
+DISPLAY_SIDE = 512
+GRID_SIDE = 256
+EXTRA_SIDE = 64
+ROLLOUT_BUDGET_BYTES = 2**30
+BUILTIN_KINDS = ("llm", "resampler", "vision")
+BUDGET = (f"the viewer embeds at most {MAX_DATA_BYTES / 2**20:g} MiB of map data (uint8; "
+          f"{VISION_BUDGET_BYTES / 2**20:g} MiB of it SigLIP maps) and at most {MAX_TOKENS} tokens; LLM "
+          f"(layer, head) maps beyond that are left out, with a note in the page")
+
+
+# ----------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------
+def _byte_decoder() -> Dict[str, int]:
+    """Inverse of the byte-level BPE alphabet (printable bytes map to themselves, the rest to
+    256 + n in byte order)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + n)] = b
+            n += 1
+    return table
+
+
+_BYTES = _byte_decoder()
+
+
+def token_text(tok: Optional[str]) -> str:
+    """A token string as the reader would see it: byte-level BPE decoded (``Ġ`` -> space,
+    ``Ċ`` -> newline); strings outside that alphabet (special tokens, SentencePiece) unchanged."""
+    if not tok:
+        return ""
+    if all(c in _BYTES for c in tok):
+        return bytes(_BYTES[c] for c in tok).decode("utf-8", errors="replace")
+    return tok.replace("\u2581", " ")
+
+
+def _quantise(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows of ``a`` [..., C] (>= 0) to uint8 with one float32 scale (the row max) per row:
+    ``value ~= q / 255 * scale``, error at most ``scale / 510``."""
+    a = np.asarray(a, dtype=np.float64)
+    scale = a.max(-1) if a.shape[-1] else np.zeros(a.shape[:-1])
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 0.0)
+    q = np.rint(np.clip(a / np.where(scale > 0, scale, 1.0)[..., None], 0, 1) * 255)
+    return q.astype(np.uint8), scale.astype(np.float32)
+
+
+def _pool_rows(a: np.ndarray, h: int, w: int, f: int) -> np.ndarray:
+    """Rows of ``a`` [h*w, C] (one per patch, row-major) averaged over ``f x f`` patch blocks:
+    ``[ceil(h/f) * ceil(w/f), C]`` (block-row-major)."""
+    if f == 1:
+        return a
+    g = a.reshape(h, w, -1)
+    ry, rx = np.arange(0, h, f), np.arange(0, w, f)
+    s = np.add.reduceat(np.add.reduceat(g, ry, axis=0), rx, axis=1)
+    cy, cx = np.diff(np.append(ry, h)), np.diff(np.append(rx, w))
+    return (s / (cy[:, None, None] * cx[None, :, None])).reshape(len(ry) * len(rx), -1)
+
+
+def _shrink(m: np.ndarray, side: int) -> np.ndarray:
+    """Block-mean a 2-D map down to at most ``side`` px on its long side."""
+    H, W = m.shape
+    fy, fx = max(1, -(-H // side)), max(1, -(-W // side))
+    if fy == 1 and fx == 1:
+        return m
+    ry, rx = np.arange(0, H, fy), np.arange(0, W, fx)
+    s = np.add.reduceat(np.add.reduceat(m, ry, axis=0), rx, axis=1)
+    return s / (np.diff(np.append(ry, H))[:, None] * np.diff(np.append(rx, W))[None, :])
+
+
+class _Blob:
+    """Concatenated uint8 data and float32 scales; offsets go into the page's JSON."""
+
+    def __init__(self):
+        self.u8: List[bytes] = []
+        self.f32: List[np.ndarray] = []
+        self.n_u8 = 0
+        self.n_f32 = 0
+
+    def add(self, q: np.ndarray, scales: np.ndarray) -> Tuple[int, int]:
+        at = (self.n_u8, self.n_f32)
+        self.u8.append(np.ascontiguousarray(q, dtype=np.uint8).tobytes())
+        self.f32.append(np.asarray(scales, dtype=np.float32).ravel())
+        self.n_u8 += q.size
+        self.n_f32 += scales.size
+        return at
+
+    def encode(self) -> Tuple[str, str]:
+        f = np.concatenate(self.f32) if self.f32 else np.zeros(0, np.float32)
+        return (base64.b64encode(b"".join(self.u8)).decode("ascii"),
+                base64.b64encode(f.astype("<f4").tobytes()).decode("ascii"))
+
+
+@dataclass
+class Viewer:
+    """What :func:`build_viewer` computed: ``data`` (the page's JSON), the binary blobs
+    (base64), the notes on what was left out, and the JPEG of the image (base64 or None)."""
+
+    data: Dict[str, Any]
+    u8: str
+    f32: str
+    image_jpeg: Optional[str]
+    notes: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def data_bytes(self) -> int:
+        return len(self.u8) * 3 // 4 + len(self.f32) * 3 // 4
+
+
+# ----------------------------------------------------------------------------------
+# building the data
+# ----------------------------------------------------------------------------------
+def _clickable_tokens(record: AttentionRecord, layers: List[int]) -> Tuple[List[Tuple[int, int]], str]:
+    """[(token position, row that produced it)] and a description; the rows must be captured in
+    every selected LLM layer."""
+    lay = record.layout
+    captured = None
+    for l in layers:
+        name = hook_name("llm", l)
+        t = record.tensors[name]
+        rows = record.index.get(name, {}).get("rows")
+        rows = set(range(t.shape[-2])) if rows is None else {int(r) for r in rows}
+        captured = rows if captured is None else captured & rows
+    n = len(lay.tokens)
+    gen = [(p, p - 1) for p in range(max(1, int(lay.n_prompt)), n) if p - 1 in captured]
+    if gen:
+        return gen, "generated tokens (each shows the attention of the row that produced it)"
+    if not captured:
+        raise ValueError("the record's LLM layers share no captured query row; nothing to show")
+    last = max(captured)
+    return [(last, last)], f"no generated token was captured: showing query row {last} (its own token)"
+
+
+def _n_positions(record: AttentionRecord) -> int:
+    """Sequence length the LLM maps cover (the layout's tokens, or more if rows / columns say so)."""
+    n = len(record.layout.tokens)
+    for name in record.names("llm"):
+        t, info = record.tensors[name], record.index.get(name, {})
+        for key, size in (("rows", t.shape[1]), ("cols", t.shape[2])):
+            pos = info.get(key)
+            n = max(n, (max(pos) + 1 if pos else 0) if pos is not None else size)
+    return n
+
+
+def _image_slices(record: AttentionRecord, image: int):
+    lay = record.layout
+    out, n = [], 0
+    for g, sl in enumerate(lay.slices):
+        if sl.image != image:
+            continue
+        a, b = (int(v) for v in sl.token_span)
+        out.append((g, sl, n, a, b))
+        n += b - a
+    return out, n
+
+
+def _prepare_extras(extra_kinds, tokens) -> Dict[str, Dict[int, np.ndarray]]:
+    """Validate ``extra_kinds`` = {name: {generated-token index: [H, W] map}} and shrink the maps."""
+    out = {}
+    for name, maps in (extra_kinds or {}).items():
+        if not isinstance(name, str) or not name.strip() or name in BUILTIN_KINDS:
+            raise ValueError(f"extra_kinds: expected a new kind name (not {BUILTIN_KINDS}), found {name!r}")
+        if not isinstance(maps, dict):
+            raise ValueError(f"extra_kinds[{name!r}]: expected {{token index: [H, W] map}}, found "
+                             f"{type(maps).__name__}")
+        got = {}
+        for k, m in maps.items():
+            if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < len(tokens):
+                raise ValueError(f"extra_kinds[{name!r}]: expected token indices 0..{len(tokens) - 1} (generated "
+                                 f"tokens in order), found {k!r}")
+            a = np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float64)
+            if a.ndim != 2 or min(a.shape) < 1:
+                raise ValueError(f"extra_kinds[{name!r}][{k}]: expected a 2-D [H, W] map over the image, found "
+                                 f"shape {a.shape}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"extra_kinds[{name!r}][{k}]: holds NaN or infinite values")
+            got[int(k)] = _shrink(a, EXTRA_SIDE)
+        out[name] = got
+    return out
+
+
+def _sink_positions(record: AttentionRecord, sinks, rows: List[int], layers: List[int]) -> Optional[List[int]]:
+    """Known attention sinks: ``sinks`` (positions) or, when None, ``attention_map.find_sinks`` over
+    the shown rows and layers (None if this version has no such function)."""
+    if sinks is None:
+        fn = getattr(am, "find_sinks", None)
+        if fn is None:
+            return None
+        sinks = fn(record, rows, layers)
+    out = sorted({int(p) for p in sinks})
+    bad = [p for p in out if not 0 <= p < len(record.layout.tokens)]
+    if bad:
+        raise ValueError(f"sinks: positions {bad} are outside the record's {len(record.layout.tokens)} tokens")
+    return out
+
+
+def _display_jpeg(image, size: Tuple[int, int]) -> Optional[str]:
+    if image is None:
+        return None
+    from PIL import Image
+
+    from .plotting import display_image
+
+    pic = display_image(image, DISPLAY_SIDE)
+    if isinstance(image, Image.Image):
+        got = image.size
+    elif isinstance(image, (str, os.PathLike)):
+        got = pic.size
+    else:
+        got = np.asarray(image).shape[1::-1]
+    want, have = _display_size(size, DISPLAY_SIDE), _display_size(got, DISPLAY_SIDE)
+    if abs(want[0] / want[1] - have[0] / have[1]) > 0.02 * want[0] / want[1] + 2.0 / min(want):
+        raise ValueError(f"image: expected the record's image ({size[0]} x {size[1]} px, or a copy of the same "
+                         f"shape), found {got[0]} x {got[1]} px")
+    buf = io.BytesIO()
+    pic.convert("RGB").save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _display_size(size: Tuple[int, int], side: int) -> Tuple[int, int]:
+    w, h = float(size[0]), float(size[1])
+    side = int(min(side, max(w, h)))
+    if w >= h:
+        return side, max(1, min(side, round(max(h * side / w, side / 4))))
+    return max(1, min(side, round(max(w * side / h, side / 4)))), side
+
+
+def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, prompt: Optional[str] = None,
+                 answer: Optional[str] = None, layers: Optional[Sequence[int]] = None,
+                 max_tokens: Optional[int] = None, extra_kinds: Optional[Dict[str, Dict[int, Any]]] = None,
+                 sinks=None, max_data_bytes: int = MAX_DATA_BYTES, progress: bool = False) -> Viewer:
+    """Compute everything the page embeds (see the module doc for the budget).
+
+    ``image``: PIL image, path or array of the captured image (or a copy of the same shape);
+    None draws the maps on grey. ``layers``: LLM layers to offer (default all captured).
+    ``max_tokens``: keep the first n clickable tokens. ``extra_kinds``: ``{kind name:
+    {generated-token index: [H, W] map over the image}}`` (e.g. gradient relevancy), shown as
+    more map kinds. ``sinks``: attention-sink positions (default ``attention_map.find_sinks``
+    over the shown rows and layers); the page lists them with their mean share (layers and
+    heads mean, over the shown tokens) and shows each map's share on them. Raises ValueError naming what is
+    missing or over budget.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    lay = record.layout
+    if lay is None:
+        raise ValueError("the viewer needs the record's token layout, but record.layout is None")
+    ims = {im.index: im for im in lay.images}
+    if image_index not in ims:
+        raise ValueError(f"the record's layout has no image {image_index}; images: {sorted(ims)}")
+    W, H = (int(v) for v in ims[image_index].size)
+    have = record.layers("llm")
+    if not have:
+        raise ValueError("the record has no LLM attention (llm.layers.*.attn); capture stage 'llm'")
+    layers = have if layers is None else [have[l] if -len(have) <= l < 0 else int(l) for l in layers]
+    missing = [l for l in layers if l not in have]
+    if missing:
+        raise ValueError(f"the record has no LLM layer(s) {missing}; captured LLM layers: {have}")
+    tokens, token_desc = _clickable_tokens(record, layers)
+    notes = []
+    if len(tokens) > MAX_TOKENS:
+        notes.append(f"{len(tokens)} tokens: only the first {MAX_TOKENS} are shown (MAX_TOKENS)")
+        tokens = tokens[:MAX_TOKENS]
+    if max_tokens is not None:
+        if int(max_tokens) < 1:
+            raise ValueError(f"max_tokens: expected at least 1, found {max_tokens}")
+        if len(tokens) > int(max_tokens):
+            notes.append(f"only the first {int(max_tokens)} of {len(tokens)} tokens are shown (max_tokens)")
+            tokens = tokens[: int(max_tokens)]
+    slices, N = _image_slices(record, image_index)
+    if N == 0:
+        raise ValueError(f"the record has no image tokens of image {image_index}")
+    img_pos = np.concatenate([np.arange(a, b) for _, _, _, a, b in slices])
+    extras = _prepare_extras(extra_kinds, tokens)
+    blob = _Blob()
+
+    # resampler: [Q, h*w] per slice (head mean)
+    res_meta = []
+    for g, sl, n0, a, b in slices:
+        m = am.resampler_query_maps(record, image_index, sl.index)  # [Q, h, w]
+        if m.shape[0] < b - a:
+            raise ValueError(f"resampler.attn has {m.shape[0]} queries, slice {sl.index} has {b - a} image tokens")
+        h, w = (int(v) for v in sl.tgt_size)
+        q, s = _quantise(m[: b - a].reshape(b - a, h * w))
+        u, f = blob.add(q, s)
+        res_meta.append({"kind": sl.kind, "index": sl.index, "box": [float(v) for v in sl.box], "tgt": [h, w],
+                         "grid_pos": list(sl.grid_pos) if sl.grid_pos else None, "n0": n0, "nq": b - a,
+                         "u": u, "f": f})
+
+    # vision: per captured layer and slice, [query blocks, h*w]
+    vis_layers, vis_meta, pool = record.layers("vision"), [], 1
+    if vis_layers:
+        cells = [(int(sl.tgt_size[0]), int(sl.tgt_size[1])) for _, sl, _, _, _ in slices]
+
+        def vis_bytes(f, n_layers):
+            return n_layers * sum((-(-h // f)) * (-(-w // f)) * h * w for h, w in cells)
+
+        top = max(max(c) for c in cells)
+        while pool < top and vis_bytes(pool, len(vis_layers)) > VISION_BUDGET_BYTES:
+            pool += 1
+        while len(vis_layers) > 1 and vis_bytes(pool, len(vis_layers)) > VISION_BUDGET_BYTES:
+            vis_layers = vis_layers[1:]
+        if vis_bytes(pool, len(vis_layers)) > VISION_BUDGET_BYTES:
+            notes.append(f"SigLIP maps left out: even one layer pooled to one block per slice needs "
+                         f"{vis_bytes(pool, 1):,} bytes > {VISION_BUDGET_BYTES:,}")
+            vis_layers = []
+        if len(vis_layers) < len(record.layers("vision")):
+            notes.append(f"SigLIP: only the last {len(vis_layers)} captured layers fit the budget")
+        if pool > 1:
+            notes.append(f"SigLIP patch maps: query patches pooled in {pool} x {pool} blocks (the budget); "
+                         f"keys per patch")
+        for v in vis_layers:
+            per = []
+            for _, sl, _, _, _ in slices:
+                h, w = (int(x) for x in sl.tgt_size)
+                a = am.vision_attention(record, v, image_index, sl.index)  # [n, n]
+                q, s = _quantise(_pool_rows(a, h, w, pool))
+                u, f = blob.add(q, s)
+                per.append({"u": u, "f": f})
+            vis_meta.append({"layer": v, "slices": per})
+
+    # extras
+    extra_meta = {}
+    for name, maps in extras.items():
+        entries = {}
+        for k, m in maps.items():
+            lo, hi = float(m.min()), float(m.max())
+            q = np.rint((m - lo) / (hi - lo) * 255).astype(np.uint8) if hi > lo else np.zeros(m.shape, np.uint8)
+            u, f = blob.add(q, np.array([lo, hi], np.float32))
+            entries[str(k)] = {"u": u, "f": f, "shape": list(m.shape)}
+        extra_meta[name] = entries
+
+    # LLM blocks: decide what fits before computing anything
+    T = len(tokens)
+    rows = [r for _, r in tokens]
+    heads_per_layer = {}
+    for l in layers:
+        name = hook_name("llm", l)
+        info, t = record.index.get(name, {}), record.tensors[name]
+        red = info.get("reduce") or "none"
+        heads_per_layer[l] = [red] if red != "none" else (
+            list(range(t.shape[0])) if info.get("heads") is None else [int(x) for x in info["heads"]])
+    head_sets = {tuple(v) for v in heads_per_layer.values()}
+    same_heads = len(head_sets) == 1
+    head_labels = list(next(iter(head_sets))) if same_heads else []
+    per_head = same_heads and all(isinstance(x, int) for x in head_labels)
+    L = _n_positions(record)
+    n_heads_max = max(len(v) for v in heads_per_layer.values())
+    rollout_need = (len(layers) + n_heads_max) * L * L * 8
+    hr = ["mean", "max"] if same_heads and per_head else ["mean"]
+    roll_ok = rollout_need <= ROLLOUT_BUDGET_BYTES
+    if not roll_ok:
+        notes.append(f"layer 'rollout' unavailable: needs about {rollout_need / 2**30:.1f} GiB for {L} positions "
+                     f"(budget {ROLLOUT_BUDGET_BYTES / 2**30:g} GiB)")
+    groups = [("layers with the head mean", [("mean", "mean")] + [(str(l), "mean") for l in layers]
+               + ([("rollout", "mean")] if roll_ok else []))]
+    if per_head:
+        groups.append(("each head with the layer mean", [("mean", str(h)) for h in head_labels] + [("mean", "max")]))
+        groups.append(("each layer with the head max", [(str(l), "max") for l in layers]
+                       + ([("rollout", "max")] if roll_ok else [])))
+        groups.append(("each (layer, head) pair", [(str(l), str(h)) for l in layers for h in head_labels]))
+    elif not same_heads:
+        notes.append("per-head maps left out: the captured layers keep different heads")
+    else:
+        notes.append(f"per-head maps unavailable: the record's heads were reduced ({head_labels[0]}) at capture")
+    budget = int(max_data_bytes) - blob.n_u8 - 4 * blob.n_f32
+    per_block = T * N + T * 4
+    if per_block * len(groups[0][1]) > budget:
+        fit = budget // ((N + 4) * len(groups[0][1]))
+        if fit < 1:
+            raise ValueError(f"viewer budget: {len(groups[0][1])} layer maps of {N} image tokens do not fit "
+                             f"{max_data_bytes:,} bytes even for one token; pass fewer layers")
+        notes.append(f"only the first {fit} of {T} tokens fit the data budget ({max_data_bytes / 2**20:g} MiB)")
+        tokens, rows, T = tokens[:fit], rows[:fit], fit
+        per_block = T * N + T * 4
+    chosen, used = [], 0
+    for gname, blocks in groups:
+        need = per_block * len(blocks)
+        if used + need <= budget:
+            chosen += blocks
+            used += need
+        else:
+            notes.append(f"left out to stay within the data budget: {gname} ({len(blocks)} maps x {T} tokens x "
+                         f"{N} image tokens = {need / 2**20:.1f} MiB)")
+    want = set(chosen)
+    sink_pos = _sink_positions(record, sinks, rows, layers)
+
+    # compute, one layer at a time
+    vec: Dict[Tuple[str, str], np.ndarray] = {}
+    shares: Dict[Tuple[str, str], np.ndarray] = {}
+    roles = ("image", "text", "special")
+    acc = {}
+    sink_acc = np.zeros(len(sink_pos or ()))
+
+    def put(key, wts_img, sh):
+        if key in want:
+            vec[key] = wts_img
+            shares[key] = sh
+
+    def add(key, img, sh):
+        if key in want:
+            a = acc.setdefault(key, [0.0, 0.0])
+            a[0] = a[0] + img
+            a[1] = a[1] + sh
+
+    def role_stack(w, cov):  # [..., T, 3 or 4]: image, text, special (and sink) shares
+        rs = am.row_role_shares(w, cov, lay, rows)
+        cols = [rs[r] for r in roles] + ([w[..., sink_pos].sum(-1)] if sink_pos else [])
+        return np.stack(cols, -1)
+
+    any_head = any((k[1] not in ("mean", "max")) for k in want)
+    for l in tqdm(layers, desc="viewer: LLM layers", disable=not progress, leave=False):
+        w, cov, _ = am.llm_attention_rows(record, l, rows, heads=None, head_reduce=None)  # [Hk, T, L]
+        miss = img_pos[~cov[img_pos]]
+        if miss.size:
+            raise ValueError(f"{hook_name('llm', l)} lacks the key columns of image {image_index}'s tokens "
+                             f"(positions {miss[0]}..{miss[-1]}); capture cols including image tokens")
+        if w.shape[-1] != L:
+            raise ValueError(f"{hook_name('llm', l)}: rows span {w.shape[-1]} positions, expected {L}")
+        for hn in hr:
+            if (str(l), hn) not in want and ("mean", hn) not in want:
+                continue
+            red = w.mean(0) if hn == "mean" else w.max(0)
+            img, sh = red[:, img_pos], role_stack(red, cov)
+            put((str(l), hn), img, sh)
+            add(("mean", hn), img, sh)
+            if hn == "mean" and sink_pos:
+                sink_acc += red[:, sink_pos].mean(0)
+        if per_head and any_head:
+            img_h, sh_h = w[:, :, img_pos], role_stack(w, cov)
+            for i, h in enumerate(head_labels):
+                put((str(l), str(h)), img_h[i], sh_h[i])
+                add(("mean", str(h)), img_h[i], sh_h[i])
+        del w
+    for key, (img, sh) in acc.items():
+        put(key, img / len(layers), sh / len(layers))
+    for hn in hr:
+        if ("rollout", hn) not in want:
+            continue
+        try:  # attention_map says what the record lacks (e.g. rows that are not a full square)
+            R = am.llm_rollout(record, layers, None, hn)
+        except ValueError as e:
+            notes.append(f"layer 'rollout' unavailable: {e}")
+            break
+        if R.ndim != 2 or R.shape[0] <= max(rows) or R.shape[1] > L:
+            raise ValueError(f"llm_rollout returned shape {list(R.shape)}; expected rows up to {max(rows)} "
+                             f"of {L} positions")
+        # a chat record's last token is never fed: the rollout covers the positions before it
+        R = np.pad(R[rows], ((0, 0), (0, L - R.shape[1])))
+        put(("rollout", hn), R[:, img_pos], role_stack(R, np.ones(L, dtype=bool)))
+        del R
+    chosen = [k for k in chosen if k in vec]
+    blocks = {}
+    for key in chosen:
+        q, s = _quantise(vec[key])
+        u, f = blob.add(q, s)
+        blocks[f"{key[0]}|{key[1]}"] = {"u": u, "f": f,
+                                        "sh": np.round(shares[key], 4).tolist()}
+    u8, f32 = blob.encode()
+    layer_opts = ["mean"] + [str(l) for l in layers] + ["rollout"]
+    head_opts = ["mean", "max"] + ([str(h) for h in head_labels] if per_head else [])
+    sink_list = None if sink_pos is None else [
+        {"position": p, "token": token_text(lay.tokens[p]), "role": lay.roles[p],
+         "share": round(float(sink_acc[i] / len(layers)), 4)} for i, p in enumerate(sink_pos)]
+    data = {
+        "format": "minicpmv-attn.viewer/1",
+        "image_size": [W, H], "display": list(_display_size((W, H), DISPLAY_SIDE)), "grid_side": GRID_SIDE,
+        "tokens": [{"pos": p, "row": r, "text": token_text(lay.tokens[p])} for p, r in tokens],
+        "token_desc": token_desc, "n_image_tokens": N, "slices": res_meta,
+        "layers": layer_opts, "heads": head_opts, "blocks": blocks,
+        "vision": {"pool": pool, "layers": vis_meta},
+        "extras": extra_meta, "sinks": sink_list, "notes": notes,
+        "sink_image": [int(i) for i in np.nonzero(np.isin(img_pos, sink_pos or []))[0]],
+        "prompt": prompt if prompt is not None else record.meta.get("prompt"),
+        "answer": answer if answer is not None else record.meta.get("answer"),
+    }
+    return Viewer(data=data, u8=u8, f32=f32, image_jpeg=_display_jpeg(image, (W, H)), notes=notes,
+                  seconds=time.time() - t0)
+
+
+# ----------------------------------------------------------------------------------
+# the page
+# ----------------------------------------------------------------------------------
+def _script_json(obj) -> str:
+    """JSON safe inside a <script> element."""
+    s = json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_viewer(viewer: Viewer, *, title: str = "Attention viewer", header_html: str = "",
+                  footer_html: str = "") -> str:
+    """The page as a string. ``header_html`` / ``footer_html``: trusted HTML put above and below
+    the viewer (the main command puts its facts and its static plots there)."""
+    esc = html.escape
+    d = viewer.data
+    img = (f"<img id=photo alt='the image (downsampled)' src='data:image/jpeg;base64,{viewer.image_jpeg}'>"
+           if viewer.image_jpeg else "<div id=photo class=noimg>no image given: maps drawn on grey</div>")
+    notes = "".join(f"<li>{esc(n)}</li>" for n in viewer.notes)
+    sinks = d.get("sinks")
+    if sinks is None:
+        sink_html = ("<p class=dim>Known sinks: not computed (no <code>attention_map.find_sinks</code> in this "
+                     "version; pass <code>sinks=</code> to <code>write_viewer</code>).</p>")
+    else:
+        sink_html = "<p><b>Known sinks</b> (mean share over layers, heads and the shown tokens): " + (", ".join(
+            f"{s['position']} {esc(repr(s['token']))} ({s['role']}" + (f", share {s['share']:.3f}" if s['share'] is not None
+                                                                        else "") + ")" for s in sinks) or "none") + "</p>"
+    prompt = d.get("prompt")
+    answer = d.get("answer")
+    qa = ((f"<p><b>Prompt:</b> <span id=prompt>{esc(prompt)}</span></p>" if prompt else "")
+          + (f"<p><b>Answer:</b> <span id=answer>{esc(answer)}</span></p>" if answer else ""))
+    page = _PAGE
+    for key, val in (("TITLE", esc(title)), ("HEADER", header_html), ("QA", qa), ("PHOTO", img),
+                     ("NOTES", f"<ul class=notes>{notes}</ul>" if notes else ""), ("SINKS", sink_html),
+                     ("FOOTER", footer_html), ("CSS", _CSS), ("JS", _JS), ("DATA", _script_json(d)),
+                     ("U8", viewer.u8), ("F32", viewer.f32), ("LUT", _lut())):
+        page = page.replace("{{" + key + "}}", val)
+    return page
+
+
+def _lut() -> str:
+    """The inferno colour map as 256 x RGB hex (matplotlib, imported only here)."""
+    from matplotlib import colormaps
+
+    rgb = (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    return rgb.tobytes().hex()
+
+
+def write_viewer(record: AttentionRecord, image, path: str, *, title: str = "Attention viewer",
+                 header_html: str = "", footer_html: str = "", **kwargs) -> Viewer:
+    """Build the viewer of ``record`` on ``image`` (see :func:`build_viewer` for the options)
+    and write it atomically to ``path`` (one self-contained HTML file). Returns the
+    :class:`Viewer` (``notes``: what the budget left out)."""
+    v = build_viewer(record, image, **kwargs)
+    atomic_write_text(path, render_viewer(v, title=title, header_html=header_html, footer_html=footer_html))
+    return v
+
+
+def read_viewer_data(page: str) -> Dict[str, Any]:
+    """The data embedded in a viewer page (its text): the JSON plus ``u8`` (uint8 array) and
+    ``f32`` (float32 array) decoded, for checks and notebooks."""
+    def between(tag):
+        start = page.index(f'id="{tag}"')
+        a = page.index(">", start) + 1
+        return page[a: page.index("</script>", a)]
+
+    data = json.loads(between("viewer-data"))
+    data["u8"] = np.frombuffer(base64.b64decode(between("viewer-u8")), dtype=np.uint8)
+    data["f32"] = np.frombuffer(base64.b64decode(between("viewer-f32")), dtype="<f4")
+    return data
+
+
+def view_record(record_path: str, image: Optional[str], out: str, *, max_tokens: Optional[int] = None,
+                layers: Optional[str] = None, progress: bool = True) -> Tuple[str, Viewer]:
+    """The ``view`` command: load the record at ``record_path`` (stem, ``.json`` or
+    ``.safetensors``), take its image from ``image`` (default: the path in the record's meta, when
+    it still exists) and write ``out/index.html``. Raises ``ToolError`` with one line naming
+    the problem."""
+    from ..attention_record import RecordError
+    from ..capture import parse_index_list
+    from .pipeline import ToolError, open_image
+
+    try:
+        rec = AttentionRecord.load(record_path)
+    except (FileNotFoundError, RecordError) as e:
+        raise ToolError(str(e)) from None
+    if rec.layout is None:
+        raise ToolError(f"record {record_path}: has no token layout; the viewer needs one")
+    src = image or rec.meta.get("image")
+    pic = None
+    if src:
+        if not image and not os.path.isfile(src):
+            src = None
+        else:
+            try:
+                pic = open_image(src)
+            except (ValueError, OSError) as e:
+                raise ToolError(f"--image {src}: {e}") from None
+    try:
+        layer_list = parse_index_list(layers, "layers")
+        title = "Attention viewer: " + os.path.basename(record_path.rstrip("/"))
+        path = os.path.join(os.path.abspath(out), "index.html")
+        header = _facts_html(rec, os.path.basename(src) if src else None)
+        v = write_viewer(rec, pic, path, title=title, header_html=header, layers=layer_list,
+                         max_tokens=max_tokens, progress=progress)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    return path, v
+
+
+def _facts_html(rec: AttentionRecord, image_name: Optional[str]) -> str:
+    esc = html.escape
+    ims = rec.layout.images
+    size = f" ({ims[0].size[0]} x {ims[0].size[1]} px)" if ims else ""
+    model = rec.meta.get("model") or "?"
+    return (f"<p><b>Model:</b> {esc(os.path.basename(str(model).rstrip('/')) or str(model))}<br>"
+            f"<b>Image:</b> {esc(image_name or 'not given')}{esc(size)}<br>"
+            f"<b>Captured:</b> {esc(', '.join(rec.names()[:6]) + (' ...' if len(rec.names()) > 6 else ''))}</p>")
+
+
+_CSS = r"""
+body{font-family:sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
+.warn{background:#fff3cd;padding:.6em} code{background:#f4f4f4;padding:0 .2em} .dim{color:#777}
+#controls{display:flex;flex-wrap:wrap;gap:.4em 1.2em;align-items:center;margin:.8em 0}
+#controls label{white-space:nowrap} #stage{position:relative;display:inline-block;background:#888;line-height:0}
+#photo{display:block} .noimg{color:#fff;line-height:1.4;padding:1em}
+#overlay{position:absolute;left:0;top:0;cursor:crosshair}
+#view{display:flex;gap:1.5em;align-items:flex-start;flex-wrap:wrap} #side{flex:1;min-width:280px}
+#tokens{line-height:2;margin:.6em 0;max-height:16em;overflow-y:auto} .token{display:inline-block;line-height:1.4;
+border:1px solid #ccc;border-radius:3px;padding:.1em .3em;margin:.15em;cursor:pointer;white-space:pre;
+font-family:monospace} .token:hover{background:#eef}
+.token.sel{background:#ffd54f;border-color:#c90} #info{font-family:monospace;white-space:pre-wrap}
+.notes li{color:#8a5a00} figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #ddd}
+"""
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{{TITLE}}</title>
+<style>{{CSS}}</style></head><body>
+<h1>{{TITLE}}</h1>
+{{HEADER}}{{QA}}
+<div id=controls>
+<label>map <select id=kind></select></label>
+<label>layer <select id=layer></select></label>
+<label>head <select id=head></select></label>
+<label>vision layer <select id=vlayer></select></label>
+<label>slice <select id=slice></select></label>
+<label>image token <input id=query type=number min=-1 value=-1 style="width:5em"></label>
+<label>opacity <input id=alpha type=range min=0 max=1 step=0.05 value=0.6></label>
+<label><input id=boxes type=checkbox checked> slice boxes</label>
+<label title="zero the attention-sink columns and rescale the rest (attention_map.image_heatmap's exclude_sinks)"><input
+ id=nosinks type=checkbox> without sinks</label>
+</div>
+<div id=view><div id=stage>{{PHOTO}}<canvas id=overlay></canvas></div>
+<div id=side><div><b>Tokens</b> <span class=dim id=tokdesc></span> (click one; &larr;/&rarr; step)</div>
+<div id=tokens></div><canvas id=legend width=256 height=12></canvas> <span id=legendtext class=dim></span>
+<div id=share></div><div id=info></div>{{SINKS}}{{NOTES}}</div></div>
+<noscript><p class=warn>The viewer needs JavaScript (it runs offline, in this file).</p></noscript>
+{{FOOTER}}
+<script id="viewer-data" type="application/json">{{DATA}}</script>
+<script id="viewer-u8" type="text/plain">{{U8}}</script>
+<script id="viewer-f32" type="text/plain">{{F32}}</script>
+<script id="viewer-lut" type="text/plain">{{LUT}}</script>
+<script>{{JS}}</script>
+</body></html>
+"""
+
+_JS = r"""
+"use strict";
+(function () {
+const $ = (id) => document.getElementById(id);
+function b64(id) {
+  const s = atob($(id).textContent.trim()), a = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
+  return a;
+}
+const T0 = performance.now();
+const D = JSON.parse($("viewer-data").textContent);
+const U8 = b64("viewer-u8"), F32 = new Float32Array(b64("viewer-f32").buffer);
+window.viewerTimings = {script: T0, decoded: performance.now()};
+const LUT = new Uint8Array(768);
+{ const h = $("viewer-lut").textContent.trim(); for (let i = 0; i < 768; i++) LUT[i] = parseInt(h.substr(2 * i, 2), 16); }
+const W = D.image_size[0], H = D.image_size[1], DW = D.display[0], DH = D.display[1];
+const gs = D.grid_side / Math.max(DW, DH);
+const GW = Math.max(1, Math.round(DW * Math.min(1, gs))), GH = Math.max(1, Math.round(DH * Math.min(1, gs)));
+const N = D.n_image_tokens, T = D.tokens.length;
+const S = {t: 0, click: null};
+const ov = $("overlay"); ov.width = DW; ov.height = DH;
+const zoom = Math.min(2, Math.max(1, 480 / Math.max(DW, DH)));  // small images drawn larger (CSS only)
+const photo = $("photo"); photo.style.width = ov.style.width = DW * zoom + "px";
+photo.style.height = ov.style.height = DH * zoom + "px";
+const grid = document.createElement("canvas"); grid.width = GW; grid.height = GH;
+
+function opt(sel, value, text, title) {
+  const o = document.createElement("option"); o.value = value; o.textContent = text;
+  if (title) o.title = title; sel.appendChild(o); return o;
+}
+const KIND_NAMES = {llm: "LLM \u2192 image", resampler: "resampler query", vision: "SigLIP patch"};
+opt($("kind"), "llm", KIND_NAMES.llm);
+opt($("kind"), "resampler", KIND_NAMES.resampler);
+if (D.vision.layers.length) opt($("kind"), "vision", KIND_NAMES.vision);
+for (const k of Object.keys(D.extras)) opt($("kind"), "x:" + k, k);
+for (const l of D.layers) opt($("layer"), l, /^\d+$/.test(l) ? "layer " + l : l);
+for (const h of D.heads) opt($("head"), h, /^\d+$/.test(h) ? "head " + h : h);
+for (const v of D.vision.layers) opt($("vlayer"), v.layer, "layer " + v.layer);
+D.slices.forEach((s, i) => opt($("slice"), i, s.kind === "source" ? "overview" : "slice " + s.index +
+  (s.grid_pos ? " (row " + s.grid_pos[0] + ", col " + s.grid_pos[1] + ")" : "")));
+$("query").max = N - 1;
+$("tokdesc").textContent = "(" + D.token_desc + ")";
+
+const toks = $("tokens");
+D.tokens.forEach((t, i) => {
+  const s = document.createElement("span"); s.className = "token"; s.dataset.t = i;
+  s.textContent = t.text === "" ? "\u2205" : t.text; s.title = "position " + t.pos + " (row " + t.row + ")";
+  s.addEventListener("click", () => { S.t = i; draw(); }); toks.appendChild(s); toks.appendChild(document.createTextNode(" "));
+});
+
+function block(l, h) { return D.blocks[l + "|" + h]; }
+function refreshOptions() {
+  const l = $("layer").value;
+  for (const o of $("layer").options) o.disabled = !D.heads.some((h) => block(o.value, h));
+  for (const o of $("head").options) o.disabled = !block(l, o.value);
+  if (!block(l, $("head").value)) { const ok = D.heads.find((h) => block(l, h)); if (ok) $("head").value = ok; }
+  const k = $("kind").value;
+  $("vlayer").disabled = k !== "vision"; $("slice").disabled = k !== "vision";
+  $("query").disabled = k !== "resampler" && k !== "vision";
+  $("nosinks").disabled = !D.sinks || !D.sinks.length || k.startsWith("x:");
+}
+function sinkScale(sh) {  // exclude_sinks: the rest of the row rescaled to the row's total
+  if (!$("nosinks").checked || sh.length < 4) return 1;
+  const tot = sh[0] + sh[1] + sh[2], rest = tot - sh[3];
+  return rest > 1e-12 ? tot / rest : 0;
+}
+function llmVec(t) {  // the token's attention on the image tokens
+  const b = block($("layer").value, $("head").value); if (!b) return null;
+  const v = new Float32Array(N), sc = F32[b.f + t] / 255 * sinkScale(b.sh[t]), o = b.u + t * N;
+  for (let i = 0; i < N; i++) v[i] = U8[o + i] * sc;
+  if ($("nosinks").checked) for (const i of D.sink_image) v[i] = 0;
+  return v;
+}
+function sliceMap(s, v) {  // [h*w] patch masses of slice s for image-token weights v
+  const sl = D.slices[s], P = sl.tgt[0] * sl.tgt[1], m = new Float32Array(P);
+  for (let q = 0; q < sl.nq; q++) {
+    const wq = v[sl.n0 + q] * F32[sl.f + q] / 255; if (!wq) continue;
+    const o = sl.u + q * P;
+    for (let p = 0; p < P; p++) m[p] += wq * U8[o + p];
+  }
+  return m;
+}
+function axisW(nOut, len, lo, hi, n) {  // per output cell: [[k, share of cell k's mass], ...]
+  const step = (hi - lo) / n, px = len / nOut, out = [];
+  for (let i = 0; i < nOut; i++) {
+    const a = i * px, b = a + px, row = [];
+    const k0 = Math.max(0, Math.floor((a - lo) / step)), k1 = Math.min(n - 1, Math.ceil((b - lo) / step));
+    for (let k = k0; k <= k1; k++) {
+      const c0 = lo + k * step, ov_ = Math.min(b, c0 + step) - Math.max(a, c0);
+      if (ov_ > 0) row.push(k, ov_ / step);
+    }
+    out.push(row);
+  }
+  return out;
+}
+const AX = D.slices.map((sl) => ({
+  y: axisW(GH, H, sl.box[1], sl.box[3], sl.tgt[0]), x: axisW(GW, W, sl.box[0], sl.box[2], sl.tgt[1])}));
+function place(out, s, m) {  // add slice s's patch masses m [h*w] onto the grid (area weighting)
+  const sl = D.slices[s], h = sl.tgt[0], w = sl.tgt[1], ax = AX[s], tmp = new Float32Array(w);
+  for (let y = 0; y < GH; y++) {
+    const ry = ax.y[y]; if (!ry.length) continue;
+    tmp.fill(0);
+    for (let j = 0; j < ry.length; j += 2) { const r = ry[j], f = ry[j + 1];
+      for (let c = 0; c < w; c++) tmp[c] += f * m[r * w + c]; }
+    for (let x = 0; x < GW; x++) { const rx = ax.x[x]; let acc = 0;
+      for (let j = 0; j < rx.length; j += 2) acc += rx[j + 1] * tmp[rx[j]];
+      out[y * GW + x] += acc; }
+  }
+}
+function argmax(a) { let b = 0; for (let i = 1; i < a.length; i++) if (a[i] > a[b]) b = i; return b; }
+function sliceOf(j) { return D.slices.findIndex((s) => j >= s.n0 && j < s.n0 + s.nq); }
+function pct(x) { return (100 * x).toFixed(1) + "%"; }
+
+function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mark}
+  const k = $("kind").value, t = S.t, tok = D.tokens[t];
+  const head = "token " + JSON.stringify(tok.text) + " (position " + tok.pos + ")\n";
+  if (k.startsWith("x:")) {
+    const name = k.slice(2), e = D.extras[name][String(t)];
+    if (!e) return {map: null, info: head + "no " + name + " map for this token"};
+    const eh = e.shape[0], ew = e.shape[1], lo = F32[e.f], hi = F32[e.f + 1], out = new Float32Array(GW * GH);
+    for (let y = 0; y < GH; y++) for (let x = 0; x < GW; x++)
+      out[y * GW + x] = lo + (hi - lo) * U8[e.u + Math.min(eh - 1, Math.floor(y * eh / GH)) * ew
+                                            + Math.min(ew - 1, Math.floor(x * ew / GW))] / 255;
+    return {map: out, lo: lo, hi: hi, info: head + name + " map (" + ew + " x " + eh + " values), range " +
+            lo.toPrecision(3) + " .. " + hi.toPrecision(3)};
+  }
+  const v = llmVec(t);
+  if (!v) return {map: null, info: head + "this (layer, head) map is not embedded (see the notes)"};
+  const out = new Float32Array(GW * GH);
+  if (k === "llm") {
+    let tot = 0; for (let i = 0; i < N; i++) tot += v[i];
+    for (let s = 0; s < D.slices.length; s++) place(out, s, sliceMap(s, v));
+    return {map: out, info: head + "LLM attention on the image tokens, through the resampler onto pixels " +
+            "(mass " + tot.toPrecision(3) + ", overview + slices added)"};
+  }
+  let j = +$("query").value;
+  if (!(j >= 0 && j < N)) j = argmax(v);
+  const s = sliceOf(j), sl = D.slices[s], q = j - sl.n0, P = sl.tgt[0] * sl.tgt[1];
+  const e = new Float32Array(N); e[j] = 1;
+  const m = sliceMap(s, e);
+  const where = "image token " + j + " = " + (sl.kind === "source" ? "overview" : "slice " + sl.index) +
+    ", query " + q + " (the token gave it " + pct(v[j]) + ")";
+  if (k === "resampler") {
+    place(out, s, m);
+    return {map: out, info: head + "resampler query map: " + where, slice: s, clip: sl.box};
+  }
+  // vision: the query patch is the clicked one (in the chosen slice) or the peak of the query map
+  const vs = +$("slice").value, vsl = D.slices[vs], h = vsl.tgt[0], w = vsl.tgt[1];
+  let pr, pc;
+  if (S.click && S.click.s === vs) { pr = S.click.r; pc = S.click.c; }
+  else { const mm = vs === s ? m : sliceMap(vs, v); const p = argmax(mm); pr = Math.floor(p / w); pc = p % w; }
+  const V = D.vision.layers.find((x) => String(x.layer) === $("vlayer").value) || D.vision.layers[0];
+  const f = D.vision.pool, bw = Math.ceil(w / f), row = Math.floor(pr / f) * bw + Math.floor(pc / f);
+  const e2 = V.slices[vs], Pv = h * w, sc = F32[e2.f + row] / 255, mv = new Float32Array(Pv);
+  for (let p = 0; p < Pv; p++) mv[p] = U8[e2.u + row * Pv + p] * sc;
+  place(out, vs, mv);
+  const bx = vsl.box, cw = (bx[2] - bx[0]) / w, ch = (bx[3] - bx[1]) / h;
+  const r0 = Math.floor(pr / f) * f, c0 = Math.floor(pc / f) * f;
+  return {map: out, slice: vs, clip: vsl.box, info: head + "SigLIP layer " + V.layer + ", " + (vsl.kind === "source" ? "overview" :
+          "slice " + vsl.index) + ": attention of patch (" + pr + ", " + pc + ")" + (f > 1 ? " pooled " + f + "x" + f : "") +
+          " over the slice's patches (head mean; click the image to pick a patch)",
+          mark: [bx[0] + c0 * cw, bx[1] + r0 * ch, Math.min(f, w - c0) * cw, Math.min(f, h - r0) * ch]};
+}
+
+const octx = ov.getContext("2d"), gctx = grid.getContext("2d"), gimg = gctx.createImageData(GW, GH);
+function draw() {
+  refreshOptions();
+  for (const el of toks.children) el.classList.toggle("sel", +el.dataset.t === S.t);
+  const cur = toks.children[S.t]; if (cur && cur.scrollIntoView) cur.scrollIntoView({block: "nearest"});
+  const r = compute(), a = +$("alpha").value;
+  octx.clearRect(0, 0, DW, DH);
+  let hi = 0, lo = 0;
+  if (r.map) {
+    if (r.hi !== undefined) { lo = r.lo; hi = r.hi; } else { for (const x of r.map) if (x > hi) hi = x; }
+    const px = gimg.data, span = hi > lo ? hi - lo : 1, cb = r.clip;
+    for (let i = 0; i < r.map.length; i++) {
+      const c = Math.max(0, Math.min(255, Math.round(255 * (r.map[i] - lo) / span)));
+      px[4 * i] = LUT[3 * c]; px[4 * i + 1] = LUT[3 * c + 1]; px[4 * i + 2] = LUT[3 * c + 2]; px[4 * i + 3] = 255;
+      if (cb) {  // one slice's map: transparent outside its box
+        const x = ((i % GW) + 0.5) * W / GW, y = (Math.floor(i / GW) + 0.5) * H / GH;
+        if (x < cb[0] || x >= cb[2] || y < cb[1] || y >= cb[3]) px[4 * i + 3] = 0;
+      }
+    }
+    gctx.putImageData(gimg, 0, 0);
+    octx.globalAlpha = a; octx.imageSmoothingEnabled = false;
+    octx.drawImage(grid, 0, 0, DW, DH); octx.globalAlpha = 1;
+  }
+  const sx = DW / W, sy = DH / H;
+  if ($("boxes").checked) {
+    D.slices.forEach((sl, i) => {
+      if (sl.kind === "source" && r.slice !== i) return;
+      octx.strokeStyle = r.slice === i ? "#00e5ff" : "rgba(255,255,255,0.9)";
+      octx.lineWidth = r.slice === i ? 2.5 : 1.5; octx.setLineDash(sl.kind === "source" ? [6, 4] : []);
+      octx.strokeRect(sl.box[0] * sx + 1, sl.box[1] * sy + 1, (sl.box[2] - sl.box[0]) * sx - 2,
+                      (sl.box[3] - sl.box[1]) * sy - 2);
+    });
+    octx.setLineDash([]);
+  }
+  if (r.mark) { octx.strokeStyle = "#00ff66"; octx.lineWidth = 2;
+    octx.strokeRect(r.mark[0] * sx, r.mark[1] * sy, Math.max(2, r.mark[2] * sx), Math.max(2, r.mark[3] * sy)); }
+  const b = block($("layer").value, $("head").value), k = $("kind").value;
+  if (b && !k.startsWith("x:")) {
+    const sh = b.sh[S.t], ex = $("nosinks").checked && sh.length > 3;
+    let img = sh[0];
+    if (ex) {  // share of the non-sink attention: the image's mass less its sink tokens', rescaled
+      const sc = F32[b.f + S.t] / 255, o = b.u + S.t * N;
+      for (const i of D.sink_image) img -= U8[o + i] * sc;
+      img *= sinkScale(sh);
+    }
+    $("share").innerHTML = "";
+    const s = document.createElement("b");
+    s.textContent = "image share " + pct(img); $("share").appendChild(s);
+    $("share").appendChild(document.createTextNode(ex ? "  (of the non-sink attention; the sinks took " +
+      pct(sh[3] / (sh[0] + sh[1] + sh[2])) + "; layer " + $("layer").value + ", head " + $("head").value + ")" :
+      "  (text " + pct(sh[1]) + ", special " + pct(sh[2]) + (sh.length > 3 ? "; on the sinks " + pct(sh[3]) : "") +
+      "; layer " + $("layer").value + ", head " + $("head").value + ")"));
+  } else $("share").textContent = "";
+  $("info").textContent = r.info;
+  $("legendtext").textContent = r.map ? (r.hi !== undefined ? lo.toPrecision(3) + " .. " + hi.toPrecision(3) :
+    "0 .. " + hi.toExponential(2) + " attention mass per map cell (" + GW + " x " + GH + " cells)") : "";
+  window.viewerDraws = (window.viewerDraws || 0) + 1;
+  if (window.viewerReady === undefined) window.viewerReady = performance.now();
+}
+{ const lg = $("legend").getContext("2d"); for (let i = 0; i < 256; i++) {
+  lg.fillStyle = "rgb(" + LUT[3 * i] + "," + LUT[3 * i + 1] + "," + LUT[3 * i + 2] + ")"; lg.fillRect(i, 0, 1, 12); } }
+for (const id of ["kind", "layer", "head", "vlayer", "slice", "query", "alpha", "boxes", "nosinks"])
+  $(id).addEventListener(id === "alpha" ? "input" : "change", () => { if (id === "slice") S.click = null; draw(); });
+ov.addEventListener("click", (ev) => {
+  if ($("kind").value !== "vision") return;
+  const rect = ov.getBoundingClientRect(), x = (ev.clientX - rect.left) / rect.width * W,
+        y = (ev.clientY - rect.top) / rect.height * H, vs = +$("slice").value, sl = D.slices[vs];
+  if (x < sl.box[0] || x >= sl.box[2] || y < sl.box[1] || y >= sl.box[3]) return;
+  S.click = {s: vs, r: Math.min(sl.tgt[0] - 1, Math.floor((y - sl.box[1]) / (sl.box[3] - sl.box[1]) * sl.tgt[0])),
+             c: Math.min(sl.tgt[1] - 1, Math.floor((x - sl.box[0]) / (sl.box[2] - sl.box[0]) * sl.tgt[1]))};
+  draw();
+});
+document.addEventListener("keydown", (ev) => {
+  if (ev.target.tagName === "INPUT" || ev.target.tagName === "SELECT") return;
+  if (ev.key === "ArrowRight" && S.t < T - 1) { S.t++; draw(); }
+  if (ev.key === "ArrowLeft" && S.t > 0) { S.t--; draw(); }
+});
+window.viewer = {data: D, draw: draw, state: S, compute: compute, grid: [GW, GH]};
+draw();
+})();
+"""

@@ -1,0 +1,169 @@
+"""The viewer page in headless Chromium (selenium): it loads offline without console errors, every
+control redraws the overlay, the JS maps equal attention_map's, and nothing is fetched.
+
+Skips only when selenium, chromium or chromedriver is not installed."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from minicpmv_attn.analysis import attention_map as am
+from minicpmv_attn.analysis import viewer as vw
+from minicpmv_attn.scripts.bench_viewer import synthetic_image, synthetic_record
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="headless browser test needs chromium and chromedriver on PATH")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    rec = synthetic_record(n_layers=3, n_heads=4, n_gen=5, grid=(2, 2), size=(300, 200), src_tgt=(6, 8),
+                           slice_tgt=(5, 6), queries=8, res_heads=2, vis_heads=2, vis_layers=(0, 1), rows="all",
+                           dtype=torch.float32, seed=5, sharpness=2.0)
+    rel = {k: np.random.default_rng(k).random((20, 30)) for k in range(5)}
+    path = tmp_path_factory.mktemp("browser") / "index.html"
+    # one sink of each role: the first token (special), a text token and an image token of slice 1
+    sinks = [0, 1, rec.layout.slices[1].token_span[0] + 3]
+    vw.write_viewer(rec, synthetic_image((300, 200)), str(path), extra_kinds={"relevancy": rel}, sinks=sinks)
+    rec.meta["test_sinks"] = sinks
+    return rec, path
+
+
+@pytest.fixture(scope="module")
+def driver():
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,1000"):
+        opts.add_argument(a)
+    opts.binary_location = CHROMIUM
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+
+
+def overlay(drv) -> str:
+    return drv.execute_script("return document.getElementById('overlay').toDataURL()")
+
+
+def severe(drv):
+    return [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+def choose(drv, sel_id, value):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(drv.find_element(By.ID, sel_id)).select_by_value(value)
+
+
+def test_viewer_in_headless_chromium(page, driver):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    rec, path = page
+    driver.get(path.as_uri())
+    assert driver.execute_script("return typeof window.viewerReady") == "number", severe(driver)
+    assert severe(driver) == []
+    kinds = driver.execute_script("return [...document.getElementById('kind').options].map(o => o.value)")
+    assert kinds == ["llm", "resampler", "vision", "x:relevancy"]
+    blank = driver.execute_script(
+        "const c = document.createElement('canvas'); const o = document.getElementById('overlay');"
+        "c.width = o.width; c.height = o.height; return c.toDataURL()")
+    seen = [overlay(driver)]
+    assert seen[0] != blank
+
+    def changed(what):
+        now = overlay(driver)
+        assert now != seen[-1], f"overlay did not change after {what}"
+        seen.append(now)
+
+    tokens = driver.find_elements(By.CSS_SELECTOR, ".token")
+    assert len(tokens) == 5
+    tokens[2].click()
+    changed("clicking token 2")
+    assert "sel" in tokens[2].get_attribute("class")
+    choose(driver, "layer", "1")
+    changed("layer 1")
+    choose(driver, "head", "3")
+    changed("head 3")
+    choose(driver, "head", "max")
+    changed("head max")
+    choose(driver, "layer", "rollout")
+    changed("layer rollout")
+    share = driver.find_element(By.ID, "share").text
+    assert share.startswith("image share ") and "layer rollout, head max" in share
+    for kind in ("resampler", "vision", "x:relevancy", "llm"):
+        choose(driver, "kind", kind)
+        changed(f"kind {kind}")
+    choose(driver, "kind", "vision")
+    before = overlay(driver)
+    ActionChains(driver).move_to_element_with_offset(driver.find_element(By.ID, "overlay"), 40, 30).click().perform()
+    assert overlay(driver) != before and "attention of patch" in driver.find_element(By.ID, "info").text
+    choose(driver, "kind", "llm")
+    tokens[0].click()
+    changed("clicking token 0")
+    driver.find_element(By.ID, "nosinks").click()
+    changed("without sinks")  # an image token is a sink: the map changes
+    assert severe(driver) == []
+    resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(r.startswith(("data:", "file:")) for r in resources), resources
+
+
+def test_js_maps_equal_attention_map(page, driver):
+    """The map the page computes (before colouring) equals image_heatmap's at the page's grid."""
+    rec, path = page
+    driver.get(path.as_uri())
+    gw, gh = driver.execute_script("return window.viewer.grid")
+    data = driver.execute_script("return window.viewer.data.tokens")
+    for layer, head, kw in (("mean", "mean", {}), ("2", "1", dict(layers=[2], heads=[1])),
+                            ("rollout", "max", dict(layer_reduce="rollout", head_reduce="max"))):
+        choose(driver, "layer", layer)
+        choose(driver, "head", head)
+        for t in (0, 4):
+            got = driver.execute_script(
+                f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.compute().map)")
+            ref = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), **kw).map
+            got = np.asarray(got).reshape(gh, gw)
+            assert np.abs(got - ref).max() <= 0.01 * ref.max(), (layer, head, t)
+    # without sinks: image_heatmap's exclude_sinks (mean heads: rows sum to 1)
+    driver.execute_script("document.getElementById('nosinks').click()")
+    for layer, head, kw in (("mean", "mean", {}), ("0", "2", dict(layers=[0], heads=[2]))):
+        choose(driver, "layer", layer)
+        choose(driver, "head", head)
+        for t in (1, 3):
+            got = driver.execute_script(
+                f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.compute().map)")
+            ref = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), exclude_sinks=True,
+                                   sinks=rec.meta["test_sinks"], **kw)
+            got = np.asarray(got).reshape(gh, gw)
+            assert np.abs(got - ref.map).max() <= 0.01 * ref.map.max(), ("nosinks", layer, head, t)
+            share = driver.execute_script("return document.getElementById('share').textContent")
+            shown = float(share.split("image share ")[1].split("%")[0])
+            assert shown == pytest.approx(100 * float(ref.image_share), abs=0.15), (share, ref.image_share)
+    assert severe(driver) == []
+
+
+def test_main_command_page_loads(tmp_path, driver):
+    """The page the main command writes (demo model) draws without errors."""
+    from minicpmv_attn.analysis.visualize import visualize
+
+    out = tmp_path / "out"
+    visualize(out=str(out), max_new_tokens=3, quiet=True, relevancy=True)
+    driver.get((out / "index.html").as_uri())
+    assert driver.execute_script("return typeof window.viewerReady") == "number"
+    assert driver.execute_script("return document.querySelectorAll('.token').length") == 3
+    before = overlay(driver)
+    choose(driver, "kind", "x:relevancy")
+    assert overlay(driver) != before and "relevancy map" in driver.execute_script(
+        "return document.getElementById('info').textContent")
+    assert not math.isnan(float(driver.execute_script("return window.viewerReady")))
+    assert severe(driver) == []
