@@ -354,8 +354,8 @@ def replay_capture(model, model_inputs: Dict[str, Any], new_ids: torch.Tensor, s
     The last new token is never fed during generation, so it is not replayed either: rows
     and columns come out as ``generate``'s online capture lays them out.
     """
-    new_ids = new_ids.to(model.device)
     prompt = model_inputs["input_ids"]
+    new_ids = new_ids.to(prompt.device)  # the prompt's device: model.device can be an offload placeholder
     n_prompt, n_new = prompt.shape[1], new_ids.shape[1]
     prompt_mask = model_inputs.get("attention_mask")
     if prompt_mask is None:

@@ -528,11 +528,11 @@ class AttentionCapture:
             heads = self.heads.get(stage)
             info = {"heads": heads, "reduce": self.spec.reduce}
             if stage != "llm":
-                tensors[name] = _join([p.tensor for p in pieces], 0)
+                tensors[name] = _join([p.tensor for p in pieces], 0, self.spec.device)
                 info.update(rows=None, cols=None)
             else:
                 rows = torch.cat([p.rows for p in pieces])
-                tensors[name] = _join([p.tensor for p in pieces], 2)
+                tensors[name] = _join([p.tensor for p in pieces], 2, self.spec.device)
                 full_rows = len(pieces) == 1 and rows.numel() == pieces[0].tensor.shape[2] and bool(
                     (rows == torch.arange(rows.numel())).all()) and self.spec.rows == "all"
                 info["rows"] = None if full_rows else rows.tolist()
@@ -545,24 +545,27 @@ class AttentionCapture:
         return tensors, index
 
 
-def _join(parts: List[torch.Tensor], dim: int) -> torch.Tensor:
+def _join(parts: List[torch.Tensor], dim: int, device=None) -> torch.Tensor:
     """Concatenate along ``dim``, zero-padding the last axis to the widest part.
 
     One part is returned as is (no copy); several are copied into one preallocated
     tensor, so the peak is the result plus the parts, never a second padded copy.
+    Parts computed on different devices (a model split by ``device_map``) are gathered on
+    ``device`` (the spec's), else on the first part's device.
     """
+    device = torch.device(device) if device is not None else parts[0].device
     if len(parts) == 1:
-        return parts[0]
+        return parts[0].to(device)
     width = max(p.shape[-1] for p in parts)
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
     shape[-1] = width
-    out = parts[0].new_empty(shape)
+    out = parts[0].new_empty(shape, device=device)
     offset = 0
     for p in parts:
         n = p.shape[dim]
         target = out.narrow(dim, offset, n)
-        target[..., : p.shape[-1]] = p
+        target[..., : p.shape[-1]] = p.to(device)
         if p.shape[-1] < width:
             target[..., p.shape[-1]:] = 0
         offset += n
@@ -597,6 +600,9 @@ def estimate_bytes(spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_l
     ``prompt_len`` query rows (plus ``new_tokens`` generated ones) over ``key_len`` keys
     (default: all rows, i.e. a square map).
     """
+    if spec.dtype is None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise CaptureError(f"capture estimate: compute_dtype={compute_dtype!r} is not a floating dtype (q and k of a "
+                           f"quantised model are in its compute dtype, not its storage dtype)")
     itemsize = torch.empty((), dtype=spec.dtype or compute_dtype).element_size()
     out = {}
     L_total = prompt_len + new_tokens

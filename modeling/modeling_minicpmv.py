@@ -18,7 +18,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from .attention import set_attention_implementation
 from .capture import (AttentionCapture, CaptureError, CaptureSpec, attached, pad_llm_columns, parse_hook_name,
                       special_token_ids, token_roles)
-from .checkpoint import CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights
+from .checkpoint import (CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights,
+                         execution_device)  # fork: modeling_minicpmv.MiniCPMV.get_vllm_embedding (device_map)
 from .configuration_minicpm import MiniCPMVConfig
 from .layout import ImageLayout  # noqa: F401  # fork: modeling_minicpmv.MiniCPMV.chat (4.4x copies direct imports only)
 from .modeling_navit_siglip import SiglipVisionTransformer
@@ -189,7 +190,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     def _vision_embedding(self, pixel_values_list, tgt_sizes):
         """All slices of the batch -> resampler outputs [N, Q, D] (None when there is no image)."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
-        device = self.vpm.embeddings.patch_embedding.weight.device
+        device = execution_device(self.vpm)  # fork: modeling_minicpmv.MiniCPMV.get_vllm_embedding (device_map)
         strips, sizes = [], []
         for s, (pixels, sizes_s) in enumerate(zip(pixel_values_list, tgt_sizes or [None] * len(pixel_values_list))):
             if len(pixels) == 0:
@@ -326,12 +327,12 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids,
                            attention_mask=attention_mask, labels=labels, output_hidden_states=output_hidden_states,
                            **kwargs)
-        result = MiniCPMVOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
-                                **{CACHE_FIELD: output_cache(out)})
-        if capture is not None:
-            tensors, index, llm, vision, resampler = self._split_capture(capture)
-            result.attentions, result.vision_attentions, result.resampler_attentions = llm, vision, resampler
-            result.captured, result.capture_index = tensors, index
+        # fork: modeling_minicpmv.MiniCPMV.forward -- captured fields passed at construction, so they are items
+        # (4.4x: attributes set later are not, and accelerate's device_map hook rebuilds the output from its items)
+        tensors, index, llm, vision, resampler = self._split_capture(capture) if capture is not None else (None,) * 5
+        result = MiniCPMVOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states, attentions=llm,
+                                vision_attentions=vision, resampler_attentions=resampler, captured=tensors,
+                                capture_index=index, **{CACHE_FIELD: output_cache(out)})
         return result if return_dict else result.to_tuple()
 
     # -- generation ---------------------------------------------------------------------

@@ -87,7 +87,8 @@ class SiglipVisionEmbeddings(nn.Module):
                 tgt_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         embeddings = patches.flatten(2).transpose(1, 2)  # [N, P, D]
-        ids = self.position_ids(patch_attention_mask, tgt_sizes).to(self.position_embedding.weight.device)
+        # fork: modeling_navit_siglip.SiglipVisionEmbeddings -- ids on the patches' device (the table may be offloaded)
+        ids = self.position_ids(patch_attention_mask, tgt_sizes).to(patches.device)
         return embeddings + self.position_embedding(ids)
 
 

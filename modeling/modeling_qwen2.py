@@ -27,6 +27,7 @@ except ImportError:  # very old transformers: PreTrainedModel is the mixin
 
 from .attention import AttnMask, attend, checkpoint_call, parse_hook_name
 from .capture import AttentionCapture, CaptureSpec, attached, attached_capture, hook_name
+from .checkpoint import execution_device
 
 #: The transformers releases whose generation loop the fork is verified on (every 5.x minor
 #: in between too; ``scripts/sweep_transformers.py`` writes the README's table). setup.py
@@ -301,6 +302,12 @@ class Qwen2PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         init_module_weights(self.config, module)
+
+    @property
+    def device(self) -> torch.device:
+        """The first parameter's device; where accelerate runs it when a ``device_map`` offloaded it
+        (transformers' own property says ``meta`` there, and ``generate`` would put new tensors on it)."""
+        return execution_device(self)
 
 
 @torch.no_grad()

@@ -211,3 +211,81 @@ def test_corrupt_shard_index_is_named(tmp_path):
     (folder / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not a safetensors index"):
         MiniCPMV.from_pretrained(str(folder))
+
+
+def fake_nf4_folder(tmp_path, skip=("out_proj", "kv_proj", "lm_head", "vpm", "resampler")):
+    """single_image laid out like a bitsandbytes nf4 checkpoint (packed LLM Linear weights plus
+    their statistics, made by hand: the key/shape check needs no bitsandbytes)."""
+    folder = copy_case(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                  "bnb_4bit_use_double_quant": False, "llm_int8_skip_modules": list(skip)}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+    def quantise(t):
+        for key in [k for k in t if k.startswith("llm.model.layers.") and k.endswith("proj.weight")]:
+            n = t[key].numel()
+            state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": list(t[key].shape)})
+            t[key] = torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8)
+            t[f"{key}.absmax"] = torch.ones(-(-n // 64))
+            t[f"{key}.quant_map"] = torch.linspace(-1, 1, 16)
+            t[f"{key}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(state.encode()), dtype=torch.uint8)
+    edit_weights(folder, quantise)
+    return folder
+
+
+def test_quantised_layout_is_checked_without_bitsandbytes(tmp_path):
+    """The strict key check knows the bitsandbytes 4-bit layout: a complete one passes, a missing
+    statistic, a stray key, a companion of a module kept float, a wrong recorded shape and an
+    unknown quantisation method are named."""
+    from minicpmv_attn.checkpoint import check_checkpoint_tensors
+
+    folder = fake_nf4_folder(tmp_path)
+    check_checkpoint_tensors(str(folder), MiniCPMV)
+    w = "llm.model.layers.1.mlp.up_proj.weight"
+    cases = [
+        (lambda t: t.pop(f"{w}.absmax"), rf"\(bnb-4bit nf4\): missing keys \(1\): {w}.absmax$"),
+        (lambda t: t.__setitem__(f"{w}.extra", torch.zeros(1)), rf"unexpected keys \(1\): {w}.extra$"),
+        (lambda t: t.__setitem__("vpm.encoder.layers.0.mlp.fc1.weight.absmax", torch.ones(2)),
+         r"unexpected keys \(1\): vpm.encoder.layers.0.mlp.fc1.weight.absmax$"),
+        (lambda t: t.__setitem__(f"{w}.quant_state.bitsandbytes__nf4", torch.tensor(list(json.dumps(
+            {"quant_type": "nf4", "blocksize": 64, "shape": [7, 7]}).encode()), dtype=torch.uint8)),
+         rf"wrong shapes \(1\): {w}.quant_state.bitsandbytes__nf4 \(records nf4 \[7, 7\], expected nf4 \[512, 256\]\)"),
+        (lambda t: t.__setitem__(f"{w}.absmax", torch.ones(3)),
+         rf"wrong shapes \(1\): {w}.absmax \(expected \[2048\] for blocksize 64, got \[3\]\)"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        broken = fake_nf4_folder(tmp_path / str(i))
+        edit_weights(broken, edit)
+        with pytest.raises(CheckpointError, match=message):
+            check_checkpoint_tensors(str(broken), MiniCPMV)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "awq"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quant_method 'awq'.*supported: bitsandbytes"):
+        check_checkpoint_tensors(str(folder), MiniCPMV)
+
+
+def test_quantised_tensors_in_a_float_checkpoint_are_explained(tmp_path):
+    folder = copy_case(tmp_path)
+    edit_weights(folder, lambda t: t.__setitem__("llm.model.layers.0.mlp.up_proj.weight.absmax", torch.ones(4)))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): llm.model.layers.0.mlp.up_proj.weight.absmax; "
+                                              r"the file holds quantised tensors but config.json has no "
+                                              r"quantization_config"):
+        MiniCPMV.from_pretrained(str(folder))
+
+
+def test_execution_device_follows_accelerate_hooks():
+    """A module whose weights were offloaded (meta) runs where its accelerate hook says."""
+    from types import SimpleNamespace
+
+    from minicpmv_attn.checkpoint import execution_device
+
+    layer = torch.nn.Linear(2, 2)
+    assert execution_device(layer) == torch.device("cpu")
+    outer = torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta"), layer)
+    assert execution_device(outer) == torch.device("meta")  # no hook: nothing says where it runs
+    outer[0]._hf_hook = SimpleNamespace(execution_device="cpu")
+    assert execution_device(outer) == torch.device("cpu")
+    outer[0]._hf_hook = SimpleNamespace(execution_device=1)
+    assert execution_device(outer) == torch.device("cuda", 1)
