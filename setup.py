@@ -28,7 +28,7 @@ setup(
     packages=["minicpmv_attn", "minicpmv_attn.analysis", "minicpmv_attn.bench", "minicpmv_attn.demo",
               "minicpmv_attn.train", "minicpmv_attn.upstream", "minicpmv_attn.scripts", "minicpmv_attn.patches"],
     package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts", "minicpmv_attn.patches": "patches"},
-    package_data={"minicpmv_attn.demo": ["tokenizer/*.json"],
+    package_data={"minicpmv_attn.demo": ["tokenizer/*.json", "trained/*.json", "trained/*.safetensors"],
                   "minicpmv_attn.patches": ["*.json", "*.md", "notes/*.md"]},
     install_requires=[
         "torch>=2.1",
@@ -44,6 +44,9 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis"],
         "peft": ["peft"],
+        "parquet": ["pyarrow"],       # DIR/summary.parquet (else summary.csv)
+        "browser": ["selenium"],      # the viewer's browser tests (with Debian's chromium + chromium-driver)
+        "quant": ["bitsandbytes>=0.45", "accelerate>=0.26"],  # bitsandbytes 4/8-bit checkpoints, device_map
     },
     entry_points={
         "console_scripts": [
