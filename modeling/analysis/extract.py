@@ -22,29 +22,50 @@ image paths are resolved against the JSONL's folder).
   a capture that fails, ...) is reported on one line, recorded as ``error`` and the run goes on.
 * Configuration errors (input, ``--out``, model, device, dtype, spec and selections, checked
   against the model) raise :class:`~.pipeline.ToolError` before the first line is extracted.
+* Defaults sized for the real model (:data:`DEFAULT_SPEC`); before the first line the disk the
+  records will take is estimated (:func:`estimate_disk`) and printed, and refused over ``max_disk``.
+* Data parallel under ``torchrun`` / ``accelerate launch`` (:class:`~.pipeline.Ranks`): each line
+  goes to one rank (its key mod the world size), each rank appends to ``results.rank<r>.jsonl``;
+  rank 0 holds the lock and merges them into ``results.jsonl`` when all are done (and merges the
+  files of a killed run when it starts). Resume reads every results file, so it works across
+  a changed number of processes.
+* At the end rank 0 writes ``summary.parquet`` (``.csv`` without pyarrow) and ``report.html``
+  (:mod:`.summary`, :mod:`.dataset_report`).
 """
 import hashlib
 import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from ..attention_record import atomic_write_json
-from ..capture import AttentionCapture, CaptureError, CaptureSpec, parse_index_list, resolve_dtype
+from ..attention_record import atomic_write_json, layout_for_sample
+from ..capture import (AttentionCapture, CaptureError, CaptureSpec, estimate_bytes, hook_name, parse_bytes,
+                       parse_index_list, resolve_dtype, special_token_ids)
 from ..image_processing_minicpmv import ImageLoadError, ImageTooLargeError
 from . import pipeline
 from .pipeline import DEFAULT_MAX_IMAGE_BYTES, ToolError
 
-__all__ = ["Extraction", "append_result", "extract", "finished_lines", "job_key", "load_spec", "read_jobs",
-           "record_name", "safe_id"]
+__all__ = ["DEFAULT_SPEC", "DiskEstimate", "Extraction", "append_result", "estimate_disk", "extract",
+           "finished_lines", "format_bytes", "job_key", "load_spec", "read_jobs", "record_name", "results_files",
+           "safe_id"]
 
 RESULTS = "results.jsonl"
 RECORDS = "records"
 SETTINGS = "extract.json"
 LOCK = "extract.lock"
 STATUSES = ("succeeded", "skipped (already done)", "failed")
+RANK_RESULTS = "results.rank{rank}.jsonl"
+# sized for the real model: the LLM's head-mean rows of the generated tokens in bfloat16, plus the
+# resampler (head-mean; it maps image tokens to pixels: the top region and the mean heatmaps).
+# At MiniCPM-V-2.6's shapes (10 slices, ~710 prompt tokens, 16 new) that is about 1.9 MiB a sample
+# (LLM 0.6, resampler 1.25), where every stage, layer and head in float32 is about 18 GiB
+# (capture.estimate_bytes). SigLIP is opt-in (vision=True, --vision: +540 MiB a sample).
+DEFAULT_SPEC: Dict[str, Any] = {"stages": ["llm", "resampler"], "rows": "generated", "reduce": "mean",
+                                "dtype": "bfloat16", "device": "cpu"}
+ESTIMATE_SAMPLE = 32  # lines (a seeded random sample) prepared, not run, for the disk estimate
 
 
 def _one_line(text: Any) -> str:
@@ -102,14 +123,15 @@ def _check_job(obj: Any, where: str) -> Tuple[Optional[dict], Optional[str]]:
         if name == "image" and ("\x00" in value or not value.strip()):
             return None, f"{where}, field 'image': expected a file path, found {_found(value)}"
         job[name] = value
+    job["fields"] = {k: v for k, v in obj.items() if k not in ("image", "prompt", "id")}  # e.g. label: passed on
     return job, None
 
 
 def read_jobs(path: str) -> Iterator[Tuple[int, Optional[dict], Optional[str]]]:
     """Yield (line_no, job or None, error or None) for each non-empty line of ``path``.
 
-    A job is ``{"image": str, "prompt": str, "id": str or None}`` (an integer id becomes a
-    string, an empty one None). Errors are one line naming the file, line and field."""
+    A job is ``{"image": str, "prompt": str, "id": str or None, "fields": {...}}`` (an integer id
+    becomes a string, an empty one None; ``fields`` holds the line's other keys, e.g. ``label``). Errors are one line naming the file, line and field."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path} line {n}"
@@ -211,11 +233,11 @@ def _check_settings(path: str, settings: dict, has_records: bool) -> None:
 # the command line's settings
 # --------------------------------------------------------------------------------------
 def load_spec(spec: Optional[str] = None, layers: Optional[str] = None, heads: Optional[str] = None,
-              rows: Optional[str] = None, reduce: Optional[str] = None) -> Dict[str, Any]:
-    """The capture spec: defaults, then ``spec`` (JSON text or ``@file.json``), then the selections
-    given as on the command line. Validated (``CaptureSpec.from_flag``) before any work; a problem
+              rows: Optional[str] = None, reduce: Optional[str] = None, vision: bool = False) -> Dict[str, Any]:
+    """The capture spec: :data:`DEFAULT_SPEC` (plus the SigLIP stage with ``vision``), then ``spec``
+    (JSON text or ``@file.json``), then the selections given as on the command line. Validated (``CaptureSpec.from_flag``) before any work; a problem
     raises :class:`ToolError` naming the flag (``--spec``, ``--layers``, ...)."""
-    out: Dict[str, Any] = {"rows": "generated", "device": "cpu", "dtype": "float32"}
+    out: Dict[str, Any] = dict(DEFAULT_SPEC, stages=list(DEFAULT_SPEC["stages"]) + (["vision"] if vision else []))
 
     def check(flag: str) -> None:
         try:
@@ -295,10 +317,140 @@ def _load_model(model, device, dtype, spec: Dict[str, Any], flags: Dict[str, Opt
         try:
             AttentionCapture(CaptureSpec.from_flag(dict(spec)), dims["layers"], dims["heads"])
         except (CaptureError, TypeError, ValueError) as e:
-            msg = _one_line(e)
-            flag = next((f for f, v in flags.items() if v and f[2:] in msg), "--spec")
-            raise ToolError(f"{flag}: {msg} (checked against the model before the first line)") from None
+            raise _selection_error(e, flags) from None
+        config = getattr(net, "config", None)
+        if config is not None and pipeline.capture_dims_from_config(config) != dims:  # the disk estimate's shapes
+            raise ToolError(f"--model {model}: its layers/heads {dims} differ from what its config says "
+                            f"{pipeline.capture_dims_from_config(config)}; the disk estimate would be wrong")
     return net, processor
+
+
+def _selection_error(e: Exception, flags: Dict[str, Optional[str]]) -> ToolError:
+    msg = _one_line(e)
+    flag = next((f for f, v in flags.items() if v and f[2:] in msg), "--spec")
+    return ToolError(f"{flag}: {msg} (checked against the model before the first line)")
+
+
+# --------------------------------------------------------------------------------------
+# the disk estimate (before any model work)
+# --------------------------------------------------------------------------------------
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short human string (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+@dataclass
+class DiskEstimate:
+    """Bytes one record takes on disk, from a sample of lines prepared (tokenised, image sliced) but
+    not run, assuming every answer is ``max_new_tokens`` long (an upper bound: answers that stop
+    early are smaller)."""
+
+    per_sample: int  # mean over the sampled lines
+    lines: int  # lines left to extract
+    sampled: int  # lines the mean was measured on
+    parts: Dict[str, int]  # per stage ("llm", "vision", "resampler") and "metadata", mean bytes
+
+    @property
+    def total(self) -> int:
+        return self.per_sample * self.lines
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts.items() if v)
+        return (f"disk estimate: {format_bytes(self.per_sample)} per sample ({parts}; mean of {self.sampled} "
+                f"sampled line(s), answers of max_new_tokens), {format_bytes(self.total)} for {self.lines} line(s) "
+                f"to extract")
+
+
+def _sample_bytes(spec: CaptureSpec, dims: Dict[str, Any], processor, image, prompt: str, max_new_tokens: int,
+                  compute_dtype, meta: dict) -> Dict[str, int]:
+    """Bytes of one record of this line: tensors from ``capture.estimate_bytes`` at the prepared
+    shapes, the safetensors header, and the JSON (index, token layout, meta) built as a skeleton."""
+    from ..modeling_minicpmv import chat_prompt
+
+    text, images = chat_prompt(processor.tokenizer, None, [{"role": "user", "content": [image, prompt]}])
+    inputs = processor([text], [images], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    n_prompt, new = len(ids), max_new_tokens
+    sizes = [(int(h), int(w)) for h, w in (inputs["tgt_sizes"][0] if len(inputs["tgt_sizes"]) else [])]
+    bounds = [(int(a), int(b)) for a, b in inputs["image_bound"][0].tolist()]
+    n_image = sum(b - a for a, b in bounds)
+    patches = max([h * w for h, w in sizes], default=0)
+    est = estimate_bytes(spec, dims, 1, n_prompt, new, len(sizes), patches, n_image, compute_dtype=compute_dtype)
+    out = {k: v for k, v in est.items() if k != "workspace"}
+    # the JSON: a skeleton of what AttentionRecord.save writes, with answers of `new` tokens like the prompt's last
+    filler = ids[-1]
+    all_ids = ids + [filler] * new
+    tokens = processor.tokenizer.convert_ids_to_tokens(all_ids)
+    layout = layout_for_sample(all_ids, [t or "" for t in tokens], n_prompt, 0, bounds,
+                               inputs["slice_layouts"][0], special_token_ids(processor.tokenizer))
+    index, header = {}, {}
+    for stage in ("llm", "vision", "resampler"):
+        for layer in spec.layer_ids(stage, dims["layers"][stage]):
+            name = "resampler.attn" if stage == "resampler" else hook_name(stage, layer)
+            heads = spec.head_ids(stage, dims["heads"][stage])
+            rows = None
+            if stage == "llm" and spec.rows == "generated":
+                rows = list(range(n_prompt - 1, n_prompt - 1 + new))
+            elif stage == "llm" and not isinstance(spec.rows, str):
+                rows = list(spec.rows)
+            index[name] = {"heads": heads, "reduce": spec.reduce, "rows": rows, "cols": None}
+            # the safetensors header entry, with numbers of typical width
+            header[name] = {"dtype": "BF16", "shape": [64, 1024, 1024], "data_offsets": [10 ** 7, 10 ** 7]}
+    payload = {"format": "minicpmv-attn.record/1", "index": index, "layout": layout.to_dict(),
+               "meta": dict(meta, prompt=text, answer="x" * (2 * new), spec=spec.describe(), replayed=False,
+                            model="m" * 40, sample=0),
+               "dtypes": {k: str(spec.dtype or compute_dtype) for k in index}}
+    out["metadata"] = len(json.dumps(payload, indent=1)) + 8 + len(json.dumps(header, separators=(",", ":")))
+    return out
+
+
+def estimate_disk(jobs: List[Tuple[dict, str]], spec: Dict[str, Any], model: Optional[str], max_new_tokens: int,
+                  dtype: Optional[str], lines: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                  sample: int = ESTIMATE_SAMPLE, flags: Optional[Dict[str, Optional[str]]] = None
+                  ) -> Optional[DiskEstimate]:
+    """Bytes the records of ``lines`` lines will take, from ``sample`` of ``jobs`` ((job, absolute
+    image path) pairs, a seeded random sample) prepared with the model's processor and config (no weights,
+    nothing run). None when no sampled image can be opened. Selections that the model cannot have
+    raise :class:`ToolError` (as the run would, later)."""
+    import torch
+
+    try:
+        processor, config = pipeline.load_processor(model)
+    except Exception as e:  # noqa: BLE001 - one configuration error
+        name = model if model is not None else "(tiny demo)"
+        raise ToolError(f"--model {name}: cannot load it: {_one_line(e) or type(e).__name__}") from None
+    dims = pipeline.capture_dims_from_config(config)
+    cs = CaptureSpec.from_flag(dict(spec))
+    torch_dtype = resolve_dtype(dtype, "--dtype")
+    if torch_dtype is None:
+        name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        torch_dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).replace("torch.", ""))
+    import random
+
+    picked = sorted(random.Random(0).sample(range(len(jobs)), min(sample, len(jobs))))
+    per: List[Dict[str, int]] = []
+    for job, image_path in (jobs[i] for i in picked):
+        try:
+            image = pipeline.open_image(image_path, max_image_bytes)
+        except Exception:  # noqa: BLE001 - that line will fail on its own; sample another
+            continue
+        meta = {"image": image_path, "line": 10 ** 6, "id": job.get("id"), "key": "0" * 64, "input": image_path,
+                "fields": job.get("fields") or {}}
+        try:
+            per.append(_sample_bytes(cs, dims, processor, image, job["prompt"], max_new_tokens, torch_dtype, meta))
+        except CaptureError as e:
+            raise _selection_error(e, flags or {}) from None
+        except Exception:  # noqa: BLE001 - e.g. a prompt the processor refuses: that line will fail on its own
+            continue
+    if not per:
+        return None
+    keys = sorted({k for p in per for k in p}, key=["llm", "vision", "resampler", "metadata"].index)
+    parts = {k: int(sum(p.get(k, 0) for p in per) / len(per)) for k in keys}
+    return DiskEstimate(per_sample=sum(parts.values()), lines=lines, sampled=len(per), parts=parts)
 
 
 # --------------------------------------------------------------------------------------
@@ -306,13 +458,18 @@ def _load_model(model, device, dtype, spec: Dict[str, Any], flags: Dict[str, Opt
 # --------------------------------------------------------------------------------------
 @dataclass
 class Extraction:
-    """What one :func:`extract` run did."""
+    """What one :func:`extract` run did (all ranks together on rank 0; this rank's part elsewhere)."""
 
     lines: int  # non-empty input lines
     counts: Dict[str, int]  # "succeeded", "skipped (already done)", "failed"
     seconds: float
     results: str  # path of results.jsonl
     warnings: List[str] = field(default_factory=list)
+    ranks: int = 1
+    estimate: Optional[DiskEstimate] = None
+    summary_path: Optional[str] = None
+    report_path: Optional[str] = None
+    bytes_written: int = 0  # records written by this run (all ranks)
 
     @property
     def failed(self) -> int:
@@ -324,111 +481,267 @@ class Extraction:
 
     def summary(self) -> str:
         counts = ", ".join(f"{self.counts.get(k, 0)} {k}" for k in STATUSES)
-        return f"{self.lines} lines: {counts} in {self.seconds:.1f} s; results in {self.results}"
+        done = self.counts.get("succeeded", 0) + self.counts.get("failed", 0)
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        procs = f" on {self.ranks} processes" if self.ranks > 1 else ""
+        disk = ""
+        if self.counts.get("succeeded", 0):
+            disk = f"; records {format_bytes(self.bytes_written)}"
+            if self.estimate is not None:
+                disk += f" (estimated {format_bytes(self.estimate.total)})"
+        return (f"{self.lines} lines: {counts} in {self.seconds:.1f} s{procs} ({rate:.2f} samples/s){disk}; "
+                f"results in {self.results}")
+
+
+def results_files(out: str) -> List[str]:
+    """``results.jsonl`` and the per-rank files of runs not merged yet (``results.rank<r>.jsonl``)."""
+    import glob
+
+    ranks = sorted(glob.glob(os.path.join(glob.escape(out), "results.rank*.jsonl")))
+    return [os.path.join(out, RESULTS)] + [p for p in ranks if os.path.basename(p)[12:-6].isdigit()]
+
+
+def _finished(out: str, repair: bool, warn: Callable[[str], None]) -> Dict[str, dict]:
+    done: Dict[str, dict] = {}
+    for path in results_files(out):
+        done.update(finished_lines(path, repair=repair, warn=warn))
+    return done
+
+
+def _plan(jsonl: str, out: str, done: Dict[str, dict]) -> Tuple[int, List[dict], List[dict]]:
+    """(lines, todo, skipped): every rank computes the same plan from the same input and folder."""
+    base = os.path.dirname(os.path.abspath(jsonl))
+    names = {os.path.basename(r["record"]): k for k, r in done.items()}
+    first_line: Dict[str, int] = {}
+    todo, skipped, lines = [], [], 0
+    try:
+        jobs = list(read_jobs(jsonl))
+    except OSError as e:
+        raise ToolError(f"input file {jsonl}: cannot be read: {e.strerror or e}") from None
+    for line_no, job, error in jobs:
+        lines += 1
+        item = {"line": line_no, "job": job, "error": error, "key": None}
+        if job is not None:
+            image, key = job_key(job, base)
+            item.update(image=image, key=key)
+            if key in first_line:
+                item["error"] = (f"{jsonl} line {line_no}: the same image, prompt and id as line {first_line[key]}; "
+                                 f"expected each job once (give it another 'id' to extract it again)")
+            else:
+                first_line[key] = line_no
+                row = done.get(key)
+                if row is not None and all(os.path.isfile(os.path.join(out, row["record"] + ext))
+                                           for ext in (".safetensors", ".json")):
+                    skipped.append(item)
+                    continue
+                name = record_name(job, image, key)
+                if names.get(name, key) != key:  # a 48-bit prefix clash: the full key
+                    name = f"{name[:-12]}{key}"
+                names[name] = key
+                item["name"] = name
+        todo.append(item)
+    return lines, todo, skipped
 
 
 def extract(jsonl: str, out: str, model: Optional[str] = None, spec: Optional[str] = None,
             layers: Optional[str] = None, heads: Optional[str] = None, rows: Optional[str] = None,
             reduce: Optional[str] = None, max_new_tokens: int = 16, device: Optional[str] = None,
             dtype: Optional[str] = "auto", quiet: bool = False, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-            log: Optional[Callable[[str], None]] = None) -> Extraction:
+            log: Optional[Callable[[str], None]] = None, vision: bool = False, max_disk=None,
+            summary: bool = True, group_by: Optional[str] = None, ranks: Optional[pipeline.Ranks] = None) -> Extraction:
     """Extract a record per line of ``jsonl`` into ``out`` (see the module doc).
 
     Configuration problems raise :class:`~.pipeline.ToolError` before the first line: the input,
-    ``out``, ``max_new_tokens``, dtype, device, spec and selections are checked first; the model
-    (``None``: the tiny demo) is loaded once, before the first line, when some line is left to
-    extract, and the selections are checked against it; another run holding ``out`` and settings
-    that differ from the records already in ``out`` are refused. A failed append to results.jsonl stops the run (ToolError).
-    ``log`` receives per-line errors and warnings (default: stderr).
+    ``out``, ``max_new_tokens``, dtype, device, spec and selections are checked first; the disk
+    estimate (:func:`estimate_disk`) is printed and, over ``max_disk`` (bytes or ``"50GB"``),
+    refused before any model work; the model (``None``: the tiny demo) is loaded once, when
+    some line is left to extract, and the selections are checked against it; another run
+    holding ``out`` and settings that differ from the records already in ``out`` are refused. A
+    failed append to the results stops the run (ToolError). ``log`` receives per-line errors and
+    warnings (default: stderr).
+
+    Data parallel: under ``torchrun``/``accelerate launch`` (``ranks``: default from the
+    environment) each process takes the lines whose content key falls to its rank, appends to
+    ``results.rank<r>.jsonl`` and writes its records; rank 0 holds the folder's lock, merges the
+    rank files into ``results.jsonl`` after every rank is done, then (``summary``) writes
+    ``summary.parquet``/``.csv`` and ``report.html`` (:mod:`.summary`, :mod:`.dataset_report`).
     """
     from tqdm.auto import tqdm
 
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    ranks = ranks or pipeline.Ranks()
     _check_config(jsonl, out, model, device, dtype, max_new_tokens, max_image_bytes)
-    capture_spec = load_spec(spec, layers, heads, rows, reduce)
-    settings = _settings(model, capture_spec, max_new_tokens, dtype)
+    capture_spec = load_spec(spec, layers, heads, rows, reduce, vision)
     try:
-        os.makedirs(os.path.join(out, RECORDS), exist_ok=True)
-    except OSError as e:
-        raise ToolError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
-    results = os.path.join(out, RESULTS)
+        limit = parse_bytes(max_disk, "--max-disk") if max_disk is not None else None
+    except CaptureError as e:
+        raise ToolError(_one_line(e).replace("capture --max-disk=", "--max-disk ")) from None
+    settings = _settings(model, capture_spec, max_new_tokens, dtype)
+    if ranks.distributed and (device is None or device == "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{ranks.local_rank}"
+    ranks.start()
+    try:
+        return _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_tokens, device, dtype, quiet,
+                    max_image_bytes, say, limit, summary, group_by, ranks)
+    finally:
+        ranks.stop()
+
+
+def _agreed(ranks: pipeline.Ranks, error: Optional[str]) -> None:
+    """A barrier where every rank learns whether some rank failed; the first error is raised everywhere."""
+    errors = [e for e in ranks.gather(error) if e]
+    if errors:
+        raise ToolError(errors[0] if error is None or ranks.rank == 0 else error)
+
+
+def _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_tokens, device, dtype, quiet,
+         max_image_bytes, say, limit, summary, group_by, ranks: pipeline.Ranks) -> Extraction:
+    from tqdm.auto import tqdm
+
     warnings: List[str] = []
 
     def warn(msg: str) -> None:
         warnings.append(msg)
         say(f"warning: {msg}")
 
-    with pipeline.FolderLock(out, LOCK, holder="extraction run"):
-        removed = pipeline.clean_stale_tmp([out, os.path.join(out, RECORDS)])
-        if removed:
-            warn(f"removed {len(removed)} stale temporary file(s) of an interrupted run in {out}")
-        done = finished_lines(results, repair=True, warn=warn)
-        _check_settings(os.path.join(out, SETTINGS), settings, bool(done))
+    lead = ranks.rank == 0
 
-        base = os.path.dirname(os.path.abspath(jsonl))
-        source = os.path.abspath(jsonl)
-        names = {os.path.basename(r["record"]): k for k, r in done.items()}
-        first_line: Dict[str, int] = {}
-        todo, lines, skipped = [], 0, 0
-        try:
-            jobs = list(read_jobs(jsonl))
-        except OSError as e:
-            raise ToolError(f"input file {jsonl}: cannot be read: {e.strerror or e}") from None
-        for line_no, job, error in jobs:
-            lines += 1
-            item = {"line": line_no, "job": job, "error": error, "key": None}
-            if job is not None:
-                image, key = job_key(job, base)
-                item.update(image=image, key=key)
-                if key in first_line:
-                    item["error"] = (f"{jsonl} line {line_no}: the same image, prompt and id as line "
-                                     f"{first_line[key]}; "
-                                     f"expected each job once (give it another 'id' to extract it again)")
+    def info(msg: str) -> None:  # progress information on stdout (--quiet: none)
+        if not quiet:
+            tqdm.write(msg, file=sys.stdout)
+
+    def note(msg: str) -> None:  # on stdout, even with --quiet
+        tqdm.write(msg, file=sys.stdout)
+
+    lock = pipeline.FolderLock(out, LOCK, holder="extraction run")
+    results = os.path.join(out, RESULTS)
+    error: Optional[str] = None
+    try:
+        if lead:  # one process prepares the folder before anyone reads it
+            try:
+                try:
+                    os.makedirs(os.path.join(out, RECORDS), exist_ok=True)
+                except OSError as e:
+                    raise ToolError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
+                lock.acquire()
+                removed = pipeline.clean_stale_tmp([out, os.path.join(out, RECORDS)])
+                if removed:
+                    warn(f"removed {len(removed)} stale temporary file(s) of an interrupted run in {out}")
+                done = _finished(out, True, warn)
+                pipeline.merge_jsonl(results, results_files(out)[1:])  # rank files of a run that was killed
+                _check_settings(os.path.join(out, SETTINGS), settings, bool(done))
+            except ToolError as e:
+                error = str(e)
+        _agreed(ranks, error)
+        run_id = ranks.broadcast(uuid.uuid4().hex[:12] if lead else None)
+        done = _finished(out, False, lambda msg: None)
+        lines, todo, skipped = _plan(jsonl, out, done)
+
+        estimate, error = None, None
+        if lead:
+            try:
+                ok = [(i["job"], i["image"]) for i in todo if i["error"] is None]
+                estimate = estimate_disk(ok, capture_spec, model, max_new_tokens, dtype, len(ok), max_image_bytes,
+                                         flags={"--layers": layers, "--heads": heads}) if ok else None
+                if estimate is None:
+                    info("disk estimate: not available (no sampled image could be opened)" if ok else
+                        "disk estimate: nothing left to extract")
+                    if limit is not None and ok:
+                        raise ToolError(f"--max-disk {format_bytes(limit)}: cannot check it, no sampled line's image "
+                                        f"could be opened")
                 else:
-                    first_line[key] = line_no
-                    row = done.get(key)
-                    if row is not None and all(os.path.isfile(os.path.join(out, row["record"] + ext))
-                                               for ext in (".safetensors", ".json")):
-                        skipped += 1
-                        continue
-                    name = record_name(job, image, key)
-                    if names.get(name, key) != key:  # a 48-bit prefix clash: the full key
-                        name = f"{name[:-12]}{key}"
-                    names[name] = key
-                    item["name"] = name
-            todo.append(item)
+                    info(estimate.describe())
+                    if limit is not None and estimate.total > limit:
+                        raise ToolError(
+                            f"--max-disk {format_bytes(limit)}: the records would take about "
+                            f"{format_bytes(estimate.total)} ({format_bytes(estimate.per_sample)} per sample x "
+                            f"{estimate.lines} lines); capture less (--layers, --rows last, no --vision) or raise "
+                            f"--max-disk")
+            except ToolError as e:
+                error = str(e)
+        _agreed(ranks, error)
 
-        counts = {"succeeded": 0, "skipped (already done)": skipped, "failed": 0}
+        mine = [i for i in todo if ranks.owns(i["key"], i["line"])]
+        skipped_mine = sum(1 for i in skipped if ranks.owns(i["key"], i["line"]))
+        log_path = results if not ranks.distributed else os.path.join(out, RANK_RESULTS.format(rank=ranks.rank))
         loaded: List[Any] = []
-        t0 = time.time()
 
         def get_model():
             """(net, processor), loaded once."""
             if not loaded:
                 loaded.extend(_load_model(model, device, dtype, capture_spec, {"--layers": layers, "--heads": heads}))
-                atomic_write_json(os.path.join(out, SETTINGS), settings)
             return loaded
 
-        if any(item["error"] is None for item in todo):
-            get_model()  # a model or selection that does not work stops the run before the first line
-
-        for item in tqdm(todo, desc="extracting", unit="line", disable=quiet):
-            line_no, job, error = item["line"], item["job"], item["error"]
-            where = f"{jsonl} line {line_no}"
-            row: Dict[str, Any] = {"input": source, "line": line_no, "key": item["key"]}
-            if error is None:
-                error = _extract_one(get_model, job, item, capture_spec, max_new_tokens, max_image_bytes, out, where,
-                                     row)
-            if error is not None:
-                row.update(status="error", id=job.get("id") if job else None, error=error)
-                say(f"failed: {error}")
+        error = None
+        if any(item["error"] is None for item in mine):
             try:
-                append_result(results, row)
-            except OSError as e:
-                raise ToolError(f"{results}: cannot append the row of {where}: {e.strerror or e}; its line will be "
-                                f"redone on the next run") from None
-            counts["succeeded" if error is None else "failed"] += 1
-    return Extraction(lines=lines, counts=counts, seconds=time.time() - t0, results=results, warnings=warnings)
+                get_model()  # a model or selection that does not work stops the run before the first line
+            except ToolError as e:
+                error = str(e)
+        _agreed(ranks, error)
+        if lead and any(item["error"] is None for item in todo):  # every rank with work has its model
+            atomic_write_json(os.path.join(out, SETTINGS), settings)
+
+        counts = {"succeeded": 0, "skipped (already done)": skipped_mine, "failed": 0}
+        written = 0
+        t0 = time.time()
+        error = None
+        bar = tqdm(mine, desc=f"rank {ranks.rank}" if ranks.distributed else "extracting", unit="sample",
+                   position=ranks.rank, disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+        try:
+            for item in bar:
+                line_no, job, error_line = item["line"], item["job"], item["error"]
+                where = f"{jsonl} line {line_no}"
+                row: Dict[str, Any] = {"input": os.path.abspath(jsonl), "line": line_no, "key": item["key"]}
+                if error_line is None:
+                    error_line = _extract_one(get_model, job, item, capture_spec, max_new_tokens, max_image_bytes, out,
+                                              where, row)
+                if error_line is not None:
+                    row.update(status="error", id=job.get("id") if job else None, error=error_line)
+                    say(f"failed: {error_line}")
+                row.update(run=run_id, rank=ranks.rank)
+                try:
+                    append_result(log_path, row)
+                except OSError as e:
+                    raise ToolError(f"{log_path}: cannot append the row of {where}: {e.strerror or e}; its line will "
+                                    f"be redone on the next run") from None
+                counts["succeeded" if error_line is None else "failed"] += 1
+                written += item.get("bytes", 0)
+        except ToolError as e:
+            error = str(e)
+        finally:
+            bar.close()
+        seconds = time.time() - t0
+        everyone = ranks.gather((counts, seconds, error, written))  # also the barrier before the merge
+        errors = [e for _, _, e, _ in everyone if e]
+        total = {k: sum(c[k] for c, _, _, _ in everyone) for k in counts}
+        result = Extraction(lines=lines, counts=total, seconds=max(s for _, s, _, _ in everyone), results=results,
+                            warnings=warnings, ranks=ranks.world, estimate=estimate,
+                            bytes_written=sum(b for _, _, _, b in everyone))
+        if lead:
+            pipeline.merge_jsonl(results, results_files(out)[1:])
+            if summary and not errors:
+                _summarise(out, group_by, result, note, warn)
+        if errors:
+            raise ToolError(error or errors[0])
+        return result
+    finally:
+        lock.release()
+
+
+def _summarise(out: str, group_by: Optional[str], result: Extraction, info, warn) -> None:
+    """summary table + dataset report after a run; a failure here is a warning (the records stand)."""
+    from .dataset_report import build_report
+
+    try:
+        built = build_report(out, group_by=group_by, warn=warn, say=info)
+    except ToolError as e:
+        warn(f"no summary/report: {e}")
+        return
+    result.summary_path, result.report_path = built.summary_path, built.report_path
 
 
 def _extract_one(get_model: Callable[[], Any], job: dict, item: dict, spec: Dict[str, Any], max_new_tokens: int,
@@ -450,11 +763,15 @@ def _extract_one(get_model: Callable[[], Any], job: dict, item: dict, spec: Dict
     except Exception as e:  # noqa: BLE001
         return f"{where}: extraction failed: {type(e).__name__}: {_one_line(e)}"
     stem = os.path.join(out, RECORDS, item["name"])
-    record.meta.update(image=path, line=item["line"], id=job.get("id"), key=item["key"], input=row["input"])
+    fields = job.get("fields") or {}
+    record.meta.update(image=path, line=item["line"], id=job.get("id"), key=item["key"], input=row["input"],
+                       fields=fields)
     try:
         record.save(stem)
     except Exception as e:  # noqa: BLE001 - e.g. a full disk: this line fails, the next may not
         reason = _one_line(getattr(e, "strerror", None) or e)
         return f"{where}: cannot write the record {stem}: {type(e).__name__}: {reason}"
-    row.update(status="ok", id=job.get("id"), answer=answer, record=os.path.relpath(stem, out))
+    row.update(status="ok", id=job.get("id"), answer=answer, record=os.path.relpath(stem, out), image=path,
+               fields=fields)
+    item["bytes"] = sum(os.path.getsize(stem + ext) for ext in (".safetensors", ".json"))
     return None

@@ -24,7 +24,7 @@ DEFAULT_PROMPT = "Describe this image."
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2 ** 20
 # what attention_record.atomic_write_bytes leaves behind when killed: mkstemp's ".tmp-", 8 random
 # characters, then the target's file name
-STALE_TMP = re.compile(r"^\.tmp-[a-z0-9_]{8}.+\.(safetensors|json)$")
+STALE_TMP = re.compile(r"^\.tmp-[a-z0-9_]{8}.+\.(safetensors|json|jsonl|csv|parquet|html)$")
 _write = os.write  # the one raw write of append_jsonl, so tests can inject a failing disk
 
 
@@ -74,6 +74,34 @@ def load_model_and_processor(model: Optional[str] = None, device: Optional[str] 
     processor = AutoProcessor.from_pretrained(model)
     net.processor = processor
     return net, processor, is_demo
+
+
+def load_processor(model: Optional[str] = None):
+    """(processor, config) of ``model`` (None: the tiny demo, built locally) without the weights:
+    what the disk estimate needs before any model work."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from ..demo import build_demo_checkpoint, default_demo_folder
+    from ..processing_minicpmv import register_processing
+
+    check_model_arg(model)
+    register_processing()
+    folder = build_demo_checkpoint(default_demo_folder()) if model is None else model
+    return AutoProcessor.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+
+
+def capture_dims_from_config(config) -> Dict[str, Any]:
+    """What ``MiniCPMV.capture_dims()`` returns, read from the config alone (no weights).
+
+    Mirrors the model's construction: SigLIP drops its last layer with
+    ``drop_vision_last_layer``; the resampler has ``hidden_size // 128`` heads. The extraction
+    checks it against the loaded model (:func:`check_dims`)."""
+    vc = config.vision_config
+    n_vision = int(vc.num_hidden_layers) - (1 if getattr(config, "drop_vision_last_layer", False) else 0)
+    return {"layers": {"llm": int(config.num_hidden_layers), "vision": n_vision, "resampler": 1},
+            "heads": {"llm": int(config.num_attention_heads), "vision": int(vc.num_attention_heads),
+                      "resampler": int(config.hidden_size) // 128},
+            "query_num": int(config.query_num)}
 
 
 class TokenProgress:
@@ -291,3 +319,135 @@ def append_jsonl(path: str, row: dict) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def merge_jsonl(target: str, parts: Sequence[str]) -> int:
+    """Append the rows of the files ``parts`` to ``target`` in one atomic replace, then remove the parts.
+
+    ``target`` is rewritten through a temporary file in its folder and a rename (readers see
+    the old index or the new one, never half); a row of a part whose exact text is already in
+    ``target`` (a merge that was killed after the rename, before removing its parts) is not
+    added twice. Rows cut short are dropped as :func:`read_jsonl_rows` does. Returns the number
+    of rows added. Call it holding the folder's lock."""
+    import hashlib
+    import tempfile
+
+    def digest(raw: bytes) -> bytes:
+        return hashlib.blake2b(raw, digest_size=16).digest()
+
+    parts = [p for p in parts if os.path.isfile(p)]
+    if not parts:
+        return 0
+    seen = set()
+    folder = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(target))
+    added = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if os.path.isfile(target):
+                with open(target, "rb") as f:
+                    for raw in f:
+                        if not raw.endswith(b"\n"):
+                            raw += b"\n"
+                        seen.add(digest(raw))
+                        out.write(raw)
+            for part in parts:
+                for row in read_jsonl_rows(part):
+                    raw = (json.dumps(row, ensure_ascii=True) + "\n").encode("ascii")
+                    if digest(raw) not in seen:
+                        seen.add(digest(raw))
+                        out.write(raw)
+                        added += 1
+            out.flush()
+            os.fsync(out.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    for part in parts:
+        os.unlink(part)
+    return added
+
+
+# --------------------------------------------------------------------------------------
+# data parallel runs (torchrun / accelerate launch)
+# --------------------------------------------------------------------------------------
+class Ranks:
+    """This process's place in a data-parallel launch, read from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
+    (what ``torchrun`` and ``accelerate launch`` set; absent: one process, rank 0 of 1).
+
+    With more than one process, :meth:`start` joins the process group (gloo: only small
+    control messages travel, so no GPU collectives are needed) and :meth:`gather` /
+    :meth:`broadcast` exchange picklable objects; they also act as barriers."""
+
+    def __init__(self, env: Optional[Dict[str, str]] = None):
+        env = os.environ if env is None else env
+        values = {}
+        for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", None)):
+            text = env.get(name, default)
+            if text is None:
+                continue
+            try:
+                values[name] = int(text)
+            except ValueError:
+                raise ToolError(f"environment variable {name}={text!r}: expected an integer (set by torchrun or "
+                                f"accelerate launch)") from None
+        self.rank, self.world = values["RANK"], values["WORLD_SIZE"]
+        self.local_rank = values.get("LOCAL_RANK", self.rank)
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ToolError(f"environment variables RANK={self.rank}, WORLD_SIZE={self.world}: expected "
+                            f"0 <= RANK < WORLD_SIZE")
+        self._owns_group = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def start(self) -> "Ranks":
+        if self.distributed:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+                self._owns_group = True
+            if dist.get_world_size() != self.world or dist.get_rank() != self.rank:
+                raise ToolError(f"torch.distributed has rank {dist.get_rank()} of {dist.get_world_size()} but the "
+                                f"environment says RANK={self.rank}, WORLD_SIZE={self.world}")
+        return self
+
+    def stop(self) -> None:
+        if self._owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owns_group = False
+
+    def gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def owns(self, key: Optional[str], line: int) -> bool:
+        """Whether this rank handles a line: by its content key (SHA-256 hex) mod the world size,
+        or by its line number when it has no key (a line that cannot be read)."""
+        n = int(key[:15], 16) if key else int(line)
+        return n % self.world == self.rank
