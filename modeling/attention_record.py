@@ -18,6 +18,7 @@ and load back identical.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -75,18 +76,18 @@ class TokenLayout:
         )
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
-
-    Readers see the old file or the new one, never half of one; the file gets the
-    usual permissions (0666 less the umask).
-    """
+@contextlib.contextmanager
+def atomic_writer(path: str):
+    """Open a temporary file beside ``path`` for binary writing; on leaving the block it is
+    flushed, synced, given the usual permissions (0666 less the umask) and renamed over
+    ``path``. An exception removes it and leaves ``path`` as it was: readers see the old file
+    or the new one, never half of one."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -97,6 +98,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
+
+    Readers see the old file or the new one, never half of one; the file gets the
+    usual permissions (0666 less the umask).
+    """
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -17,6 +17,7 @@ try:
 except ImportError:  # not POSIX: FolderLock locks nothing
     fcntl = None
 
+from ..attention_record import atomic_writer
 from ..capture import resolve_dtype
 from ..image_processing_minicpmv import ImageLoadError, ImageTooLargeError, load_image
 
@@ -330,7 +331,6 @@ def merge_jsonl(target: str, parts: Sequence[str]) -> int:
     added twice. Rows cut short are dropped as :func:`read_jsonl_rows` does. Returns the number
     of rows added. Call it holding the folder's lock."""
     import hashlib
-    import tempfile
 
     def digest(raw: bytes) -> bytes:
         return hashlib.blake2b(raw, digest_size=16).digest()
@@ -339,35 +339,22 @@ def merge_jsonl(target: str, parts: Sequence[str]) -> int:
     if not parts:
         return 0
     seen = set()
-    folder = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(target))
     added = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if os.path.isfile(target):
-                with open(target, "rb") as f:
-                    for raw in f:
-                        if not raw.endswith(b"\n"):
-                            raw += b"\n"
-                        seen.add(digest(raw))
-                        out.write(raw)
-            for part in parts:
-                for row in read_jsonl_rows(part):
-                    raw = (json.dumps(row, ensure_ascii=True) + "\n").encode("ascii")
-                    if digest(raw) not in seen:
-                        seen.add(digest(raw))
-                        out.write(raw)
-                        added += 1
-            out.flush()
-            os.fsync(out.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(target) as out:
+        if os.path.isfile(target):
+            with open(target, "rb") as f:
+                for raw in f:
+                    if not raw.endswith(b"\n"):
+                        raw += b"\n"
+                    seen.add(digest(raw))
+                    out.write(raw)
+        for part in parts:
+            for row in read_jsonl_rows(part):
+                raw = (json.dumps(row, ensure_ascii=True) + "\n").encode("ascii")
+                if digest(raw) not in seen:
+                    seen.add(digest(raw))
+                    out.write(raw)
+                    added += 1
     for part in parts:
         os.unlink(part)
     return added
