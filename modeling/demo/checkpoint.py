@@ -14,14 +14,18 @@ from typing import Optional
 
 import torch
 
+from .vocab import char_vocab
+
 DEMO_SEED = 0
+DEMO_FORMAT = 2  # bump when the built folder changes (2: vocab_size = the tokenizer's 115 tokens, was 160)
 DEMO_CONFIG = {
     "architectures": ["MiniCPMV"],
     "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMVConfig", "AutoModel": "modeling_minicpmv.MiniCPMV",
                  "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV"},
     "model_type": "minicpmv",
     "hidden_act": "silu", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 160, "max_position_embeddings": 4096,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(char_vocab()),
+    "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 3,
     "eos_token_id": 4, "query_num": 16, "image_size": 448, "patch_size": 14, "drop_vision_last_layer": False,
     "batch_vision_input": True, "use_image_id": True, "vision_batch_size": 16, "slice_mode": True,
@@ -89,8 +93,9 @@ def build_demo_checkpoint(folder: str, seed: int = DEMO_SEED, overwrite: bool = 
     marker = os.path.join(folder, "demo_seed.json")
     if os.path.isfile(marker) and not overwrite:
         with open(marker) as f:
-            if json.load(f).get("seed") == seed:
-                return folder
+            marker_data = json.load(f)
+        if marker_data.get("seed") == seed and marker_data.get("format") == DEMO_FORMAT:
+            return folder
     parent = os.path.dirname(os.path.abspath(folder)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".demo-")
@@ -108,7 +113,8 @@ def build_demo_checkpoint(folder: str, seed: int = DEMO_SEED, overwrite: bool = 
         for name in os.listdir(demo_tokenizer_path()):
             shutil.copy(os.path.join(demo_tokenizer_path(), name), tmp)
         with open(os.path.join(tmp, "demo_seed.json"), "w") as f:
-            json.dump({"seed": seed, "note": "random weights: maps show the pipeline, not meaning"}, f)
+            json.dump({"seed": seed, "format": DEMO_FORMAT,
+                       "note": "random weights: maps show the pipeline, not meaning"}, f)
         if os.path.isdir(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)

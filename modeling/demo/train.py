@@ -1,0 +1,247 @@
+"""Train the tiny demo MiniCPM-V-2.6 on procedural scenes (``scenes.py``), LM loss only.
+
+The model is the real architecture at toy size (SigLIP 2 layers -> resampler with
+``query_num`` queries -> Qwen2 2 layers, word-level vocabulary) and is trained through
+the real input path: each example is the chat prompt (``chat_prompt``: ChatML, the image
+tag expanded by the processor into the overview + slice placeholders) followed by the
+answer word and ``<|im_end|>``; the loss is the ordinary next-token cross entropy on the
+answer tokens (no attention loss). Batches of fresh scenes are drawn from a seeded
+``random.Random``; the model's initial weights from ``torch.manual_seed(seed)``: the same
+seed and thread count give the same losses.
+
+``train_demo(out)`` writes a checkpoint folder (fp16 ``model.safetensors``, config,
+preprocessor config, word-level tokenizer) plus ``train_log.json`` (settings, the loss
+of every step, held-out accuracy, wall time, CPU threads).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .checkpoint import DEMO_CONFIG, DEMO_PREPROCESSOR
+from .scenes import WORDS, Scene, make_scene, scenes
+from .vocab import word_tokenizer, word_vocab, write_tokenizer
+
+TRAIN_SEED = 0
+EVAL_SEED = 10_000  # held-out scenes for the accuracy logged during training (pointing-game seeds differ)
+QUERY_NUM = 16
+TRAINED_CONFIG = dict(
+    DEMO_CONFIG,
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=len(word_vocab(WORDS)), max_position_embeddings=512, query_num=QUERY_NUM, image_size=112,
+    slice_config={"max_slice_nums": 4, "patch_size": 14, "scale_resolution": 112, "model_type": "minicpmv"},
+    vision_config={"model_type": "siglip", "hidden_size": 96, "image_size": 224, "intermediate_size": 192,
+                   "num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 14},
+)
+TRAINED_PREPROCESSOR = dict(DEMO_PREPROCESSOR, max_slice_nums=4, scale_resolution=112, image_feature_size=QUERY_NUM)
+# Training draws 1-object scenes too (about a third): the image path starts learning on them first
+# (held-out scenes, all with 2-3 objects, come from scenes.make_scene's own distribution).
+TRAIN_OBJECTS = (1, 2, 3)
+# Resampler init: query j starts as the 2-D sin-cos position of the centre of cell j of a
+# sqrt(Q) x sqrt(Q) grid over an 8 x 8 patch slice, and the query / key projections as a scaled identity,
+# so each query starts on its own region (the keys carry the same sin-cos table). With random
+# projections every query averages all patches almost uniformly (entropy 4.07 of 4.16 nats), image
+# tokens hardly differ, and held-out accuracy stayed at the question-type prior for 1000 steps.
+RESAMPLER_QK_SCALE = 2.0  # query entropy 2.06 nats at init (about 8 patches each)
+DEFAULTS = {"steps": 4000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": TRAIN_SEED}
+
+
+def build_processor():
+    """The demo's processor (image processor with the trained config + word-level tokenizer), built in memory."""
+    from ..image_processing_minicpmv import MiniCPMVImageProcessor
+    from ..processing_minicpmv import MiniCPMVProcessor
+    from ..tokenization_minicpmv_fast import MiniCPMVTokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(word_tokenizer(WORDS), tmp)
+        tok = MiniCPMVTokenizerFast.from_pretrained(tmp)
+    ip_kwargs = {k: v for k, v in TRAINED_PREPROCESSOR.items()
+                 if k not in ("image_processor_type", "processor_class", "auto_map")}
+    return MiniCPMVProcessor(MiniCPMVImageProcessor(**ip_kwargs), tok)
+
+
+def grid_queries(n: int, dim: int, patches: int = 8) -> torch.Tensor:
+    """[n, dim] sin-cos positions (resampler's table, in patch units) of the cell centres of a
+    sqrt(n) x sqrt(n) grid over a ``patches`` x ``patches`` slice, row by row."""
+    from ..resampler import sincos_1d
+
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"query_num must be a square for the grid init, got {n}")
+    centre = (torch.arange(side, dtype=torch.float32) + 0.5) * patches / side - 0.5
+    rows, cols = centre[:, None].expand(side, side).reshape(-1), centre[None, :].expand(side, side).reshape(-1)
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=-1)
+
+
+def new_model(seed: int):
+    """The untrained demo model, seeded: normal(0, 1/fan_in) matrices, unit norms, zero biases, the
+    resampler's grid queries (see ``RESAMPLER_QK_SCALE``), and unit-variance token embeddings: the
+    resampler's outputs have unit variance per dimension (``ln_post``, then ``proj`` ~ 1/sqrt(D)), and
+    text embeddings ten times smaller vanish in the LLM's first-layer averages, where the answer
+    position must pick up the question's word."""
+    from ..configuration_minicpm import MiniCPMVConfig
+    from ..modeling_minicpmv import MiniCPMV
+
+    torch.manual_seed(seed)
+    model = MiniCPMV(MiniCPMVConfig(**TRAINED_CONFIG))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name or name.startswith("resampler.ln") or "layer_norm" in name:
+                p.fill_(1.0)
+            elif name == "resampler.query":
+                p.copy_(grid_queries(p.shape[0], p.shape[1]))
+            elif name == "resampler.attn.in_proj_weight":  # q, k: RESAMPLER_QK_SCALE * identity; v: random
+                d = p.shape[1]
+                p.copy_(torch.randn(p.shape, generator=gen) * d ** -0.5)
+                p[: 2 * d] = RESAMPLER_QK_SCALE * torch.eye(d).repeat(2, 1)
+            elif name == "llm.model.embed_tokens.weight":  # std 1: text tokens as large as image tokens
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name == "resampler.proj":
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[0] ** -0.5)
+            else:  # matrices and embeddings: std 1/sqrt(fan_in)
+                p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
+    return model
+
+
+def encode_batch(processor, batch: Sequence[Scene]) -> Dict[str, object]:
+    """Scenes -> model inputs for teacher forcing: chat prompt + answer + ``<|im_end|>``, left padded;
+    ``labels`` hold the answer tokens only."""
+    from ..modeling_minicpmv import chat_prompt
+
+    tok = processor.tokenizer
+    texts, images, n_answer = [], [], []
+    for s in batch:
+        prompt, imgs = chat_prompt(tok, s.image, [{"role": "user", "content": s.question}])
+        answer = s.answer + "<|im_end|>"
+        n_answer.append(len(tok.encode(answer, add_special_tokens=False)))
+        texts.append(prompt + answer)
+        images.append(imgs)
+    inputs = processor(texts, images, return_tensors="pt")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = torch.full_like(ids, -100)
+    for i, n in enumerate(n_answer):
+        labels[i, -n:] = ids[i, -n:]
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    data = {"input_ids": ids, "pixel_values": inputs["pixel_values"], "tgt_sizes": inputs["tgt_sizes"],
+            "image_bound": inputs["image_bound"], "position_ids": position_ids}
+    return {"data": data, "attention_mask": mask, "labels": labels}
+
+
+def answer_accuracy(model, processor, batch: Sequence[Scene]) -> float:
+    """Share of scenes whose answer token is the argmax after the prompt (teacher forced, one forward)."""
+    enc = encode_batch(processor, batch)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(enc["data"], attention_mask=enc["attention_mask"], use_cache=False).logits
+    model.train(was)
+    labels = enc["labels"]
+    first = (labels != -100).float().argmax(1)  # first answer position per row
+    pred = logits[torch.arange(len(batch)), first - 1].argmax(-1)
+    return float((pred == labels[torch.arange(len(batch)), first]).float().mean())
+
+
+def train_steps(model, processor, steps: int, batch: int, lr: float, warmup: int, seed: int,
+                on_step: Optional[Callable[[int, float], None]] = None,
+                total_steps: Optional[int] = None) -> List[float]:
+    """Run ``steps`` AdamW steps on fresh scenes from ``random.Random(seed)``; returns every step's loss.
+
+    The learning rate warms up linearly over ``warmup`` steps, then decays linearly to 5% at
+    ``total_steps`` (default ``steps``; pass the full run's length to replay its first steps).
+    """
+    total = steps if total_steps is None else int(total_steps)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.05, 1.0 - s / max(1, total)))
+    model.train()
+    losses = []
+    for step in range(steps):
+        enc = encode_batch(processor, [make_scene(rng, n_objects=rng.choice(TRAIN_OBJECTS)) for _ in range(batch)])
+        out = model(enc["data"], attention_mask=enc["attention_mask"], labels=enc["labels"], use_cache=False)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"step {step}: the loss is {float(out.loss)}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
+def save_folder(model, out: str, log: dict) -> str:
+    """Write the checkpoint folder (fp16 weights, configs, tokenizer, train_log.json) atomically."""
+    from ..attention_record import atomic_write_json
+
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".trained-")
+    try:
+        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        model.to(torch.float32)
+        cfg_path = os.path.join(tmp, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg["auto_map"] = TRAINED_CONFIG["auto_map"]
+        cfg["torch_dtype"] = "float16"
+        atomic_write_json(cfg_path, cfg)
+        atomic_write_json(os.path.join(tmp, "preprocessor_config.json"), TRAINED_PREPROCESSOR)
+        write_tokenizer(word_tokenizer(WORDS), tmp)
+        atomic_write_json(os.path.join(tmp, "train_log.json"), log)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder ships
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"], lr: float = DEFAULTS["lr"],
+               warmup: int = DEFAULTS["warmup"], seed: int = DEFAULTS["seed"], threads: int = 2,
+               eval_every: int = 250, n_eval: int = 64, progress: bool = True) -> dict:
+    """Train from ``seed`` and write the checkpoint folder ``out``; returns the training log."""
+    from tqdm import tqdm
+
+    if steps < 1 or batch < 1 or lr <= 0:
+        raise ValueError(f"steps and batch must be >= 1 and lr > 0, got steps={steps}, batch={batch}, lr={lr}")
+    torch.set_num_threads(threads)
+    model, processor = new_model(seed), build_processor()
+    held_out = scenes(EVAL_SEED, n_eval)
+    evals = []
+    bar = tqdm(total=steps, desc="train demo", disable=not progress)
+    t0 = time.time()
+
+    def on_step(step, loss):
+        bar.update(1)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            acc = answer_accuracy(model, processor, held_out)
+            evals.append({"step": step + 1, "accuracy": acc, "seconds": round(time.time() - t0, 1)})
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+            bar.write(f"step {step + 1}: loss {loss:.4f}, held-out answer accuracy {acc:.3f}")
+
+    losses = train_steps(model, processor, steps, batch, lr, warmup, seed, on_step)
+    bar.close()
+    seconds = time.time() - t0
+    log = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "threads": threads,
+           "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+           "train_seconds": round(seconds, 1), "losses": [round(x, 6) for x in losses], "evals": evals}
+    save_folder(model, out, log)
+    return log
