@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Chat with MiniCPM-V-2.6 about an image and plot where its attention went.
 
-With no arguments it runs the embedded default: a tiny MiniCPM-V with seeded RANDOM
-weights (built locally, nothing downloaded), the shipped tokenizer and a real photo
-bundled with matplotlib. Its maps show the pipeline, not meaning. Use --model with a
-real checkpoint folder (or a hub id, when online) for meaningful maps.
+With no arguments it runs the embedded default: a tiny MiniCPM-V-2.6 shipped in the
+package, trained on coloured-shape scenes (nothing downloaded), asked about a generated
+scene whose answer is known ("What color is the triangle?"): the page shows the known
+answer next to the model's and the map on the object. --model random-demo is the seeded
+random-weight demo; use --model with a real checkpoint folder (or a hub id, when online)
+and --image for your own pictures.
 
 Writes to --out (default ./attention_out): PNG plots, the attention record
 (record.safetensors + record.json) and index.html: an interactive viewer in one
@@ -74,16 +76,21 @@ def view_main(argv) -> int:
 def build_parser():
     from minicpmv_attn.analysis.pipeline import DEFAULT_PROMPT
     from minicpmv_attn.analysis.visualize import DEFAULTS as D
+    from minicpmv_attn.analysis.visualize import RANDOM_DEMO
 
     p = argparse.ArgumentParser(
         prog="minicpmv-attn-visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=D["model"], help="checkpoint folder or hub id (default: "
-                   + (D["model"] or "the tiny seeded demo model, random weights") + ")")
+                   + (D["model"] or "the shipped tiny demo model trained on coloured shapes") + f"; '{RANDOM_DEMO}': "
+                   "the seeded random-weight demo)")
     p.add_argument("--image", default=D["image"],
-                   help="image file (default: " + (D["image"] or "matplotlib's grace_hopper.jpg") + ")")
+                   help="image file (default: " + (D["image"] or "a generated coloured-shape scene with the trained "
+                                                   "demo, whose answer is known; matplotlib's grace_hopper.jpg "
+                                                   "otherwise") + ")")
     p.add_argument("--prompt", default=D["prompt"],
                    help="question about the image, plain text (not empty; no <image>, </image>, <slice> or </slice> "
-                        "markers: the image is put in by the tool). Default: " + repr(D["prompt"] or DEFAULT_PROMPT))
+                        "markers: the image is put in by the tool). Default: " + (repr(D["prompt"]) if D["prompt"] else
+                        f"the generated scene's question, else {DEFAULT_PROMPT!r}"))
     p.add_argument("--max-new-tokens", type=int, default=D["max_new_tokens"],
                    help=f"tokens to generate (default {D['max_new_tokens']})")
     p.add_argument("--layers", default=D["layers"],

@@ -9,11 +9,32 @@ from minicpmv_attn import AttentionRecord
 
 
 @pytest.mark.compat
-def test_visualize_default_end_to_end(tmp_path, capsys):
+def test_visualize_default_is_the_trained_demo_on_a_known_scene(tmp_path, capsys):
+    """The no-argument run: the trained demo answers the generated scene's question right, the page
+    shows the known answer, and the answer token's map peaks on the target object."""
+    from minicpmv_attn.analysis.attention_map import image_heatmap
+    from minicpmv_attn.demo.pointing import inside, peak
+    from minicpmv_attn.demo.scenes import default_example
     from minicpmv_attn.scripts.visualize_attention import main
 
     out = tmp_path / "attention_out"
-    assert main(["--out", str(out), "--quiet", "--max-new-tokens", "4"]) == 0
+    assert main(["--out", str(out), "--quiet"]) == 0
+    _, question, answer, box = default_example(0)
+    rec = AttentionRecord.load(str(out / "record"))
+    assert rec.meta["expected_answer"] == answer and rec.meta["target_box"] == [float(v) for v in box]
+    html = (out / "index.html").read_text()
+    assert question in html and f"the model said <b>{answer}</b> (right)" in html
+    assert "random weights" not in html and (out / "scene.png").is_file()
+    hm = image_heatmap(rec, "last")  # the row that predicted the answer word
+    assert hm.map.shape == (112, 224) and inside(peak(hm.map), box), (peak(hm.map), box)
+
+
+@pytest.mark.compat
+def test_visualize_random_demo_end_to_end(tmp_path, capsys):
+    from minicpmv_attn.scripts.visualize_attention import main
+
+    out = tmp_path / "attention_out"
+    assert main(["--model", "random-demo", "--out", str(out), "--quiet", "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed
     pngs = sorted(p.name for p in out.glob("*.png"))

@@ -153,11 +153,11 @@ def test_js_maps_equal_attention_map(page, driver):
 
 
 def test_main_command_page_loads(tmp_path, driver):
-    """The page the main command writes (demo model) draws without errors."""
-    from minicpmv_attn.analysis.visualize import visualize
+    """The page the main command writes (the random demo, made to say 3 tokens) draws without errors."""
+    from minicpmv_attn.analysis.visualize import RANDOM_DEMO, visualize
 
     out = tmp_path / "out"
-    visualize(out=str(out), max_new_tokens=3, quiet=True, relevancy=True)
+    visualize(model=RANDOM_DEMO, out=str(out), max_new_tokens=3, quiet=True, relevancy=True)
     driver.get((out / "index.html").as_uri())
     assert driver.execute_script("return typeof window.viewerReady") == "number"
     assert driver.execute_script("return document.querySelectorAll('.token').length") == 3

@@ -219,10 +219,11 @@ def test_visualize_refuses_image_over_budget_before_loading(tmp_path, capsys, no
 
 
 def test_visualize_refuses_extreme_slice_shape(tmp_path, capsys):
-    """1 x 8000 px: the demo processor (224 px slices) would give the overview slice 1,431 patches."""
+    """1 x 8000 px: the random demo's processor (224 px slices) would give the overview slice 1,431 patches."""
     img = tmp_path / "line.png"
     gradient((1, 8000)).save(img)
-    rc, err = run_main(["--image", str(img), "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    rc, err = run_main(["--model", "random-demo", "--image", str(img), "--out", str(tmp_path / "o"), "--quiet"],
+                       capsys)
     assert rc == 2
     assert "line.png" in err and "expected at most 1,024 patches per slice" in err and "1,431" in err
     assert not (tmp_path / "o").exists()

@@ -27,13 +27,28 @@ def size_note(record: AttentionRecord) -> str:
             + (f", stretched to {MAX_ASPECT:g}:1" if stretched else "") + ")")
 
 
-def facts_html(image_path: Optional[str], is_demo: bool, model_name: Optional[str], record: AttentionRecord) -> str:
-    """The demo warning, model, image (base name and size) and what the record holds, as HTML."""
+def facts_html(image_path: Optional[str], is_demo, model_name: Optional[str], record: AttentionRecord,
+               expected: Optional[str] = None, answer: Optional[str] = None) -> str:
+    """The demo note, model, image (base name and size), the known answer when there is one and what
+    the record holds, as HTML. ``is_demo``: False, True (the random-weight demo) or ``"trained"``."""
     esc = html.escape
-    note = ("<p class=warn><b>Demo model with random weights:</b> these maps show the pipeline "
-            "(tokens &rarr; slices &rarr; patches &rarr; pixels), not meaning. Pass <code>--model</code> "
-            "with a real MiniCPM-V-2.6 checkpoint for meaningful maps.</p>" if is_demo else "")
-    model = "tiny demo (seeded, random weights)" if not model_name else (
+    if is_demo == "trained":
+        note = ("<p class=note><b>Demo model:</b> a tiny MiniCPM-V-2.6 trained on coloured-shape scenes (LM loss "
+                "only); its answer depends on one object, so the maps should light it up. Pass "
+                "<code>--model</code> with a real MiniCPM-V-2.6 checkpoint and <code>--image</code> for your own.</p>")
+    elif is_demo:
+        note = ("<p class=warn><b>Demo model with random weights:</b> these maps show the pipeline "
+                "(tokens &rarr; slices &rarr; patches &rarr; pixels), not meaning. Pass <code>--model</code> "
+                "with a real MiniCPM-V-2.6 checkpoint for meaningful maps.</p>")
+    else:
+        note = ""
+    if expected is not None:
+        said = (answer or "").strip()
+        verdict = "right" if said.lower().rstrip(".") == expected.lower() else "wrong"
+        note += (f"<p><b>Known answer:</b> {esc(expected)} &mdash; the model said <b>{esc(said)}</b> "
+                 f"({verdict}).</p>")
+    model = ("tiny demo (trained on coloured shapes)" if is_demo == "trained" else
+             "tiny demo (seeded, random weights)") if not model_name else (
         os.path.basename(str(model_name).rstrip("/\\")) if os.path.isdir(str(model_name)) else str(model_name))
     image = os.path.basename(str(image_path)) if image_path else "not given"
     return (f"{note}<p><b>Model:</b> {esc(model)}<br><b>Image:</b> {esc(image)}{esc(size_note(record))}</p>"
@@ -51,8 +66,8 @@ def plots_html(plots: Sequence[Tuple[str, str]]) -> str:
     return f"<h2>Static plots</h2><p class=dim>PNG files written next to this page:</p><ul>\n{items}\n</ul>"
 
 
-def render_index(prompt: str, answer: str, image_path: str, plots: Sequence[Tuple[str, str]], is_demo: bool,
-                 model_name: Optional[str], record: AttentionRecord, viewer=None) -> str:
+def render_index(prompt: str, answer: str, image_path: str, plots: Sequence[Tuple[str, str]], is_demo,
+                 model_name: Optional[str], record: AttentionRecord, viewer=None, expected: Optional[str] = None) -> str:
     """The page as a string: the interactive viewer (``viewer``, a :class:`~.viewer.Viewer`; built
     from ``record`` when None, without an image) with the facts above and ``plots`` ((path, caption)
     pairs, listed by base name) below."""
@@ -61,5 +76,5 @@ def render_index(prompt: str, answer: str, image_path: str, plots: Sequence[Tupl
     if viewer is None:
         viewer = build_viewer(record, None, prompt=prompt, answer=answer)
     return render_viewer(viewer, title="minicpmv-attn: attention maps",
-                         header_html=facts_html(image_path, is_demo, model_name, record),
+                         header_html=facts_html(image_path, is_demo, model_name, record, expected, answer),
                          footer_html=plots_html(plots))

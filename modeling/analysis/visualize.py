@@ -1,9 +1,11 @@
 """Chat about one image and write where the attention went: PNG plots, the record and index.html.
 
 What ``scripts/visualize_attention.py`` runs, importable for notebooks. With ``model=None``
-it uses the embedded tiny demo model (seeded RANDOM weights, built locally) and, with
-``image=None``, a real photo bundled with matplotlib: the maps then show the pipeline, not
-meaning.
+it uses the shipped tiny demo model *trained* on coloured-shape scenes (``demo.trained_demo_folder``)
+and, with ``image=None`` and ``prompt=None``, a generated scene and its question
+(``demo.scenes.default_example(seed)``), whose right answer is known and shown: a newcomer sees a
+right answer and the map on the right object. ``model="random-demo"`` is the seeded random-weight
+model (its maps show the pipeline, not meaning; with ``image=None``, a photo bundled with matplotlib).
 
 Budget (what bounds memory and time beyond the model and its capture, which the capture
 checks itself, see ``CaptureTooLarge``): the image is decoded once at full size (at most
@@ -18,15 +20,17 @@ most 16 MiB of embedded map data, one self-contained file).
 The defaults of the main command (model, image, prompt, token counts, selections, output folder) are kept in one place,
 ``DEFAULTS``; the command line reads them from there.
 """
+import io
 import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..attention_record import AttentionRecord, atomic_write_text
+from ..attention_record import AttentionRecord, atomic_write_bytes, atomic_write_text
 from ..capture import CaptureError, parse_index_list
-from ..demo import demo_image_path
+from ..demo import demo_image_path, trained_demo_folder
+from ..demo.scenes import default_example
 from ..image_processing_minicpmv import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from . import pipeline
 from . import plotting as pl
@@ -38,12 +42,15 @@ from .viewer import build_viewer
 __all__ = ["BUDGET", "DEFAULTS", "IMAGE_BUDGET_BYTES", "RESERVED_MARKERS", "Visualization", "check_prompt",
            "image_cost_bytes", "visualize"]
 
-# the main command's defaults, in one place (the command line shows and uses these): model None = the embedded
-# tiny demo model, image None = the demo photo, prompt None = pipeline.DEFAULT_PROMPT, rows None = all for the demo
-# model and generated otherwise
+# the main command's defaults, in one place (the command line shows and uses these): model None = the shipped
+# trained demo model (RANDOM_DEMO: the seeded random one), image None = a generated scene for the trained demo (the
+# bundled photo otherwise), prompt None = the scene's question (pipeline.DEFAULT_PROMPT otherwise), rows None = all
+# for the demo models and generated otherwise
 DEFAULTS = {"model": None, "image": None, "prompt": None, "max_new_tokens": 8, "layers": None, "heads": None,
             "rows": None, "vision_layers": "-1", "max_plot_tokens": 16, "out": "attention_out", "device": None,
             "dtype": "auto", "seed": 0}
+
+RANDOM_DEMO = "random-demo"  # --model value for the seeded random-weight demo
 
 IMAGE_BUDGET_BYTES = 2 * 2**30
 # peak bytes per pixel of preparing an image and chatting about it (decoded image, the copies chat
@@ -169,6 +176,9 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
     import torch
     from tqdm.auto import tqdm
 
+    example = default_example(seed) if image is None and model is None else None
+    if example is not None and prompt is None:
+        prompt = example[1]
     prompt = check_prompt(prompt)
     if max_new_tokens < 1:
         raise ToolError(f"--max-new-tokens: expected at least 1, found {max_new_tokens}")
@@ -179,7 +189,14 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
         head_list = parse_index_list(heads, "heads")
         no_vision = str(vision_layers).lower() == "none"
         vision_list = None if no_vision else parse_index_list(vision_layers, "vision-layers")
-        image_path = image or demo_image_path()
+        if example is not None:  # the generated scene, written next to the page
+            os.makedirs(out, exist_ok=True)
+            image_path = os.path.join(out, "scene.png")
+            buf = io.BytesIO()
+            example[0].save(buf, format="PNG")
+            atomic_write_bytes(image_path, buf.getvalue())
+        else:
+            image_path = image or demo_image_path()
         picture = load_image(image_path)
     except (ValueError, FileNotFoundError) as e:
         raise ToolError(str(e)) from e
@@ -188,9 +205,13 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
     t0 = time.time()
     if log is None:
         log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
-    log("loading model ..." if model else "building the tiny demo model (random weights) ...")
+    trained_demo = model is None
+    log("loading model ..." if model not in (None, RANDOM_DEMO) else
+        "loading the tiny trained demo model ..." if trained_demo else "building the tiny demo model (random weights) ...")
     try:
-        net, processor, is_demo = pipeline.load_model_and_processor(model, device, dtype)
+        net, processor, is_demo = pipeline.load_model_and_processor(
+            trained_demo_folder() if trained_demo else None if model == RANDOM_DEMO else model, device, dtype)
+        is_demo = is_demo or trained_demo
     except (OSError, ValueError) as e:
         raise ToolError(str(e)) from e
     _check_slices(processor, picture, image_path)
@@ -213,7 +234,7 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
         # the random demo model would often stop after a token or two: make it say max_new_tokens
         answer, record = pipeline.capture_chat(net, processor, picture, prompt, spec, max_new_tokens,
                                                sampling=sampling, progress=not quiet,
-                                               min_new_tokens=max_new_tokens if is_demo else 0)
+                                               min_new_tokens=max_new_tokens if model == RANDOM_DEMO else 0)
     except CaptureError as e:
         raise ToolError(str(e)) from e
     if relevancy:
@@ -223,6 +244,8 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     record.meta.update(image=os.path.abspath(image_path), demo=is_demo)
+    if example is not None:
+        record.meta.update(expected_answer=example[2], target_box=[float(v) for v in example[3]])
     record.save(os.path.join(out, "record"))
     lay = record.layout
     n_gen = len(lay.input_ids) - lay.n_prompt
@@ -257,7 +280,9 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
                               progress=not quiet)
     except ValueError as e:
         raise ToolError(f"viewer: {e}") from e
-    page = render_index(prompt, answer, image_path, written, is_demo, model, record, viewer=viewer)
+    page = render_index(prompt, answer, image_path, written, "trained" if trained_demo else is_demo,
+                        None if model == RANDOM_DEMO else model, record,
+                        viewer=viewer, expected=example[2] if example is not None else None)
     atomic_write_text(os.path.join(out, "index.html"), page)
     return Visualization(answer=answer, out=out, plots=written, record=record, is_demo=is_demo,
                          seconds=time.time() - t0)
