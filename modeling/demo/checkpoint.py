@@ -6,6 +6,7 @@ model.safetensors, preprocessor_config.json and the character-level tokenizer fr
 ``from_pretrained`` code as a real checkpoint. Its weights are random: attention maps
 made with it show the pipeline, not meaning.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -88,6 +89,26 @@ def build_demo_model(seed: int = DEMO_SEED, config_overrides: Optional[dict] = N
     return model.eval()
 
 
+@contextlib.contextmanager
+def atomic_folder(folder: str):
+    """Yield a new temporary folder beside ``folder`` to fill; on leaving the block it gets the usual
+    permissions (folder 0755, files 0644) and replaces ``folder`` (an error removes it instead)."""
+    parent = os.path.dirname(os.path.abspath(folder)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".demo-")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_demo_checkpoint(folder: str, seed: int = DEMO_SEED, overwrite: bool = False) -> str:
     """Write the tiny demo checkpoint (weights, configs, tokenizer) to ``folder``; returns it."""
     marker = os.path.join(folder, "demo_seed.json")
@@ -96,10 +117,7 @@ def build_demo_checkpoint(folder: str, seed: int = DEMO_SEED, overwrite: bool = 
             marker_data = json.load(f)
         if marker_data.get("seed") == seed and marker_data.get("format") == DEMO_FORMAT:
             return folder
-    parent = os.path.dirname(os.path.abspath(folder)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".demo-")
-    try:
+    with atomic_folder(folder) as tmp:
         model = build_demo_model(seed)
         model.save_pretrained(tmp, safe_serialization=True)
         cfg_path = os.path.join(tmp, "config.json")
@@ -115,12 +133,6 @@ def build_demo_checkpoint(folder: str, seed: int = DEMO_SEED, overwrite: bool = 
         with open(os.path.join(tmp, "demo_seed.json"), "w") as f:
             json.dump({"seed": seed, "format": DEMO_FORMAT,
                        "note": "random weights: maps show the pipeline, not meaning"}, f)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

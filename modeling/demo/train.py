@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -186,11 +185,9 @@ def train_steps(model, processor, steps: int, batch: int, lr: float, warmup: int
 def save_folder(model, out: str, log: dict) -> str:
     """Write the checkpoint folder (fp16 weights, configs, tokenizer, train_log.json) atomically."""
     from ..attention_record import atomic_write_json
+    from .checkpoint import atomic_folder
 
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".trained-")
-    try:
+    with atomic_folder(out) as tmp:
         model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         model.to(torch.float32)
         cfg_path = os.path.join(tmp, "config.json")
@@ -202,15 +199,6 @@ def save_folder(model, out: str, log: dict) -> str:
         atomic_write_json(os.path.join(tmp, "preprocessor_config.json"), TRAINED_PREPROCESSOR)
         write_tokenizer(word_tokenizer(WORDS), tmp)
         atomic_write_json(os.path.join(tmp, "train_log.json"), log)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder ships
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o644)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
