@@ -721,10 +721,16 @@ def _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_token
         result = Extraction(lines=lines, counts=total, seconds=max(s for _, s, _, _ in everyone), results=results,
                             warnings=warnings, ranks=ranks.world, estimate=estimate,
                             bytes_written=sum(b for _, _, _, b in everyone))
-        if lead:
-            pipeline.merge_jsonl(results, results_files(out)[1:])
-            if summary and not errors:
-                _summarise(out, group_by, result, note, warn)
+        try:
+            if lead:
+                pipeline.merge_jsonl(results, results_files(out)[1:])
+                if summary and not errors:
+                    _summarise(out, group_by, result, note, warn)
+        finally:
+            # every rank waits for rank 0's merge and summary (even a failed one), so none tears the gloo
+            # group down while rank 0 still holds it (a rank that left first was once seen to abort in
+            # C++: "terminate called without an active exception")
+            ranks.gather(None)
         if errors:
             raise ToolError(error or errors[0])
         return result
