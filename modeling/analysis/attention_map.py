@@ -624,12 +624,7 @@ def role_shares(
     labels = None
     sel_rows = None
     for l in layers:
-        name = hook_name("llm", l)
-        t = record.tensors[name]
-        captured = _positions(_idx(record, name), "rows", t.shape[-2])
-        sel = resolve_rows(record, rows, captured)
-        if not sel:
-            raise ValueError(f"{name}: no query rows to average (captured rows: {_span(captured)})")
+        name, sel = _layer_rows(record, l, rows)
         sums = {r: 0.0 for r in ROLES}
         for c in range(0, len(sel), chunk):  # bounded memory: [heads, chunk, L] at a time
             part = sel[c: c + chunk]
