@@ -426,6 +426,60 @@ def test_vision_rollout():
         vision_rollout(rec)
 
 
+def test_through_vision_follows_a_relay_patch_back_to_its_source():
+    """A register-like relay: the LLM row reads one query, the query reads only a background patch,
+    and that patch's SigLIP attention (both layers) comes from one object patch. The plain map lights
+    the relay; ``through_vision`` moves the peak to the object, and equals res @ rollout exactly."""
+    layout = build_layout([((90, 90), None, (3, 3), None)])
+    row = len(layout.tokens) - 1
+    sl = layout.slices[0]
+    rec = one_hot_record(layout, row, sl.token_span[0] + 1, 0, query=1, patch=0)  # relay = patch (0, 0)
+    for l in range(2):
+        v = rec.tensors[hook_name("vision", l)]
+        v[0, :, 0, :] = 0
+        v[0, :, 0, 8] = 1.0  # patch (0, 0) reads patch (2, 2) only
+    plain = image_heatmap(rec, row).map
+    thru = image_heatmap(rec, row, through_vision=True)
+    assert np.unravel_index(plain.argmax(), plain.shape) == (0, 0)
+    peak_y, peak_x = np.unravel_index(thru.map.argmax(), thru.map.shape)
+    assert peak_y >= 60 and peak_x >= 60  # inside patch (2, 2)'s box (60..90)
+    assert thru.extra["through_vision"] is True
+    assert thru.map.sum() == pytest.approx(plain.sum())  # rollout rows sum to 1: mass is moved, not made
+    # exactly the resampler map composed with the slice's SigLIP rollout, placed like any patch map
+    R = vision_rollout(rec, image=0, slice=0)
+    a = rec.tensors["resampler.attn"][0, :, 1, :9].mean(0).numpy() @ R
+    want = place_patch_map(a.reshape(3, 3), sl.box, (90, 90), (90, 90), "nearest")
+    np.testing.assert_allclose(thru.map, want, atol=1e-6)
+
+
+def test_through_vision_on_sliced_image_and_missing_vision():
+    layout, rec = vision_record()
+    row = len(layout.tokens) - 1
+    thru = image_heatmap(rec, row, through_vision=True)
+    plain = image_heatmap(rec, row)
+    assert thru.map.shape == plain.map.shape
+    assert thru.map.sum() == pytest.approx(plain.map.sum(), rel=1e-5)
+    assert not np.allclose(thru.map, plain.map)
+    # a gap in the layers is refused (the rollout would silently skip the first layer)
+    name0 = hook_name("vision", 0)
+    keep = rec.tensors.pop(name0)
+    with pytest.raises(ValueError, match=r"holds vision layers \[1\] \(missing \[0\]\)"):
+        image_heatmap(rec, row, through_vision=True)
+    rec.tensors[name0] = keep
+    # vision captured for the overview only: the grid slice it lacks is named
+    g = find_slice(layout, 0, 0)
+    for l in range(2):
+        name = hook_name("vision", l)
+        rec.tensors[name] = rec.tensors[name][g:g + 1].clone()
+        rec.index[name] = dict(rec.index[name], slices=[g])
+    with pytest.raises(ValueError, match=r"through_vision needs the SigLIP attention of every slice of image 0.*slice 1"):
+        image_heatmap(rec, row, through_vision=True)
+    image_heatmap(rec, row, through_vision=False)  # the plain map does not need them
+    del rec.tensors[hook_name("vision", 0)], rec.tensors[hook_name("vision", 1)]
+    with pytest.raises(ValueError, match=r"capture stage 'vision'"):
+        image_heatmap(rec, row, through_vision=True)
+
+
 # ------------------------------------------------------------------------------------------ chat records
 _CHAT = {}
 

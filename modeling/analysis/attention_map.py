@@ -80,7 +80,7 @@ __all__ = [
     "place_patch_map", "llm_attention_rows", "rollout", "llm_rollout",
     "resampler_query_maps", "query_patch_map", "image_heatmap", "row_role_shares",
     "role_shares", "vision_attention", "vision_rollout", "vision_patch_map",
-    "vision_received_map", "prompt_length", "fed_length", "resolve_rows", "SinkShares", "Sink",
+    "vision_received_map", "compose_vision_rollout", "prompt_length", "fed_length", "resolve_rows", "SinkShares", "Sink",
     "SINK_FACTOR", "find_sinks", "sink_shares", "record_summary", "format_record_summary",
 ]
 
@@ -960,8 +960,18 @@ def image_heatmap(
     interpolation: str = "nearest",
     exclude_sinks: bool = False,
     sinks: Optional[Sequence[int]] = None,
+    through_vision: bool = False,
 ) -> ImageHeatmap:
     """Heatmap over original image ``image`` of LLM query row ``row_position``.
+
+    ``through_vision``: also compose each slice's query -> patch map with the SigLIP rollout
+    of that slice (:func:`vision_rollout`, all captured vision layers, head mean, residual
+    0.5), so the map runs tokens -> resampler -> SigLIP -> pixels. Without it the map stops
+    at the patches the resampler read; a trained tower can relay an object's content into
+    other patches (background "register" patches, Darcet et al. 2023), which the resampler
+    then reads instead of the object: the plain map points at the relay, this one follows
+    it back. Needs capture stage ``"vision"`` for every slice of the image (whole patch
+    square, any heads).
 
     ``row_position``: one row (:func:`resolve_rows`: absolute, negative from the end of the
     prompt, or ``"last"``).
@@ -1032,7 +1042,10 @@ def image_heatmap(
             )
     res, _, rname = _resampler(record, resampler_heads, "mean")  # [S, Q, P]
     axis = _slice_axis(record, rname, res, layout)
-    src, grid, img_share, (W, H) = place_token_weights(layout, res.numpy(), axis, wts, image, out_size,
+    res = res.numpy()
+    if through_vision:
+        res = compose_vision_rollout(record, res, axis, image)
+    src, grid, img_share, (W, H) = place_token_weights(layout, res, axis, wts, image, out_size,
                                                        include_source, include_slices, interpolation, rname)
     total = sum(x for x in (src, grid) if x is not None)
     tok = layout.tokens[pos] if pos < len(layout.tokens) else None
@@ -1042,8 +1055,39 @@ def image_heatmap(
         slices_map=None if grid is None else grid.astype(np.float32),
         shares=shares, image_share=_squeeze(img_share), position=pos, token=tok, image=image,
         image_size=(W, H), layers=list(layers), heads=list(labels),
-        layer_reduce=layer_reduce, head_reduce=head_reduce, extra=extra,
+        layer_reduce=layer_reduce, head_reduce=head_reduce, extra=dict(extra, through_vision=bool(through_vision)),
     )
+
+
+def compose_vision_rollout(record: AttentionRecord, res: np.ndarray, axis: List[int], image: int = 0,
+                           residual: float = 0.5) -> np.ndarray:
+    """``res [S, Q, P]`` query -> patch maps (S axis = ``layout.slices[axis[i]]``) with every slice of
+    image ``image`` replaced by ``res[s, :, :n] @ vision_rollout(slice)``: where the patches the
+    resampler read drew their content from. Other images' slices are left as they are. The
+    rollout runs over the captured vision layers, which must be ``0..k-1`` (capture them all
+    for the tower's whole rollout: a record does not know the tower's depth)."""
+    layout = _need_layout(record, "through_vision")
+    have = record.layers("vision")
+    if have and have != list(range(len(have))):
+        raise ValueError(f"through_vision rolls out the SigLIP layers from the first one up; the record holds vision "
+                         f"layers {have} (missing {sorted(set(range(max(have) + 1)) - set(have))})")
+    out = np.array(res, dtype=np.float64, copy=True)
+    for g, sl in enumerate(layout.slices):
+        if sl.image != image:
+            continue
+        try:
+            R = vision_rollout(record, sl.image, sl.index, residual=residual)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"through_vision needs the SigLIP attention of every slice of image {image} "
+                             f"(capture stage 'vision'); slice {sl.index}: {e}") from None
+        h, w = (int(v) for v in sl.tgt_size)
+        n = h * w
+        if R.shape != (n, n):
+            raise ValueError(f"slice {sl.index} of image {image} has {h}x{w} patches but its SigLIP rollout is "
+                             f"{R.shape[0]}x{R.shape[1]}")
+        s = _slice_pos(axis, g, "resampler.attn")
+        out[s, :, :n] = out[s, :, :n] @ R
+    return out
 
 
 # ----------------------------------------------------------------------------------

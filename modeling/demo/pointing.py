@@ -2,8 +2,8 @@
 
 For each fresh scene (``scenes.make_scene``) the model answers through the real chat path
 (``model.chat``, beam search, which replays the chosen answer through one forward pass
-capturing every LLM row and column plus the resampler, so full-square maps such as the
-rollout are available). For each *map kind* the heatmap of the row that predicts the
+capturing every LLM row and column plus the resampler and SigLIP, so full-square maps
+such as the rollout are available). For each *map kind* the heatmap of the row that predicts the
 answer word (the last prompt position) is computed over the original image; its **peak**
 (the centroid of the pixels holding the maximum, so a flat maximal patch counts by its
 centre) is a *hit* when it lies inside the target object's box. The score of a kind is
@@ -11,7 +11,8 @@ its hit rate over all scenes; **chance** is the mean share of the image the targ
 covers (the hit rate of a uniformly random peak).
 
 Map kinds are pluggable: ``map_kinds(record)`` gives the built-in ones (LLM -> image
-attention averaged over layers and heads, each layer alone, the rollout over layers, and
+attention averaged over layers and heads, each layer alone, the rollout over layers, the
+mean and the rollout followed on through the SigLIP rollout (``through_vision``), and
 gradient relevancy when ``minicpmv_attn.analysis.relevancy`` provides it);
 ``play(..., kinds=...)`` takes any ``{name: fn(ctx) -> [H, W] map}``.
 """
@@ -72,6 +73,9 @@ def map_kinds(n_layers: int) -> Dict[str, MapFn]:
     for layer in range(n_layers):
         kinds[f"layer {layer}"] = _attention_kind(layers=[layer], layer_reduce="mean")
     kinds["rollout"] = _attention_kind(layer_reduce="rollout")
+    # the same two followed back through the SigLIP rollout (tokens -> resampler -> SigLIP -> pixels)
+    kinds["mean+siglip"] = _attention_kind(layer_reduce="mean", through_vision=True)
+    kinds["rollout+siglip"] = _attention_kind(layer_reduce="rollout", through_vision=True)
     kinds.update(_relevancy_kinds())
     return kinds
 
@@ -123,8 +127,8 @@ class PointingResult:
 
 
 def chat_record(model, processor, scene: Scene, max_new_tokens: int = 4):
-    """(answer, record, row): ``model.chat`` with a full capture (all LLM rows/cols/heads + resampler)."""
-    spec = CaptureSpec(stages=("llm", "resampler"), rows="all", cols="all", reduce="none", dtype=torch.float32)
+    """(answer, record, row): ``model.chat`` with a full capture (all LLM rows/cols/heads, resampler, SigLIP)."""
+    spec = CaptureSpec(stages=("llm", "resampler", "vision"), rows="all", cols="all", reduce="none", dtype=torch.float32)
     answer, record = model.chat(scene.image, [{"role": "user", "content": scene.question}], processor.tokenizer,
                                 processor=processor, sampling=False, max_new_tokens=max_new_tokens,
                                 output_attentions=spec)
