@@ -101,7 +101,8 @@ def build_parser():
                         "'generated' (the rows that produced each new token; far cheaper for long prompts). "
                         "Default: all for the demo model, generated with --model")
     p.add_argument("--vision-layers", default=D["vision_layers"],
-                   help=f"SigLIP layers to keep (e.g. '-1', '0,13', 'all', 'none'); default {D['vision_layers']}")
+                   help="SigLIP layers to keep (e.g. '-1', '0,13', 'all', 'none'); default: all for the demo models "
+                        "(the viewer's 'through SigLIP' maps need every layer), the last one (-1) with --model")
     p.add_argument("--max-plot-tokens", type=int, default=D["max_plot_tokens"],
                    help=f"generated tokens shown in the heatmap grid (1 to 128, default {D['max_plot_tokens']})")
     p.add_argument("--out", default=D["out"], help=f"output folder (default ./{D['out']})")

@@ -1,6 +1,7 @@
 """The interactive viewer's data (no browser): the embedded maps decode back to attention_map's
 maps within quantisation error, the budget holds, the view command works and fails cleanly."""
 import base64
+import html
 import math
 import os
 import re
@@ -33,15 +34,17 @@ def decode_rows(data, u, f, n_rows, n_cols):
     return q * data["f32"][f: f + n_rows, None] / 255
 
 
-def decoded_map(data, key, t, out_size):
-    """The LLM -> image map the page draws, rebuilt in numpy from the embedded data."""
+def decoded_map(data, key, t, out_size, through_vision=False):
+    """The LLM -> image map the page draws, rebuilt in numpy from the embedded data (with
+    ``through_vision``: from the through-SigLIP query maps, as the page with #thruvision ticked)."""
     N = data["n_image_tokens"]
     b = data["blocks"][key]
     w = decode_rows(data, b["u"], b["f"], len(data["tokens"]), N)[t]
     out = np.zeros(out_size[::-1])
-    for sl in data["slices"]:
+    for s, sl in enumerate(data["slices"]):
         h, wd = sl["tgt"]
-        R = decode_rows(data, sl["u"], sl["f"], sl["nq"], h * wd)
+        e = data["through_vision"][s] if through_vision else sl
+        R = decode_rows(data, e["u"], e["f"], sl["nq"], h * wd)
         m = (w[sl["n0"]: sl["n0"] + sl["nq"]] @ R).reshape(h, wd)
         out += am.place_patch_map(m, sl["box"], data["image_size"], out_size)
     return out
@@ -86,6 +89,11 @@ def test_llm_maps_decode_to_image_heatmap(built, key, kw):
         if kw.get("head_reduce") != "max":  # rows summing to 1: the sink share of the row
             ex = am.image_heatmap(rec, tok["row"], out_size=size, exclude_sinks=True, sinks=[0], **kw)
             assert sink_share == pytest.approx(float(ex.extra["sink_share"]), abs=1e-4)
+        # through SigLIP (#thruvision): the composed query maps give image_heatmap(through_vision=True)
+        tv = am.image_heatmap(rec, tok["row"], out_size=size, through_vision=True, **kw).map
+        got_tv = decoded_map(data, key, t, size, through_vision=True)
+        assert np.abs(got_tv - tv).max() <= 0.01 * tv.max() + 1e-9, (key, t)
+        assert np.abs(tv - ref.map).max() > 0.05 * ref.map.max()  # a different map, not the plain one again
 
 
 def test_tokens_are_the_generated_ones(built):
@@ -128,6 +136,44 @@ def test_resampler_and_vision_maps_decode(built):
             for patch in (0, h * w - 1, (h // 2) * w + w // 2):
                 ref = am.vision_patch_map(rec, patch, vl["layer"], 0, sl["index"]).ravel()
                 assert np.abs(got[patch] - ref).max() <= ref.max() / 510 + 1e-7
+
+
+def test_through_vision_maps_decode_and_enable_the_checkbox(built):
+    rec, v, path, data, _ = built
+    page = path.read_text()
+    assert re.search(r"<input id=thruvision type=checkbox> through SigLIP", page)  # enabled
+    assert not any(n.startswith(vw.THROUGH_VISION_UNAVAILABLE) for n in v.notes)
+    slices = rec.layout.slices
+    assert len(data["through_vision"]) == len(data["slices"]) == len(slices)
+    for s, sl in enumerate(data["slices"]):
+        h, w = sl["tgt"]
+        plain = am.resampler_query_maps(rec, 0, sl["index"]).reshape(sl["nq"], h * w)
+        ref = plain @ am.vision_rollout(rec, 0, sl["index"])
+        e = data["through_vision"][s]
+        got = decode_rows(data, e["u"], e["f"], sl["nq"], h * w)
+        assert np.abs(got - ref).max() <= ref.max() / 510 + 1e-7
+        assert np.abs(ref - plain).max() > 0.01  # the rollout moved mass
+
+
+@pytest.mark.parametrize("case,why", [
+    ("gap", "the record has vision layers [1] only; capture all SigLIP layers"),
+    ("none", "the record has no SigLIP attention"),
+])
+def test_through_vision_unavailable_disables_the_checkbox(case, why):
+    rec = small_record(vis_layers=(1,) if case == "gap" else ())
+    v = vw.build_viewer(rec, None)
+    page = vw.render_viewer(v)
+    assert v.data["through_vision"] is None
+    notes = [n for n in v.notes if n.startswith(vw.THROUGH_VISION_UNAVAILABLE + ": ")]
+    assert len(notes) == 1 and why in notes[0] and "\n" not in notes[0], v.notes
+    assert re.search(r"<input id=thruvision type=checkbox disabled> through SigLIP", page)
+    assert f"<li>{html.escape(notes[0])}</li>" in page  # the page's notes say why
+    assert vw.read_viewer_data(page)["through_vision"] is None
+    # the plain maps are still there and right
+    data = vw.read_viewer_data(page)
+    size = grid_size(data)
+    ref = am.image_heatmap(rec, data["tokens"][0]["row"], out_size=size).map
+    assert np.abs(decoded_map(data, "mean|mean", 0, size) - ref).max() <= 0.01 * ref.max()
 
 
 def test_vision_pooling_matches_block_means():

@@ -14,6 +14,7 @@ from minicpmv_attn.analysis import viewer as vw
 from minicpmv_attn.scripts.bench_viewer import synthetic_image, synthetic_record
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is not installed").By
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -149,6 +150,42 @@ def test_js_maps_equal_attention_map(page, driver):
             share = driver.execute_script("return document.getElementById('share').textContent")
             shown = float(share.split("image share ")[1].split("%")[0])
             assert shown == pytest.approx(100 * float(ref.image_share), abs=0.15), (share, ref.image_share)
+    assert severe(driver) == []
+
+
+def test_through_siglip_checkbox(page, driver):
+    """#thruvision: the LLM map follows the resampler's patches back through the SigLIP rollout and
+    equals image_heatmap(through_vision=True); the resampler-query kind uses the composed maps too."""
+    rec, path = page
+    driver.get(path.as_uri())
+    gw, gh = driver.execute_script("return window.viewer.grid")
+    data = driver.execute_script("return window.viewer.data.tokens")
+    box = driver.find_element(By.ID, "thruvision")
+    assert box.is_enabled() and not box.is_selected()
+    info = lambda: driver.find_element(By.ID, "info").text  # noqa: E731
+    before, plain_info = overlay(driver), info()
+    assert "SigLIP" not in plain_info
+    box.click()
+    assert box.is_selected() and overlay(driver) != before, "overlay did not change after ticking #thruvision"
+    assert "SigLIP rollout" in info() and "through SigLIP" in info()
+    for layer, head, kw in (("mean", "mean", {}), ("1", "3", dict(layers=[1], heads=[3]))):
+        choose(driver, "layer", layer)
+        choose(driver, "head", head)
+        for t in (0, 3):
+            got = driver.execute_script(
+                f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.compute().map)")
+            ref = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), through_vision=True, **kw).map
+            plain = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), **kw).map
+            got = np.asarray(got).reshape(gh, gw)
+            assert np.abs(got - ref).max() <= 0.01 * ref.max(), (layer, head, t)
+            assert np.abs(got - plain).max() > 0.05 * plain.max(), (layer, head, t)  # not the plain map
+    choose(driver, "kind", "resampler")
+    on = overlay(driver)
+    assert "resampler query map through SigLIP" in info()
+    box.click()
+    assert overlay(driver) != on and "SigLIP" not in info()
+    choose(driver, "kind", "vision")
+    assert not box.is_enabled()  # the SigLIP patch kind has no through-SigLIP variant
     assert severe(driver) == []
 
 

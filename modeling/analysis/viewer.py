@@ -11,6 +11,12 @@ data is embedded compactly and decoded in the page (vanilla JS, canvas):
   and spreads every patch's mass over its cell of the slice's box (area weighting, exactly as
   ``attention_map.image_heatmap`` with ``interpolation="nearest"``) on a grid of at most
   ``GRID_SIDE`` px; so a heatmap equals ``image_heatmap``'s up to quantisation;
+* the same query -> patch maps **through SigLIP** (``attention_map.compose_vision_rollout``: each
+  slice's map times its SigLIP rollout over all captured vision layers), when the record holds
+  vision layers ``0..k-1`` for every slice of the image: the ``#thruvision`` checkbox makes the
+  LLM -> image kind equal ``image_heatmap(..., through_vision=True)`` and the resampler-query kind
+  show where the query's content came from. Otherwise the checkbox is disabled and a note says
+  why. Same size as the resampler data, inside the data budget;
 * SigLIP patch maps (``attention_map.vision_attention``, head mean) per captured vision layer and
   slice, with query patches pooled in ``f x f`` blocks when needed (keys stay per patch);
 * optional extra maps (``extra_kinds``, e.g. gradient relevancy) reduced to at most
@@ -18,8 +24,9 @@ data is embedded compactly and decoded in the page (vanilla JS, canvas):
 * the image as a JPEG at most ``DISPLAY_SIDE`` px on the long side (at most 4:1, like the plots).
 
 The reader clicks a generated token (``.token``) and picks the map kind (``#kind``), LLM layer
-(``#layer``: each layer, mean, rollout) and head (``#head``: each head, mean, max); the page
-outlines the slices' boxes and shows the token's attention shares (image / text / special).
+(``#layer``: each layer, mean, rollout) and head (``#head``: each head, mean, max), optionally
+through SigLIP (``#thruvision``); the page outlines the slices' boxes and shows the token's
+attention shares (image / text / special).
 
 Budget (bounded memory, time and file size): the embedded data is at most ``MAX_DATA_BYTES``
 (16 MiB before base64, which adds a third: a page of at most about 22 MiB). LLM blocks go in by
@@ -31,7 +38,8 @@ one, else :class:`ValueError` before any map is computed). Vision maps take at m
 ``VISION_BUDGET_BYTES`` of that (3 MiB; query patches pooled until they fit). At most
 ``MAX_TOKENS`` (1024) tokens are clickable. The rollout is only computed when the record holds
 full square LLM maps and ``(layers + heads) x positions^2 x 8`` bytes stay within
-``ROLLOUT_BUDGET_BYTES`` (1 GiB). Work while building is one LLM layer at a time:
+``ROLLOUT_BUDGET_BYTES`` (1 GiB); so is the SigLIP rollout of the through-SigLIP maps
+(``vision layers x patches^2 x 8`` bytes per slice). Work while building is one LLM layer at a time:
 ``heads x tokens x positions`` float64 values.
 
 Real-size check (MiniCPM-V-2.6: 28 layers x 28 heads, 10 slices x 64 queries, 300 generated
@@ -66,6 +74,7 @@ GRID_SIDE = 256
 EXTRA_SIDE = 64
 ROLLOUT_BUDGET_BYTES = 2**30
 BUILTIN_KINDS = ("llm", "resampler", "vision")
+THROUGH_VISION_UNAVAILABLE = "through SigLIP unavailable"
 BUDGET = (f"the viewer embeds at most {MAX_DATA_BYTES / 2**20:g} MiB of map data (uint8; "
           f"{VISION_BUDGET_BYTES / 2**20:g} MiB of it SigLIP maps) and at most {MAX_TOKENS} tokens; LLM "
           f"(layer, head) maps beyond that are left out, with a note in the page")
@@ -292,6 +301,32 @@ def _display_size(size: Tuple[int, int], side: int) -> Tuple[int, int]:
     return max(1, min(side, round(max(w * side / h, side / 4)))), side
 
 
+def _through_vision(record: AttentionRecord, image: int, slices, res_maps: List[np.ndarray]) -> List[np.ndarray]:
+    """Each shown slice's query -> patch map ``[nq, h*w]`` composed with that slice's SigLIP
+    rollout (``attention_map.compose_vision_rollout``: every captured vision layer, head mean,
+    residual 0.5), as ``image_heatmap(..., through_vision=True)`` uses them. Raises ValueError
+    with one line saying why the record cannot give them."""
+    have = record.layers("vision")
+    if not have:
+        raise ValueError("the record has no SigLIP attention; capture stage 'vision' with all its layers")
+    if have != list(range(len(have))):
+        raise ValueError(f"the record has vision layers {have} only; capture all SigLIP layers (from 0)")
+    n_max = max(m.shape[1] for m in res_maps)
+    need = len(have) * n_max * n_max * 8
+    if need > ROLLOUT_BUDGET_BYTES:
+        raise ValueError(f"the SigLIP rollout of {len(have)} layers x {n_max} patches needs about "
+                         f"{need / 2**30:.1f} GiB (budget {ROLLOUT_BUDGET_BYTES / 2**30:g} GiB)")
+    res = np.zeros((len(slices), max(m.shape[0] for m in res_maps), n_max))
+    for i, m in enumerate(res_maps):
+        res[i, : m.shape[0], : m.shape[1]] = m
+    out = am.compose_vision_rollout(record, res, [g for g, *_ in slices], image)
+    got = [out[i, : m.shape[0], : m.shape[1]] for i, m in enumerate(res_maps)]
+    for (_, sl, *_), m in zip(slices, got):
+        if not np.isfinite(m).all() or m.min() < -1e-9:
+            raise ValueError(f"the composed map of slice {sl.index} holds negative or non-finite values")
+    return got
+
+
 def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, prompt: Optional[str] = None,
                  answer: Optional[str] = None, layers: Optional[Sequence[int]] = None,
                  max_tokens: Optional[int] = None, extra_kinds: Optional[Dict[str, Dict[int, Any]]] = None,
@@ -304,8 +339,10 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
     {generated-token index: [H, W] map over the image}}`` (e.g. gradient relevancy), shown as
     more map kinds. ``sinks``: attention-sink positions (default ``attention_map.find_sinks``
     over the shown rows and layers); the page lists them with their mean share (layers and
-    heads mean, over the shown tokens) and shows each map's share on them. Raises ValueError naming what is
-    missing or over budget.
+    heads mean, over the shown tokens) and shows each map's share on them. The through-SigLIP maps
+    (``data["through_vision"]``: per slice ``{u, f}`` like the resampler's) are embedded when the
+    record allows them, else None with a note starting ``THROUGH_VISION_UNAVAILABLE``. Raises
+    ValueError naming what is missing or over budget.
     """
     from tqdm.auto import tqdm
 
@@ -343,17 +380,28 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
     blob = _Blob()
 
     # resampler: [Q, h*w] per slice (head mean)
-    res_meta = []
+    res_meta, res_maps = [], []
     for g, sl, n0, a, b in slices:
         m = am.resampler_query_maps(record, image_index, sl.index)  # [Q, h, w]
         if m.shape[0] < b - a:
             raise ValueError(f"resampler.attn has {m.shape[0]} queries, slice {sl.index} has {b - a} image tokens")
         h, w = (int(v) for v in sl.tgt_size)
-        q, s = _quantise(m[: b - a].reshape(b - a, h * w))
+        res_maps.append(m[: b - a].reshape(b - a, h * w))
+        q, s = _quantise(res_maps[-1])
         u, f = blob.add(q, s)
         res_meta.append({"kind": sl.kind, "index": sl.index, "box": [float(v) for v in sl.box], "tgt": [h, w],
                          "grid_pos": list(sl.grid_pos) if sl.grid_pos else None, "n0": n0, "nq": b - a,
                          "u": u, "f": f})
+
+    # through SigLIP: the same maps composed with each slice's SigLIP rollout (in the data budget)
+    thru_meta = None
+    try:
+        thru = _through_vision(record, image_index, slices, res_maps)
+    except ValueError as e:
+        notes.append(f"{THROUGH_VISION_UNAVAILABLE}: {e}")
+    else:
+        thru_meta = [dict(zip(("u", "f"), blob.add(*_quantise(m)))) for m in thru]
+    del res_maps
 
     # vision: per captured layer and slice, [query blocks, h*w]
     vis_layers, vis_meta, pool = record.layers("vision"), [], 1
@@ -536,7 +584,7 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
         "tokens": [{"pos": p, "row": r, "text": token_text(lay.tokens[p])} for p, r in tokens],
         "token_desc": token_desc, "n_image_tokens": N, "slices": res_meta,
         "layers": layer_opts, "heads": head_opts, "blocks": blocks,
-        "vision": {"pool": pool, "layers": vis_meta},
+        "vision": {"pool": pool, "layers": vis_meta}, "through_vision": thru_meta,
         "extras": extra_meta, "sinks": sink_list, "notes": notes,
         "sink_image": [int(i) for i in np.nonzero(np.isin(img_pos, sink_pos or []))[0]],
         "prompt": prompt if prompt is not None else record.meta.get("prompt"),
@@ -576,8 +624,13 @@ def render_viewer(viewer: Viewer, *, title: str = "Attention viewer", header_htm
     answer = d.get("answer")
     qa = ((f"<p><b>Prompt:</b> <span id=prompt>{esc(prompt)}</span></p>" if prompt else "")
           + (f"<p><b>Answer:</b> <span id=answer>{esc(answer)}</span></p>" if answer else ""))
+    thru_off = next((n for n in viewer.notes if n.startswith(THROUGH_VISION_UNAVAILABLE)), None)
+    thru = ("<label title=\"" + esc(thru_off if thru_off else
+                                     "follow the resampler's patches back through the SigLIP rollout (all vision "
+                                     "layers, head mean): attention_map.image_heatmap's through_vision") +
+            f"\"><input id=thruvision type=checkbox{' disabled' if thru_off else ''}> through SigLIP</label>")
     page = _PAGE
-    for key, val in (("TITLE", esc(title)), ("HEADER", header_html), ("QA", qa), ("PHOTO", img),
+    for key, val in (("TITLE", esc(title)), ("THRU", thru), ("HEADER", header_html), ("QA", qa), ("PHOTO", img),
                      ("NOTES", f"<ul class=notes>{notes}</ul>" if notes else ""), ("SINKS", sink_html),
                      ("FOOTER", footer_html), ("CSS", _CSS), ("JS", _JS), ("DATA", _script_json(d)),
                      ("U8", viewer.u8), ("F32", viewer.f32), ("LUT", _lut())):
@@ -696,6 +749,7 @@ _PAGE = """<!doctype html>
 <label><input id=boxes type=checkbox checked> slice boxes</label>
 <label title="zero the attention-sink columns and rescale the rest (attention_map.image_heatmap's exclude_sinks)"><input
  id=nosinks type=checkbox> without sinks</label>
+{{THRU}}
 </div>
 <div id=view><div id=stage>{{PHOTO}}<canvas id=overlay></canvas></div>
 <div id=side><div><b>Tokens</b> <span class=dim id=tokdesc></span> (click one; &larr;/&rarr; step)</div>
@@ -771,6 +825,11 @@ function refreshOptions() {
   $("vlayer").disabled = k !== "vision"; $("slice").disabled = k !== "vision";
   $("query").disabled = k !== "resampler" && k !== "vision";
   $("nosinks").disabled = !D.sinks || !D.sinks.length || k.startsWith("x:");
+  $("thruvision").disabled = !D.through_vision || (k !== "llm" && k !== "resampler");
+}
+function thru() {  // the LLM and resampler kinds through the SigLIP rollout
+  const k = $("kind").value;
+  return !!D.through_vision && $("thruvision").checked && (k === "llm" || k === "resampler");
 }
 function sinkScale(sh) {  // exclude_sinks: the rest of the row rescaled to the row's total
   if (!$("nosinks").checked || sh.length < 4) return 1;
@@ -784,11 +843,11 @@ function llmVec(t) {  // the token's attention on the image tokens
   if ($("nosinks").checked) for (const i of D.sink_image) v[i] = 0;
   return v;
 }
-function sliceMap(s, v) {  // [h*w] patch masses of slice s for image-token weights v
-  const sl = D.slices[s], P = sl.tgt[0] * sl.tgt[1], m = new Float32Array(P);
+function sliceMap(s, v, tv) {  // [h*w] patch masses of slice s for image-token weights v (tv: through SigLIP)
+  const sl = D.slices[s], P = sl.tgt[0] * sl.tgt[1], m = new Float32Array(P), e = tv ? D.through_vision[s] : sl;
   for (let q = 0; q < sl.nq; q++) {
-    const wq = v[sl.n0 + q] * F32[sl.f + q] / 255; if (!wq) continue;
-    const o = sl.u + q * P;
+    const wq = v[sl.n0 + q] * F32[e.f + q] / 255; if (!wq) continue;
+    const o = e.u + q * P;
     for (let p = 0; p < P; p++) m[p] += wq * U8[o + p];
   }
   return m;
@@ -839,24 +898,27 @@ function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mar
   }
   const v = llmVec(t);
   if (!v) return {map: null, info: head + "this (layer, head) map is not embedded (see the notes)"};
-  const out = new Float32Array(GW * GH);
+  const out = new Float32Array(GW * GH), tv = thru();
+  const TV = " and the SigLIP rollout (all vision layers, head mean, residual 0.5)";
   if (k === "llm") {
     let tot = 0; for (let i = 0; i < N; i++) tot += v[i];
-    for (let s = 0; s < D.slices.length; s++) place(out, s, sliceMap(s, v));
-    return {map: out, info: head + "LLM attention on the image tokens, through the resampler onto pixels " +
-            "(mass " + tot.toPrecision(3) + ", overview + slices added)"};
+    for (let s = 0; s < D.slices.length; s++) place(out, s, sliceMap(s, v, tv));
+    return {map: out, info: head + "LLM attention on the image tokens, through the resampler" + (tv ? TV : "") +
+            " onto pixels (mass " + tot.toPrecision(3) + ", overview + slices added)" +
+            (tv ? "\nthrough SigLIP: where the patches the resampler read drew their content from" : "")};
   }
   let j = +$("query").value;
   if (!(j >= 0 && j < N)) j = argmax(v);
   const s = sliceOf(j), sl = D.slices[s], q = j - sl.n0, P = sl.tgt[0] * sl.tgt[1];
   const e = new Float32Array(N); e[j] = 1;
-  const m = sliceMap(s, e);
   const where = "image token " + j + " = " + (sl.kind === "source" ? "overview" : "slice " + sl.index) +
     ", query " + q + " (the token gave it " + pct(v[j]) + ")";
   if (k === "resampler") {
-    place(out, s, m);
-    return {map: out, info: head + "resampler query map: " + where, slice: s, clip: sl.box};
+    place(out, s, sliceMap(s, e, tv));
+    return {map: out, info: head + "resampler query map" + (tv ? " through SigLIP (composed with" + TV.slice(4) +
+            "; where the query's content came from)" : "") + ": " + where, slice: s, clip: sl.box};
   }
+  const m = sliceMap(s, e, false);
   // vision: the query patch is the clicked one (in the chosen slice) or the peak of the query map
   const vs = +$("slice").value, vsl = D.slices[vs], h = vsl.tgt[0], w = vsl.tgt[1];
   let pr, pc;
@@ -936,7 +998,7 @@ function draw() {
 }
 { const lg = $("legend").getContext("2d"); for (let i = 0; i < 256; i++) {
   lg.fillStyle = "rgb(" + LUT[3 * i] + "," + LUT[3 * i + 1] + "," + LUT[3 * i + 2] + ")"; lg.fillRect(i, 0, 1, 12); } }
-for (const id of ["kind", "layer", "head", "vlayer", "slice", "query", "alpha", "boxes", "nosinks"])
+for (const id of ["kind", "layer", "head", "vlayer", "slice", "query", "alpha", "boxes", "nosinks", "thruvision"])
   $(id).addEventListener(id === "alpha" ? "input" : "change", () => { if (id === "slice") S.click = null; draw(); });
 ov.addEventListener("click", (ev) => {
   if ($("kind").value !== "vision") return;

@@ -45,9 +45,10 @@ __all__ = ["BUDGET", "DEFAULTS", "IMAGE_BUDGET_BYTES", "RESERVED_MARKERS", "Visu
 # the main command's defaults, in one place (the command line shows and uses these): model None = the shipped
 # trained demo model (RANDOM_DEMO: the seeded random one), image None = a generated scene for the trained demo (the
 # bundled photo otherwise), prompt None = the scene's question (pipeline.DEFAULT_PROMPT otherwise), rows None = all
-# for the demo models and generated otherwise
+# for the demo models and generated otherwise, vision_layers None = all for the demo models (the viewer's "through
+# SigLIP" maps need every layer) and the last one otherwise
 DEFAULTS = {"model": None, "image": None, "prompt": None, "max_new_tokens": 8, "layers": None, "heads": None,
-            "rows": None, "vision_layers": "-1", "max_plot_tokens": 16, "out": "attention_out", "device": None,
+            "rows": None, "vision_layers": None, "max_plot_tokens": 16, "out": "attention_out", "device": None,
             "dtype": "auto", "seed": 0}
 
 RANDOM_DEMO = "random-demo"  # --model value for the seeded random-weight demo
@@ -160,8 +161,9 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
     """Answer ``prompt`` about ``image`` with attention captured and write the plots, the record
     (``record.safetensors`` + ``record.json``) and ``index.html`` to ``out``.
 
-    ``layers`` / ``heads`` (LLM) and ``vision_layers`` (SigLIP; also ``"none"``) are selections as
-    on the command line (``"0,3"``, ``"2:6"``, ``"all"``); ``rows`` is ``"all"`` or
+    ``layers`` / ``heads`` (LLM) and ``vision_layers`` (SigLIP; also ``"none"``; default all for the
+    demo models, the last layer otherwise) are selections as on the command line (``"0,3"``,
+    ``"2:6"``, ``"all"``); ``rows`` is ``"all"`` or
     ``"generated"`` (default: all for the demo model, generated otherwise). Bad selections, an
     unreadable image, a model that does not load or a capture that is refused raise
     :class:`~.pipeline.ToolError`, and so do an empty prompt, one with image markers
@@ -187,6 +189,8 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
     try:
         layer_list = parse_index_list(layers, "layers")
         head_list = parse_index_list(heads, "heads")
+        if vision_layers is None:
+            vision_layers = "all" if model in (None, RANDOM_DEMO) else "-1"
         no_vision = str(vision_layers).lower() == "none"
         vision_list = None if no_vision else parse_index_list(vision_layers, "vision-layers")
         if example is not None:  # the generated scene, written next to the page
