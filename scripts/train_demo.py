@@ -26,12 +26,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)s)")
     p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="linear warmup steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init and scene seed (default %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--shape-share", type=float, default=DEFAULTS["shape_share"],
+                   help="share of training scenes asked a shape question (default %(default)s)")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the learning-rate schedule (default: --steps); with more than --steps the run "
+                        "stops part-way down it, with the weights a longer run has at that step")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s; the same seed "
+                   "and thread count give the same weights)")
     p.add_argument("--eval-every", type=int, default=250, help="held-out accuracy every N steps (default %(default)s)")
     args = p.parse_args(argv)
     try:
         log = train_demo(args.out, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                         seed=args.seed, threads=args.threads, eval_every=args.eval_every)
+                         seed=args.seed, threads=args.threads, eval_every=args.eval_every,
+                         shape_share=args.shape_share, schedule_steps=args.schedule_steps)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

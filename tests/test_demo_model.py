@@ -101,7 +101,7 @@ def test_training_reproduces_the_logged_losses():
     torch.manual_seed(12345)  # whatever the global state, train_steps' model and scenes come from the seed
     model, processor = new_model(log["seed"]), build_processor()
     losses = train_steps(model, processor, 5, log["batch"], log["lr"], log["warmup"], log["seed"],
-                         total_steps=log["steps"])
+                         total_steps=log.get("schedule_steps", log["steps"]), shape_share=log.get("shape_share"))
     assert losses == pytest.approx(log["losses"][:5], rel=1e-3, abs=1e-4)
     assert log["losses"][-1] < 0.2 * log["losses"][0]  # and the run learned
 
@@ -115,3 +115,22 @@ def test_encode_batch_labels_only_the_answer():
         lab = [t for t in enc["labels"][i].tolist() if t != -100]
         assert tok.decode(lab) == s.answer + "<|im_end|>"
     assert (enc["attention_mask"] == (enc["data"]["input_ids"] != 0)).all()
+
+
+def test_train_scene_mix_and_schedule_checks():
+    import random
+
+    from minicpmv_attn.demo.scenes import SHAPES
+    from minicpmv_attn.demo.train import train_demo, train_scene
+
+    rng = random.Random(3)
+    drawn = [train_scene(rng, 0.75) for _ in range(400)]
+    share = sum(s.answer in SHAPES for s in drawn) / len(drawn)
+    assert 0.68 <= share <= 0.82
+    assert {len(s.objects) for s in drawn} == {1, 2, 3}
+    rng = random.Random(3)
+    assert sum(train_scene(rng, 0.25).answer in SHAPES for _ in range(400)) / 400 <= 0.32
+    with pytest.raises(ValueError, match="schedule_steps >= steps"):
+        train_demo("unused", steps=10, schedule_steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"shape_share must be in \(0, 1\)"):
+        train_steps(new_model(0), build_processor(), 1, 2, 1e-3, 1, 0, shape_share=1.5)

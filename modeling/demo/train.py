@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .checkpoint import DEMO_CONFIG, DEMO_PREPROCESSOR
-from .scenes import WORDS, Scene, make_scene, scenes
+from .scenes import SHAPES, WORDS, Scene, make_scene, scenes
 from .vocab import word_tokenizer, word_vocab, write_tokenizer
 
 TRAIN_SEED = 0
@@ -50,7 +50,11 @@ TRAIN_OBJECTS = (1, 2, 3)
 # projections every query averages all patches almost uniformly (entropy 4.07 of 4.16 nats), image
 # tokens hardly differ, and held-out accuracy stayed at the question-type prior for 1000 steps.
 RESAMPLER_QK_SCALE = 2.0  # query entropy 2.06 nats at init (about 8 patches each)
-DEFAULTS = {"steps": 4000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": TRAIN_SEED}
+# Share of training scenes asked a shape question ("Which shape is red?"). Colour questions are
+# learned within a few hundred steps (the target is the only coloured object); telling circle,
+# square and triangle apart is what takes the training time, so it gets most of the batches.
+SHAPE_SHARE = 0.5
+DEFAULTS = {"steps": 4000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": TRAIN_SEED, "shape_share": SHAPE_SHARE}
 
 
 def build_processor():
@@ -151,14 +155,30 @@ def answer_accuracy(model, processor, batch: Sequence[Scene]) -> float:
     return float((pred == labels[torch.arange(len(batch)), first]).float().mean())
 
 
+def train_scene(rng: random.Random, shape_share: Optional[float] = SHAPE_SHARE) -> Scene:
+    """One training scene: 1-3 objects (``TRAIN_OBJECTS``), a shape question with probability
+    ``shape_share`` (scenes are redrawn until the question type matches; None: as drawn)."""
+    n = rng.choice(TRAIN_OBJECTS)
+    if shape_share is None:
+        return make_scene(rng, n_objects=n)
+    want_shape = rng.random() < shape_share
+    while True:
+        scene = make_scene(rng, n_objects=n)
+        if (scene.answer in SHAPES) == want_shape:
+            return scene
+
+
 def train_steps(model, processor, steps: int, batch: int, lr: float, warmup: int, seed: int,
                 on_step: Optional[Callable[[int, float], None]] = None,
-                total_steps: Optional[int] = None) -> List[float]:
-    """Run ``steps`` AdamW steps on fresh scenes from ``random.Random(seed)``; returns every step's loss.
+                total_steps: Optional[int] = None, shape_share: Optional[float] = SHAPE_SHARE) -> List[float]:
+    """Run ``steps`` AdamW steps on fresh scenes (``train_scene``) from ``random.Random(seed)``;
+    returns every step's loss.
 
     The learning rate warms up linearly over ``warmup`` steps, then decays linearly to 5% at
     ``total_steps`` (default ``steps``; pass the full run's length to replay its first steps).
     """
+    if shape_share is not None and not 0.0 < shape_share < 1.0:
+        raise ValueError(f"shape_share must be in (0, 1) (or None), got {shape_share}")
     total = steps if total_steps is None else int(total_steps)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -167,7 +187,7 @@ def train_steps(model, processor, steps: int, batch: int, lr: float, warmup: int
     model.train()
     losses = []
     for step in range(steps):
-        enc = encode_batch(processor, [make_scene(rng, n_objects=rng.choice(TRAIN_OBJECTS)) for _ in range(batch)])
+        enc = encode_batch(processor, [train_scene(rng, shape_share) for _ in range(batch)])
         out = model(enc["data"], attention_mask=enc["attention_mask"], labels=enc["labels"], use_cache=False)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"step {step}: the loss is {float(out.loss)}; lower the learning rate")
@@ -204,12 +224,20 @@ def save_folder(model, out: str, log: dict) -> str:
 
 def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"], lr: float = DEFAULTS["lr"],
                warmup: int = DEFAULTS["warmup"], seed: int = DEFAULTS["seed"], threads: int = 2,
-               eval_every: int = 250, n_eval: int = 64, progress: bool = True) -> dict:
-    """Train from ``seed`` and write the checkpoint folder ``out``; returns the training log."""
+               eval_every: int = 250, n_eval: int = 64, progress: bool = True,
+               shape_share: Optional[float] = DEFAULTS["shape_share"], schedule_steps: Optional[int] = None) -> dict:
+    """Train from ``seed`` and write the checkpoint folder ``out``; returns the training log.
+
+    ``schedule_steps``: length of the learning-rate schedule (default ``steps``); a run with
+    ``steps < schedule_steps`` stops part-way down the same schedule, and gives exactly the weights
+    that a longer run with the same seed and threads had at that step.
+    """
     from tqdm import tqdm
 
-    if steps < 1 or batch < 1 or lr <= 0:
-        raise ValueError(f"steps and batch must be >= 1 and lr > 0, got steps={steps}, batch={batch}, lr={lr}")
+    schedule = steps if schedule_steps is None else int(schedule_steps)
+    if steps < 1 or batch < 1 or lr <= 0 or schedule < steps:
+        raise ValueError(f"steps and batch must be >= 1, lr > 0 and schedule_steps >= steps, got steps={steps}, "
+                         f"batch={batch}, lr={lr}, schedule_steps={schedule}")
     torch.set_num_threads(threads)
     model, processor = new_model(seed), build_processor()
     held_out = scenes(EVAL_SEED, n_eval)
@@ -225,10 +253,12 @@ def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
             bar.write(f"step {step + 1}: loss {loss:.4f}, held-out answer accuracy {acc:.3f}")
 
-    losses = train_steps(model, processor, steps, batch, lr, warmup, seed, on_step)
+    losses = train_steps(model, processor, steps, batch, lr, warmup, seed, on_step, total_steps=schedule,
+                         shape_share=shape_share)
     bar.close()
     seconds = time.time() - t0
-    log = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "threads": threads,
+    log = {"seed": seed, "steps": steps, "schedule_steps": schedule, "shape_share": shape_share, "batch": batch,
+           "lr": lr, "warmup": warmup, "threads": threads,
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
            "train_seconds": round(seconds, 1), "losses": [round(x, 6) for x in losses], "evals": evals}
     save_folder(model, out, log)
