@@ -15,10 +15,10 @@ from minicpmv_attn.demo.train import build_processor, encode_batch, new_model, t
 from minicpmv_attn.processing_minicpmv import MiniCPMVProcessor
 
 MAX_BYTES = 1_500_000
-# The issue asks for 0.95; the shipped model reaches ANSWER_REACHED on these 40 scenes (see
-# notes in the README section): the test holds it to that, less one scene's margin.
-ANSWER_REACHED = 0.875
-ANSWER_ACCURACY = ANSWER_REACHED - 0.05
+# The targets: answer accuracy >= 0.95 and the best map >= 0.7 and >= 3x chance (the shipped model
+# reaches 1.00 on both on these 40 scenes; 0.99 on 200 scenes of seeds 1 and 7, see the README).
+ANSWER_ACCURACY = 0.95
+PLAIN_MAP = 0.9  # the plain LLM -> image mean map must point too, not only a composed one
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,7 @@ def test_answers_and_points_on_unseen_scenes(trained):
     assert res.answer_accuracy >= ANSWER_ACCURACY, res.summary()
     name, best = res.best
     assert best >= 0.7 and best >= 3 * res.chance, res.summary()
+    assert res.hits["raw mean"] >= PLAIN_MAP and res.hits["mean+siglip"] >= PLAIN_MAP, res.summary()
 
 
 def test_training_reproduces_the_logged_losses():
@@ -103,7 +104,8 @@ def test_training_reproduces_the_logged_losses():
     losses = train_steps(model, processor, 5, log["batch"], log["lr"], log["warmup"], log["seed"],
                          total_steps=log.get("schedule_steps", log["steps"]), shape_share=log.get("shape_share"))
     assert losses == pytest.approx(log["losses"][:5], rel=1e-3, abs=1e-4)
-    assert log["losses"][-1] < 0.2 * log["losses"][0]  # and the run learned
+    tail = log["losses"][-100:]
+    assert sum(tail) / len(tail) < 0.05 * log["losses"][0]  # and the run learned
 
 
 def test_encode_batch_labels_only_the_answer():

@@ -53,8 +53,8 @@ RESAMPLER_QK_SCALE = 2.0  # query entropy 2.06 nats at init (about 8 patches eac
 # Share of training scenes asked a shape question ("Which shape is red?"). Colour questions are
 # learned within a few hundred steps (the target is the only coloured object); telling circle,
 # square and triangle apart is what takes the training time, so it gets most of the batches.
-SHAPE_SHARE = 0.5
-DEFAULTS = {"steps": 4000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": TRAIN_SEED, "shape_share": SHAPE_SHARE}
+SHAPE_SHARE = 0.75
+DEFAULTS = {"steps": 8000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": TRAIN_SEED, "shape_share": SHAPE_SHARE}
 
 
 def build_processor():
