@@ -59,6 +59,12 @@ def severe(drv):
     return [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
 
 
+def js_map(drv, t):
+    """The page's map for token ``t`` with the current controls (flat list, grid order)."""
+    return drv.execute_script(
+        f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.compute().map)")
+
+
 def choose(drv, sel_id, value):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -130,8 +136,7 @@ def test_js_maps_equal_attention_map(page, driver):
         choose(driver, "layer", layer)
         choose(driver, "head", head)
         for t in (0, 4):
-            got = driver.execute_script(
-                f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.compute().map)")
+            got = js_map(driver, t)
             ref = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), **kw).map
             got = np.asarray(got).reshape(gh, gw)
             assert np.abs(got - ref).max() <= 0.01 * ref.max(), (layer, head, t)
@@ -141,8 +146,7 @@ def test_js_maps_equal_attention_map(page, driver):
         choose(driver, "layer", layer)
         choose(driver, "head", head)
         for t in (1, 3):
-            got = driver.execute_script(
-                f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.compute().map)")
+            got = js_map(driver, t)
             ref = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), exclude_sinks=True,
                                    sinks=rec.meta["test_sinks"], **kw)
             got = np.asarray(got).reshape(gh, gw)
@@ -172,8 +176,7 @@ def test_through_siglip_checkbox(page, driver):
         choose(driver, "layer", layer)
         choose(driver, "head", head)
         for t in (0, 3):
-            got = driver.execute_script(
-                f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.compute().map)")
+            got = js_map(driver, t)
             ref = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), through_vision=True, **kw).map
             plain = am.image_heatmap(rec, data[t]["row"], out_size=(gw, gh), **kw).map
             got = np.asarray(got).reshape(gh, gw)
