@@ -7,7 +7,8 @@ Examples::
     python scripts/sweep_transformers.py --readme README.md --pin patches/UPSTREAM.json   # record it
     python scripts/sweep_transformers.py --canary              # CI: try a release above the cap, if any
 
-Each release gets its own venv under --workdir (reused on the next run): torch 2.13.0 CPU,
+Each release gets its own venv under --workdir (reused on the next run, or deleted once its
+tests are done with --drop-venvs, ~1.3 GB each): torch 2.13.0 CPU,
 transformers==VERSION, the fork installed editable without dependencies (so a release above
 setup.py's cap can be tried). In each, the tests marked ``compat`` run (golden logits,
 attention and greedy generate, capture during generate, chat, the main command, the
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the table into this README between the compat-table markers")
     p.add_argument("--pin", type=Path, default=None,
                    help="add each passing release's transformers snapshot to this pin (patches/UPSTREAM.json)")
+    p.add_argument("--drop-venvs", action="store_true",
+                   help="delete each release's venv (~1.3 GB) once its tests are done, so the sweep needs "
+                        "the disk of one venv, not one per release (CI); the next run rebuilds them")
     p.add_argument("--json", type=Path, default=None, help="also write the outcomes as JSON")
     p.add_argument("--canary", action="store_true",
                    help="CI: if the package index has a release at or above TRANSFORMERS_CAP, run the "
@@ -60,8 +64,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.jobs < 1:
         print("error: --jobs must be at least 1", file=sys.stderr)
         return 2
+    if args.pin and args.drop_venvs:
+        print("error: --pin reads each release's snapshot from its venv: it cannot be used with --drop-venvs",
+              file=sys.stderr)
+        return 2
     if args.canary:
-        rc, line = ts.canary(args.workdir, args.repo, version=args.canary_version)
+        rc, line = ts.canary(args.workdir, args.repo, version=args.canary_version, drop_venv=args.drop_venvs)
         print(line)
         return rc
     versions = args.versions
@@ -77,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --versions: {', '.join(bad)} are not release numbers like 5.24.0", file=sys.stderr)
         return 2
     print(f"sweeping transformers {', '.join(versions)} in {args.workdir}", file=sys.stderr)
-    outcomes = ts.sweep(versions, args.workdir, args.repo, jobs=args.jobs)
+    outcomes = ts.sweep(versions, args.workdir, args.repo, jobs=args.jobs, drop_venvs=args.drop_venvs)
     table = ts.markdown_table(outcomes, commit=ts.commit_of(args.repo))
     print(table)
     for o in outcomes:

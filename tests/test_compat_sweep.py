@@ -75,6 +75,43 @@ def test_cli_usage_errors(capsys):
     assert cli.main(["--versions", "5.x", "--workdir", "/nonexistent"]) == 2
     assert "not release numbers" in capsys.readouterr().err
     assert cli.main(["--jobs", "0"]) == 2
+    assert cli.main(["--versions", "5.24.0", "--pin", "p.json", "--drop-venvs"]) == 2
+    assert "--drop-venvs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("drop", [True, False])
+@pytest.mark.parametrize("tests_pass", [True, False])
+def test_drop_venv_frees_the_disk_whatever_the_outcome(tmp_path, monkeypatch, drop, tests_pass):
+    """CI ran out of disk with a venv left behind per release: --drop-venvs deletes each one."""
+    seen = []
+
+    def fake_build(version, workdir, repo, log_file):
+        venv = workdir / f"tf-{version}"
+        (venv / "lib").mkdir(parents=True)
+        (venv / "lib" / "big").write_bytes(b"x" * 1000)
+        return venv
+
+    def fake_run(cmd, log_file, env=None, timeout=0):
+        seen.append(cmd)
+        if "pytest" in cmd:
+            basetemp = Path(next(a for a in cmd if a.startswith("--basetemp=")).split("=", 1)[1])
+            (basetemp / "t0").mkdir(parents=True)
+            junit = Path(next(a for a in cmd if a.startswith("--junitxml=")).split("=", 1)[1])
+            case = '<testcase classname="tests.test_x" name="t"/>' if tests_pass else (
+                '<testcase classname="tests.test_x" name="t"><failure message="E: bad"/></testcase>')
+            junit.write_text(f"<testsuite>{case}</testsuite>")
+            return 0 if tests_pass else 1
+        return 0
+
+    monkeypatch.setattr(ts, "build_env", fake_build)
+    monkeypatch.setattr(ts, "_run", fake_run)
+    o = ts.run_release("9.9.0", tmp_path, REPO, log=lambda m: None, drop_venv=drop)
+    assert o.status == ("pass" if tests_pass else "FAIL")
+    pytest_cmd = next(c for c in seen if "pytest" in c)
+    assert f"--basetemp={tmp_path / 'tf-9.9.0.tmp'}" in pytest_cmd  # the tests' files stay in the workdir
+    assert (tmp_path / "tf-9.9.0").exists() is not drop
+    assert (tmp_path / "tf-9.9.0.tmp").exists() is not drop
+    assert (tmp_path / "tf-9.9.0.log").is_file() and (tmp_path / "tf-9.9.0.junit.xml").is_file()  # reports kept
 
 
 def test_readme_table_shows_the_newest_verified_release():

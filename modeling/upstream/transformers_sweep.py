@@ -184,8 +184,22 @@ def parse_junit(path: Path) -> Tuple[int, int, int, List[str]]:
 
 
 def run_release(version: str, workdir: Path, repo: Path, marker: str = "compat", threads: int = 1,
-                log: Log = _stderr) -> Outcome:
-    """Build (or reuse) the venv for ``version`` and run the ``marker`` tests and the differ there."""
+                log: Log = _stderr, drop_venv: bool = False) -> Outcome:
+    """Build (or reuse) the venv for ``version`` and run the ``marker`` tests and the differ there.
+
+    The tests' temporary files go under ``workdir`` (``tf-VERSION.tmp``, emptied by pytest at
+    each run). With ``drop_venv`` the venv (~1.3 GB) and those files are deleted once the run is
+    over, so a sweep's disk use stays at one venv however many releases it tries (CI).
+    """
+    try:
+        return _run_release(version, workdir, repo, marker, threads, log)
+    finally:
+        if drop_venv:
+            for path in (workdir / f"tf-{version}", workdir / f"tf-{version}.tmp"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_release(version: str, workdir: Path, repo: Path, marker: str, threads: int, log: Log) -> Outcome:
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = workdir / f"tf-{version}.log"
     log_file.write_text("")
@@ -204,7 +218,8 @@ def run_release(version: str, workdir: Path, repo: Path, marker: str = "compat",
     with tempfile.TemporaryDirectory() as tmp:
         env["MINICPMV_ATTN_CACHE"] = tmp
         rc = _run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, str(repo / "tests"),
-                   f"--junitxml={junit}", "-o", "junit_family=xunit1"], log_file, env=env)
+                   f"--basetemp={workdir / f'tf-{version}.tmp'}", f"--junitxml={junit}", "-o",
+                   "junit_family=xunit1"], log_file, env=env)
     if not junit.is_file():
         return Outcome(version, "error", detail=f"pytest exited {rc} without a report (see {log_file})",
                        seconds=time.time() - start)
@@ -217,11 +232,12 @@ def run_release(version: str, workdir: Path, repo: Path, marker: str = "compat",
                    time.time() - start, "" if ok or failures else f"pytest exited {rc} (see {log_file})")
 
 
-def sweep(versions: Sequence[str], workdir: Path, repo: Path, jobs: int = 1, log: Log = _stderr) -> List[Outcome]:
+def sweep(versions: Sequence[str], workdir: Path, repo: Path, jobs: int = 1, log: Log = _stderr,
+          drop_venvs: bool = False) -> List[Outcome]:
     """Run :func:`run_release` for each of ``versions`` on the checkout ``repo``, ``jobs`` at once."""
     repo = Path(repo)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        outcomes = list(pool.map(lambda v: run_release(v, workdir, repo, log=log), versions))
+        outcomes = list(pool.map(lambda v: run_release(v, workdir, repo, log=log, drop_venv=drop_venvs), versions))
     return sorted(outcomes, key=lambda o: release(o.version))
 
 
@@ -296,7 +312,8 @@ def canary_decision(available: Sequence[str], rng: Dict[str, str]) -> Optional[s
     return max(above, key=release) if above else None
 
 
-def canary(workdir: Path, repo: Path, version: Optional[str] = None, log: Log = _stderr) -> Tuple[int, str]:
+def canary(workdir: Path, repo: Path, version: Optional[str] = None, log: Log = _stderr,
+           drop_venv: bool = False) -> Tuple[int, str]:
     """(exit code, one line). Exit 1 when a release above the cap breaks the compatibility tests
     of the checkout ``repo``."""
     repo = Path(repo)
@@ -310,7 +327,7 @@ def canary(workdir: Path, repo: Path, version: Optional[str] = None, log: Log = 
         if version is None:
             return 0, (f"canary: the newest transformers on the package index is {available[0]}, inside the "
                        f"verified range (<{rng['cap']}): nothing new to try")
-    o = run_release(version, workdir, repo, log=log)
+    o = run_release(version, workdir, repo, log=log, drop_venv=drop_venv)
     if o.status == "error":
         return 1, f"CANARY ERROR: transformers {version}: {o.detail}"
     if o.status == "FAIL":
