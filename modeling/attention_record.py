@@ -313,44 +313,127 @@ def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, 
                        images=layouts, n_prompt=int(n_prompt), padding=int(padding))
 
 
+def left_padding(attention_mask) -> List[int]:
+    """Left padding positions per sample of a [B, L] prompt mask (zeros, then ones).
+
+    Records drop them (:func:`records_from_capture`); a mask with a zero after a one (right or
+    inner padding) is refused, since a sample's positions would then not be one run."""
+    mask = torch.as_tensor(attention_mask).detach().cpu().bool()
+    pads = []
+    for b, row in enumerate(mask):
+        n = int((~row).sum())
+        if bool(row[:n].any()) or not bool(row[n:].all()):
+            raise ValueError(f"attention_mask row {b}: expected left padding (zeros, then ones), got "
+                             f"{row.int().tolist()[:40]}{' ...' if len(row) > 40 else ''}")
+        pads.append(n)
+    return pads
+
+
+def answer_lengths(new_ids, eos_ids=None) -> List[int]:
+    """New tokens per sample that belong to its answer (``new_ids`` [B, n_new]).
+
+    ``generate`` pads an answer that ended before the batch's with ``pad_token_id`` (0). With
+    ``eos_ids`` (the terminator ids) an answer runs through its first terminator (all of it when
+    there is none); without them it runs through its last non-zero token."""
+    new_ids = torch.as_tensor(new_ids).detach().cpu()
+    out = []
+    for row in new_ids.tolist():
+        if eos_ids:
+            ends = [i for i, t in enumerate(row) if t in set(eos_ids)]
+            out.append(ends[0] + 1 if ends else len(row))
+        else:
+            nonzero = [i for i, t in enumerate(row) if t != 0]
+            out.append(nonzero[-1] + 1 if nonzero else 0)
+    return out
+
+
+def _sample_llm(t: torch.Tensor, info: Dict[str, Any], pad: int, length: int, fed: int):
+    """One sample's LLM map [H', R, C] (its row of the batch tensor) in its own positions.
+
+    Rows and listed columns keep the positions ``pad .. pad + fed - 1`` and are re-based by
+    ``-pad``; full-width columns keep ``pad .. pad + length - 1`` (the sample's tokens)."""
+    rows, cols = info.get("rows"), info.get("cols")
+    pos = range(t.shape[1]) if rows is None else rows
+    keep_rows = [i for i, p in enumerate(pos) if pad <= p < pad + fed]
+    if len(keep_rows) != t.shape[1]:
+        t = t[:, keep_rows]
+    if rows is not None:
+        info["rows"] = [int(pos[i]) - pad for i in keep_rows]
+    if cols is None:
+        return t[:, :, pad:pad + length]
+    keep_cols = [j for j, c in enumerate(cols) if pad <= c < pad + fed]
+    info["cols"] = [int(cols[j]) - pad for j in keep_cols]
+    return t[:, :, keep_cols]
+
+
+def _sample_patches(name: str, t: torch.Tensor, patches: int) -> torch.Tensor:
+    """One sample's vision [S, H', P, P] / resampler [S, H', Q, P] slices cut to ``patches`` (its
+    largest slice's real patch count), as a batch of its slices alone would give. What is cut
+    is padding, which the capture leaves at exactly 0; anything else there is an error."""
+    if parse_hook_name(name)[0] == "vision":
+        kept = t[..., :patches, :patches]
+        rest = (t[..., patches:, :], t[..., :patches, patches:])
+    else:
+        kept, rest = t[..., :patches], (t[..., patches:],)
+    if any(r.numel() and bool(r.ne(0).any()) for r in rest):
+        raise RuntimeError(f"{name}: padded patches past the sample's {patches} real ones hold non-zero "
+                           f"attention; the capture's patch mask was not applied")
+    return kept
+
+
 def records_from_capture(tensors: Dict[str, torch.Tensor], index: Dict[str, Dict[str, Any]], prompt_ids,
                          new_ids=None, attention_mask=None, image_bound=None, tgt_sizes=None, slice_layouts=None,
-                         tokenizer=None, meta=None) -> List[AttentionRecord]:
+                         tokenizer=None, meta=None, eos_ids=None) -> List[AttentionRecord]:
     """Split a batch capture into one :class:`AttentionRecord` per sample, with its layout.
 
-    ``meta``: a dict for every record, or a list with one dict per sample.
+    A sample's record is the one a batch of that sample alone gives (same names, shapes, index
+    and layout): the batch's padding is dropped. Its positions count from its first real token
+    (the left padding of ``attention_mask`` is cut from the layout, the LLM rows and key columns,
+    and ``rows`` / ``cols`` / ``image_bound`` are re-based); an answer that ended before the
+    batch's keeps only its own tokens (``answer_lengths`` with ``eos_ids``), with no row or
+    listed column for its last token (never fed alone); vision and resampler tensors hold only
+    its slices, cut to its largest slice's real patches; a sample without images has none.
+    This works on the output of ``generate`` with a spec (``captured``, ``capture_index``,
+    ``sequences``) as on ``chat``'s. ``meta``: a dict for every record, or one per sample.
     """
     prompt_ids = prompt_ids.detach().cpu()
     B, n_prompt = prompt_ids.shape
     new_ids = torch.zeros((B, 0), dtype=prompt_ids.dtype) if new_ids is None else new_ids.detach().cpu()
     full = torch.cat([prompt_ids, new_ids.to(prompt_ids.dtype)], 1)
-    mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask.detach().cpu()
+    pads = left_padding(torch.ones_like(prompt_ids) if attention_mask is None else attention_mask)
+    answers = answer_lengths(new_ids, eos_ids)
     special = special_token_ids(tokenizer)
-    n_slices = [len(t) if t is not None else 0 for t in (tgt_sizes or [[]] * B)]
+    sizes = [[(int(h), int(w)) for h, w in (t.tolist() if isinstance(t, torch.Tensor) else t)] if t is not None else []
+             for t in (tgt_sizes or [[]] * B)]
     records, offset = [], 0
     for b in range(B):
-        ids = full[b].tolist()
+        pad, n_answer = pads[b], answers[b]
+        ids = full[b, pad:n_prompt + n_answer].tolist()
+        length = len(ids)
+        # rows and listed columns: the positions fed; an answer that ended early had its last
+        # token fed only because the batch went on
+        fed = length - 1 if n_answer < new_ids.shape[1] else length
         tokens = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(t) for t in ids]
         tokens = [t if t is not None else "" for t in tokens]
-        padding = int((mask[b] == 0).sum())
-        valid = mask[b].bool().tolist()
-        ended = False
-        for t in new_ids[b].tolist():  # zeros after the answer ended are padding
-            valid.append(not ended and t != 0)
-            ended = ended or t == 0
-        layout = layout_for_sample(ids, tokens, n_prompt, padding, image_bound[b] if image_bound is not None else [],
-                                   (slice_layouts[b] if slice_layouts is not None else []), special, valid)
+        bound = image_bound[b] if image_bound is not None else []
+        bound = [(int(a) - pad, int(e) - pad) for a, e in (bound.tolist() if isinstance(bound, torch.Tensor) else bound)]
+        layout = layout_for_sample(ids, tokens, n_prompt - pad, 0, bound,
+                                   (slice_layouts[b] if slice_layouts is not None else []), special)
+        n_slices = len(sizes[b])
+        patches = max((h * w for h, w in sizes[b]), default=0)
         rec_tensors, rec_index = {}, {}
         for name, t in tensors.items():
             info = dict(index.get(name, {}))
             if parse_hook_name(name)[0] == "llm":
-                rec_tensors[name] = t[b]
                 if info.get("cols") is not None:
                     info["cols"] = info["cols"][b]
+                rec_tensors[name] = _sample_llm(t[b], info, pad, length, fed)
+            elif n_slices:
+                rec_tensors[name] = _sample_patches(name, t[offset:offset + n_slices], patches)
             else:
-                rec_tensors[name] = t[offset:offset + n_slices[b]]
+                continue  # no image: no vision or resampler map, as when it runs alone
             rec_index[name] = info
-        offset += n_slices[b]
+        offset += n_slices
         records.append(AttentionRecord(tensors=rec_tensors, index=rec_index, layout=layout,
                                        meta=dict((meta[b] if isinstance(meta, list) else meta) or {}, sample=b)))
     return records
@@ -373,7 +456,9 @@ def replay_capture(model, model_inputs: Dict[str, Any], new_ids: torch.Tensor, s
         prompt_mask = torch.ones_like(prompt)
     fed = new_ids[:, :-1]
     ids = torch.cat([prompt, fed], 1)
-    mask = torch.cat([prompt_mask.to(fed.dtype), (fed != 0).to(fed.dtype)], 1)
+    answers = torch.tensor(answer_lengths(new_ids, model._terminator_ids(tokenizer)), device=fed.device)
+    in_answer = torch.arange(fed.shape[1], device=fed.device)[None] < answers[:, None]  # not generate's padding
+    mask = torch.cat([prompt_mask.to(fed.dtype), in_answer.to(fed.dtype)], 1)
     data = {"input_ids": ids, "pixel_values": model_inputs.get("pixel_values"),
             "tgt_sizes": model_inputs.get("tgt_sizes"), "image_bound": model_inputs.get("image_bound"),
             "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
@@ -397,6 +482,6 @@ def chat_records(model, result, spec, replay: bool, inputs, prompts: Sequence[st
         tensors, index, prompt_ids=model_inputs["input_ids"], new_ids=sequences,
         attention_mask=model_inputs.get("attention_mask"), image_bound=model_inputs.get("image_bound"),
         tgt_sizes=model_inputs.get("tgt_sizes"), slice_layouts=inputs.get("slice_layouts"), tokenizer=tokenizer,
-        meta=[{"prompt": p, "answer": a, "spec": spec.describe(), "replayed": replay,
+        eos_ids=model._terminator_ids(tokenizer), meta=[{"prompt": p, "answer": a, "spec": spec.describe(), "replayed": replay,
                "model": str(getattr(model.config, "_name_or_path", ""))} for p, a in zip(prompts, texts)])
     return texts, records

@@ -508,6 +508,24 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
         inputs.update(kwargs)
         return inputs
 
+    def _get_logits_processor(self, *args, **kwargs):
+        """transformers' logits processors, with the repetition penalty on every new token of
+        every sample when generating from ``inputs_embeds`` (as MiniCPM-V does).
+
+        There ``input_ids`` holds only the new tokens, yet transformers 5.x skips, per row, as
+        many of them as the row has left padding (``prompt_ignore_length``, meant for a prompt
+        that is not there): a padded sample's answer went unpenalised and so changed with its
+        batch. transformers 4.4x (upstream's) penalises every new token; so does this.
+        """
+        processors = super()._get_logits_processor(*args, **kwargs)
+        prompt_len = kwargs.get("input_ids_seq_length", args[1] if len(args) > 1 else None)
+        if not prompt_len:  # no prompt ids: generating from inputs_embeds
+            for p in processors:
+                if type(p).__name__ == "RepetitionPenaltyLogitsProcessor" and \
+                        getattr(p, "prompt_ignore_length", None) is not None:
+                    p.prompt_ignore_length = None
+        return processors
+
     def generate(self, *args, **kwargs):
         """transformers' ``generate``, with the fork's invariants checked at every step.
 

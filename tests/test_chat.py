@@ -107,11 +107,9 @@ def test_batched_chat_returns_records(setup):
     assert records[1].layout.images[0].grid is None
     n1 = len(records[1].layout.slices)
     assert records[1]["resampler.attn"].shape[0] == n1 and records[0]["resampler.attn"].shape[0] == 7
-    # the shorter prompt is left padded: its padding positions are role "special"
-    pads = [r.layout.padding for r in records]
-    assert min(pads) == 0 and max(pads) > 0
-    padded = records[pads.index(max(pads))]
-    assert all(r == "special" for r in padded.layout.roles[: padded.layout.padding])
+    # the shorter prompt was left padded in the batch; its record starts at its own first token
+    assert len({r.layout.n_prompt for r in records}) == 2
+    assert all(r.layout.padding == 0 and r.layout.tokens[0] == "<|im_start|>" for r in records)
 
 
 def test_stream(setup):
