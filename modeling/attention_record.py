@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .capture import ROLES, STAGES, hook_sort_key, pad_llm_columns, parse_hook_name, special_token_ids, token_roles
+from .capture import (ROLES, STAGES, hook_sort_key, left_padding, pad_llm_columns, parse_hook_name, special_token_ids,
+                      token_roles)
 from .layout import ImageLayout, SliceLayout
 RECORD_FORMAT = "minicpmv-attn.record/1"
 
@@ -313,22 +314,6 @@ def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, 
                        images=layouts, n_prompt=int(n_prompt), padding=int(padding))
 
 
-def left_padding(attention_mask) -> List[int]:
-    """Left padding positions per sample of a [B, L] prompt mask (zeros, then ones).
-
-    Records drop them (:func:`records_from_capture`); a mask with a zero after a one (right or
-    inner padding) is refused, since a sample's positions would then not be one run."""
-    mask = torch.as_tensor(attention_mask).detach().cpu().bool()
-    pads = []
-    for b, row in enumerate(mask):
-        n = int((~row).sum())
-        if bool(row[:n].any()) or not bool(row[n:].all()):
-            raise ValueError(f"attention_mask row {b}: expected left padding (zeros, then ones), got "
-                             f"{row.int().tolist()[:40]}{' ...' if len(row) > 40 else ''}")
-        pads.append(n)
-    return pads
-
-
 def answer_lengths(new_ids, eos_ids=None) -> List[int]:
     """New tokens per sample that belong to its answer (``new_ids`` [B, n_new]).
 
@@ -347,14 +332,16 @@ def answer_lengths(new_ids, eos_ids=None) -> List[int]:
     return out
 
 
-def _sample_llm(t: torch.Tensor, info: Dict[str, Any], pad: int, length: int, fed: int):
+def _sample_llm(t: torch.Tensor, info: Dict[str, Any], pad: int, length: int, fed: int, wanted=None):
     """One sample's LLM map [H', R, C] (its row of the batch tensor) in its own positions.
 
-    Rows and listed columns keep the positions ``pad .. pad + fed - 1`` and are re-based by
-    ``-pad``; full-width columns keep ``pad .. pad + length - 1`` (the sample's tokens)."""
+    Rows and listed columns keep the positions ``pad .. pad + fed - 1`` (rows: only those in
+    ``wanted``, the sample's own when rows were chosen per sample) and are re-based by ``-pad``;
+    full-width columns keep ``pad .. pad + length - 1`` (the sample's tokens)."""
     rows, cols = info.get("rows"), info.get("cols")
     pos = range(t.shape[1]) if rows is None else rows
-    keep_rows = [i for i, p in enumerate(pos) if pad <= p < pad + fed]
+    wanted = None if wanted is None else set(wanted)
+    keep_rows = [i for i, p in enumerate(pos) if pad <= p < pad + fed and (wanted is None or p in wanted)]
     if len(keep_rows) != t.shape[1]:
         t = t[:, keep_rows]
     if rows is not None:
@@ -427,7 +414,8 @@ def records_from_capture(tensors: Dict[str, torch.Tensor], index: Dict[str, Dict
             if parse_hook_name(name)[0] == "llm":
                 if info.get("cols") is not None:
                     info["cols"] = info["cols"][b]
-                rec_tensors[name] = _sample_llm(t[b], info, pad, length, fed)
+                wanted = info.pop("sample_rows", None)
+                rec_tensors[name] = _sample_llm(t[b], info, pad, length, fed, None if wanted is None else wanted[b])
             elif n_slices:
                 rec_tensors[name] = _sample_patches(name, t[offset:offset + n_slices], patches)
             else:

@@ -348,6 +348,7 @@ class AttentionCapture:
         self.prompt_len: Optional[int] = None
         self.roles: Optional[torch.Tensor] = None  # [B, L_prompt] int8: 0 text, 1 image, 2 special
         self.generating = False
+        self.offsets: Optional[List[int]] = None  # per sample: where its non-negative spec positions start
 
     @classmethod
     def start(cls, spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_len: int, new_tokens: int = 0,
@@ -369,20 +370,29 @@ class AttentionCapture:
         return layer in self.layers.get(stage, ())
 
     def begin_llm(self, prompt_len: int, roles: Optional[torch.Tensor] = None, generating: bool = False,
-                  positions: Optional[int] = None):
+                  positions: Optional[int] = None, offsets: Optional[Sequence[int]] = None):
         """Start the LLM part: ``prompt_len`` prompt positions (negative rows count from its end),
         int8 ``roles`` [B, L], and ``positions``, how many positions this call will feed in all
         (generate: prompt + new tokens - 1, the last token is never fed). Rows and columns that
-        can never be fed are refused here, before anything runs."""
+        can never be fed are refused here, before anything runs.
+
+        ``offsets`` (generate, and chat's replay: each sample's left padding, :func:`sample_offsets`):
+        non-negative spec rows and columns count from each sample's first real token, as in a
+        run of that sample alone. The batch tensor then holds the union of the samples' rows
+        (batch positions in ``rows``; ``sample_rows`` says which are each sample's) and each
+        sample's own columns. Without offsets positions are batch positions (forward)."""
         self.prompt_len = int(prompt_len)
         self.roles = roles
         self.generating = generating
+        self.offsets = None if offsets is None else [int(o) for o in offsets]
         if "llm" not in self.spec.stages:
             return
         if self.spec.rows == "generated" and not generating:
             raise CaptureError("capture rows='generated' needs generate() or chat(); use 'last', 'all' or positions in forward")
         P = self.prompt_len
         limit = positions if positions is not None else (None if generating else P)
+        if limit is not None and self.offsets:
+            limit -= min(self.offsets)  # the most positions any sample feeds, in its own numbering
         where = (f"the {limit} positions this call feeds" if generating else f"the sequence of {limit} positions") \
             if limit is not None else "the sequence"
         if not isinstance(self.spec.rows, str):
@@ -409,7 +419,7 @@ class AttentionCapture:
         elif rows == "generated":
             keep = pos >= P - 1
         else:
-            want = torch.tensor([r + P if r < 0 else r for r in rows], device=device)
+            want = torch.tensor(sorted(self._wanted_rows(rows, P, self.offsets or [0])), device=device)
             keep = (pos[:, None] == want[None, :]).any(-1)
         return torch.nonzero(keep).flatten()
 
@@ -418,13 +428,12 @@ class AttentionCapture:
         if cols == "all":
             return None, None
         if not isinstance(cols, str):
-            bad = [c for c in cols if c >= k_len and not self.generating]
+            offsets = self.offsets if self.offsets is not None else [0] * batch
+            bad = [c for c in cols if c + min(offsets) >= k_len and not self.generating]
             if bad:
                 raise CaptureError(f"capture cols {bad} are outside the {k_len} key positions")
-            idx = torch.tensor([c for c in cols], device=device).clamp(max=k_len - 1)
-            idx = idx[None].expand(batch, -1)
-            valid = torch.tensor([c < k_len for c in cols], device=device)[None].expand(batch, -1)
-            return idx, valid
+            pos = torch.tensor(cols, device=device)[None] + torch.tensor(offsets, device=device)[:, None]
+            return pos.clamp(max=k_len - 1), pos < k_len
         code = ROLE_CODES[cols]
         P = self.prompt_len or k_len
         roles = self.roles
@@ -443,6 +452,12 @@ class AttentionCapture:
         order = torch.argsort((~member).to(torch.int8), dim=1, stable=True)[:, :K]
         valid = torch.arange(K, device=device)[None] < counts[:, None]
         return order, valid
+
+    @staticmethod
+    def _wanted_rows(rows: Sequence[int], P: int, offsets: Sequence[int]) -> set:
+        """Batch positions of a list of rows: negative ones from the end of the ``P``-token
+        prompt, the others from each of ``offsets`` (a sample's first real token)."""
+        return {r + P for r in rows if r < 0} | {r + o for r in rows if r >= 0 for o in offsets}
 
     # -- recording -----------------------------------------------------------------------
     def capture(self, name: str, module, query, key, scaling: float, mask: AttnMask):
@@ -536,6 +551,9 @@ class AttentionCapture:
                 full_rows = len(pieces) == 1 and rows.numel() == pieces[0].tensor.shape[2] and bool(
                     (rows == torch.arange(rows.numel())).all()) and self.spec.rows == "all"
                 info["rows"] = None if full_rows else rows.tolist()
+                if self.offsets is not None and not isinstance(self.spec.rows, str):
+                    wanted = [self._wanted_rows(self.spec.rows, self.prompt_len, [o]) for o in self.offsets]
+                    info["sample_rows"] = [[p for p in info["rows"] if p in w] for w in wanted]
                 last = pieces[-1]
                 if last.cols is None:
                     info["cols"] = None
@@ -682,6 +700,30 @@ def attached_capture(model: nn.Module) -> Optional["AttentionCapture"]:
         if hasattr(m, "hook_name"):
             return m.__dict__.get("attention_capture")
     return None
+
+
+def left_padding(attention_mask) -> List[int]:
+    """Left padding positions per sample of a [B, L] prompt mask (zeros, then ones).
+
+    A mask with a zero after a one (right or inner padding) is refused: a sample's positions
+    would not be one run, and records could not be numbered as the sample alone."""
+    mask = torch.as_tensor(attention_mask).detach().cpu().bool()
+    pads = []
+    for b, row in enumerate(mask):
+        n = int((~row).sum())
+        if bool(row[:n].any()) or not bool(row[n:].all()):
+            raise ValueError(f"attention_mask row {b}: expected left padding (zeros, then ones), got "
+                             f"{row.int().tolist()[:40]}{' ...' if len(row) > 40 else ''}")
+        pads.append(n)
+    return pads
+
+
+def sample_offsets(spec: CaptureSpec, attention_mask) -> Optional[List[int]]:
+    """Each sample's left padding when ``spec`` selects LLM rows or columns by position (so they
+    count from each sample's first real token, :meth:`AttentionCapture.begin_llm`), else None."""
+    if attention_mask is None or (isinstance(spec.rows, str) and isinstance(spec.cols, str)):
+        return None
+    return left_padding(attention_mask)
 
 
 def pad_llm_columns(tensors: Dict[str, torch.Tensor], index: Dict[str, Any], total: int) -> Dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from .attention import set_attention_implementation
 from .capture import (AttentionCapture, CaptureError, CaptureSpec, attached, pad_llm_columns, parse_hook_name,
-                      special_token_ids, token_roles)
+                      sample_offsets, special_token_ids, token_roles)
 from .checkpoint import (CheckpointError, check_checkpoint_folder, check_checkpoint_tensors, check_loaded_weights,
                          execution_device)  # fork: modeling_minicpmv.MiniCPMV.get_vllm_embedding (device_map)
 from .configuration_minicpm import MiniCPMVConfig
@@ -311,7 +311,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         ``vision_attentions``, ``resampler_attentions``) or a capture spec (dict /
         :class:`CaptureSpec`; see ``captured``). Padding rows of captured maps are zero.
         ``prompt_length``: replaying a generated answer, positions from here on count as
-        generated (capture ``rows="generated"``; negative rows count from here).
+        generated (capture ``rows="generated"``; negative rows count from here) and, as in
+        ``generate``, non-negative spec positions count from each sample's first real token.
+        Otherwise they are positions of the (left-padded) batch.
         """
         spec = CaptureSpec.from_flag(output_attentions)
         capture = self.new_capture(spec, data) if spec is not None else None
@@ -321,7 +323,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if capture is not None:
             roles = token_roles(data["input_ids"], data.get("image_bound"), attention_mask, special_token_ids)
             capture.begin_llm(data["input_ids"].shape[1] if prompt_length is None else int(prompt_length), roles,
-                              generating=prompt_length is not None, positions=data["input_ids"].shape[1])
+                              generating=prompt_length is not None, positions=data["input_ids"].shape[1],
+                              offsets=None if prompt_length is None or attention_mask is None else
+                              sample_offsets(spec, attention_mask[:, :int(prompt_length)]))
         with attached(self, capture):
             embeds, vision_hidden_states = self.get_vllm_embedding(data)
             out = self.llm(input_ids=None, inputs_embeds=embeds, position_ids=position_ids,
@@ -401,7 +405,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 if capture is not None:
                     roles = token_roles(input_ids, image_bound, attention_mask, special_token_ids(tokenizer))
                     capture.begin_llm(embeds.shape[1], roles, generating=True,
-                                      positions=embeds.shape[1] + max_new - 1)
+                                      positions=embeds.shape[1] + max_new - 1,
+                                      offsets=sample_offsets(spec, attention_mask))
                     if per_step:  # transformers collects the LLM's per-step attentions itself
                         gen_kwargs.update(output_attentions=True, return_dict_in_generate=True)
                 with attached(self.llm, None if per_step else capture):

@@ -28,6 +28,8 @@ SPECS = {
     "generated-text-mean": {"rows": "generated", "cols": "text", "reduce": "mean"},
     "prompt-end-special-max": {"rows": [-3, -1], "cols": "special", "reduce": "max", "heads": {"llm": [1, 3]}},
     "all-rows-image-cols": {"stages": ["llm", "resampler"], "rows": "all", "cols": "image", "layers": [-1]},
+    # non-negative positions count from each sample's first real token, as when it runs alone
+    "positions": {"stages": ["llm"], "rows": [0, 3, 9, -1], "cols": [0, 2, 5, 11], "reduce": "mean"},
 }
 
 
@@ -118,7 +120,8 @@ def _inputs(processor, convs):
     return processor(list(prompts), list(images), return_tensors="pt"), list(prompts)
 
 
-@pytest.mark.parametrize("spec", [SPECS["everything"], SPECS["prompt-end-special-max"]], ids=["everything", "rows"])
+@pytest.mark.parametrize("spec", [SPECS["everything"], SPECS["prompt-end-special-max"], SPECS["positions"]],
+                         ids=["everything", "prompt-end", "positions"])
 def test_generate_records_equal_solo_run(setup, spec):
     model, processor, convs = setup
     tok = processor.tokenizer
@@ -138,11 +141,12 @@ def test_generate_records_equal_solo_run(setup, spec):
         assert_same_record(batched[i], run([conv])[0], f"generate sample {i}")
 
 
-def test_replayed_records_equal_solo_run(setup):
+@pytest.mark.parametrize("spec", [{"rows": "generated"}, SPECS["positions"]], ids=["generated", "positions"])
+def test_replayed_records_equal_solo_run(setup, spec):
     """Beam search captures by replaying the answers; the same answers give the same records."""
     model, processor, convs = setup
     tok = processor.tokenizer
-    spec = CaptureSpec(rows="generated", reduce="none")
+    spec = CaptureSpec(**spec)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     answers = [[45, 46, 47, 48], [50, end, 0, 0], [60, 61, end, 0]]  # two end early: pad (0) after the end
 
