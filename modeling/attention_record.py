@@ -5,13 +5,18 @@ A record describes ONE sample (one row of a batch). It holds
 * ``tensors``: ``{hook name: tensor}``. Hook names are stable:
   ``llm.layers.{i}.attn`` -> [H', R, C] (heads kept or 1 after a reduction,
   query rows, key columns), ``vision.layers.{i}.attn`` -> [S, H', P, P] (S = this
-  sample's slices, P = padded patch count), ``resampler.attn`` -> [S, H', Q, P].
+  sample's slices, P = the patch count of its largest slice; smaller slices are zero
+  past their own), ``resampler.attn`` -> [S, H', Q, P]; a sample without images has none.
 * ``index``: per tensor, how its axes map back to the sequence:
   ``rows`` (LLM positions of the query rows, or ``None`` for all), ``cols`` (LLM
   key positions, or ``None`` for all), ``heads`` (kept head ids, or ``None`` for
   all), ``reduce`` (``"none"``, ``"mean"``, ``"max"``).
 * ``layout``: a :class:`TokenLayout` (token strings, roles, image bounds, per image
   its slices with patch grids and boxes in original pixel coordinates).
+
+A record does not depend on the batch it was captured in (:func:`records_from_capture`):
+positions count from the sample's first real token, as when it runs alone, and the batch's
+padding (left padding, an ended answer's padding, padded patches) is cut.
 
 Records save to ``<stem>.safetensors`` + ``<stem>.json`` (both written atomically)
 and load back identical.
@@ -41,7 +46,8 @@ class TokenLayout:
     image_bound: List[Tuple[int, int]]
     images: List[ImageLayout] = field(default_factory=list)
     n_prompt: int = 0  # positions >= n_prompt are generated tokens
-    padding: int = 0  # left padding positions (role "special", token "<pad>")
+    padding: int = 0  # left padding positions (role "special", token "<pad>"); 0 in records made
+    # by records_from_capture (they cut it), kept for records and layouts made otherwise
 
     def __post_init__(self):
         n = len(self.input_ids)

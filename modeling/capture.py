@@ -203,9 +203,12 @@ class CaptureSpec:
     heads: None (all), a list of head ids, or ``{"llm": [...], "vision": [...], "resampler": [...]}``.
     rows (LLM query rows): ``"all"``, ``"last"`` (last prompt token), ``"generated"`` (the
         rows that produced each new token, generate/chat only), an int, a list of
-        positions, or a ``range``/``slice``. Negative positions count from the prompt end.
+        positions, or a ``range``/``slice``. Negative positions count from the prompt end;
+        in ``generate`` / ``chat`` non-negative ones count from each sample's first real
+        token (so a sample selects the same rows in any batch), in ``forward`` they are
+        positions of the left-padded batch.
     cols (LLM key columns): ``"all"``, ``"image"``, ``"text"`` (prompt text and generated
-        tokens), ``"special"``, or a list of positions.
+        tokens), ``"special"``, or a list of positions (numbered as ``rows``).
     reduce: head reduction ``"none"``, ``"mean"`` or ``"max"`` (over the selected heads).
     dtype: stored dtype (None: the model's compute dtype, like eager attention).
     device: where to put captured tensors (None: where they are computed; ``"cpu"``

@@ -366,7 +366,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         per-step LLM attentions plus vision/resampler attentions. A capture spec: each
         selected LLM layer ends as one tensor [B, H', rows, L_prompt + n_new] (rows
         appended as tokens are generated), returned in ``captured``. With attention
-        requested the result is a :class:`MiniCPMVGenerateOutput`.
+        requested the result is a :class:`MiniCPMVGenerateOutput`;
+        ``attention_record.records_from_capture`` splits its capture into one record per
+        sample, each the record that sample gets alone.
         """
         if input_ids is None:
             raise ValueError("generate: input_ids is required")
@@ -438,8 +440,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
              max_slice_nums=None, use_image_id=None, output_attentions=None, **kwargs):
         """Upstream's chat. With ``output_attentions`` (True or a capture spec) it returns
         ``(answer, record)``: the answer and an :class:`AttentionRecord` (a list of both
-        for batched msgs). ``True`` captures everything; beam search (``sampling=False``)
-        captures by replaying the chosen answer through one forward pass.
+        for batched msgs; each conversation's record is the one it gets alone). ``True``
+        captures everything; beam search (``sampling=False``) captures by replaying the
+        chosen answer through one forward pass.
         """
         from .attention_record import chat_records
 
