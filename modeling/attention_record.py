@@ -409,7 +409,8 @@ def records_from_capture(tensors: Dict[str, torch.Tensor], index: Dict[str, Dict
         tokens = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(t) for t in ids]
         tokens = [t if t is not None else "" for t in tokens]
         bound = image_bound[b] if image_bound is not None else []
-        bound = [(int(a) - pad, int(e) - pad) for a, e in (bound.tolist() if isinstance(bound, torch.Tensor) else bound)]
+        bound = bound.tolist() if isinstance(bound, torch.Tensor) else bound
+        bound = [(int(a) - pad, int(e) - pad) for a, e in bound]
         layout = layout_for_sample(ids, tokens, n_prompt - pad, 0, bound,
                                    (slice_layouts[b] if slice_layouts is not None else []), special)
         n_slices = len(sizes[b])
@@ -476,6 +477,7 @@ def chat_records(model, result, spec, replay: bool, inputs, prompts: Sequence[st
         tensors, index, prompt_ids=model_inputs["input_ids"], new_ids=sequences,
         attention_mask=model_inputs.get("attention_mask"), image_bound=model_inputs.get("image_bound"),
         tgt_sizes=model_inputs.get("tgt_sizes"), slice_layouts=inputs.get("slice_layouts"), tokenizer=tokenizer,
-        eos_ids=model._terminator_ids(tokenizer), meta=[{"prompt": p, "answer": a, "spec": spec.describe(), "replayed": replay,
+        eos_ids=model._terminator_ids(tokenizer),
+        meta=[{"prompt": p, "answer": a, "spec": spec.describe(), "replayed": replay,
                "model": str(getattr(model.config, "_name_or_path", ""))} for p, a in zip(prompts, texts)])
     return texts, records

@@ -1,5 +1,7 @@
 """Access to the golden fixtures in ../shared/golden (upstream's real outputs)."""
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,3 +40,15 @@ def load_meta(case: str):
 
 def real_patch_counts(data):
     return [int(h) * int(w) for sizes in data["tgt_sizes"] for h, w in sizes.tolist()]
+
+
+def chat_checkpoint(parent, case: str = "single_image") -> Path:
+    """A copy of a golden checkpoint in ``parent`` with the demo tokenizer beside it (what
+    ``chat`` and ``AutoProcessor`` need); returns its folder."""
+    from minicpmv_attn.demo import demo_tokenizer_path
+
+    folder = Path(parent) / case
+    shutil.copytree(case_dir(case), folder)
+    for name in os.listdir(str(demo_tokenizer_path())):
+        shutil.copy(os.path.join(str(demo_tokenizer_path()), name), folder)
+    return folder

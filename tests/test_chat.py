@@ -1,15 +1,11 @@
 """chat() end to end on a golden checkpoint with the shipped tokenizer, with and without attention."""
-import os
-import shutil
-
 import pytest
 import torch
 from PIL import Image
 
-from golden import case_dir
+from golden import chat_checkpoint
 from minicpmv_attn import AttentionRecord, CaptureError, MiniCPMV
 from minicpmv_attn.modeling_minicpmv import chat_prompt
-from minicpmv_attn.demo import demo_tokenizer_path
 
 MSGS = [{"role": "user", "content": "Describe please."}]
 
@@ -20,10 +16,7 @@ pytestmark = pytest.mark.compat
 def setup(tmp_path_factory):
     from transformers import AutoProcessor
 
-    folder = tmp_path_factory.mktemp("ckpt") / "single_image"
-    shutil.copytree(case_dir("single_image"), folder)
-    for name in os.listdir(str(demo_tokenizer_path())):
-        shutil.copy(os.path.join(str(demo_tokenizer_path()), name), folder)
+    folder = chat_checkpoint(tmp_path_factory.mktemp("ckpt"))
     processor = AutoProcessor.from_pretrained(str(folder))
     model = MiniCPMV.from_pretrained(str(folder)).eval()
     image = Image.open(folder / "image_0_0.png")
