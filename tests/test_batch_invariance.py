@@ -157,6 +157,18 @@ def test_replayed_records_equal_solo_run(setup, spec):
         assert_same_record(batched[i], replay([i])[0], f"replay sample {i}")
 
 
+def test_beam_search_chat_records_equal_solo_run(setup):
+    """chat's default sampling=False (3 beams, repetition penalty 1.2, captured by replay)."""
+    model, processor, convs = setup
+    spec = {"rows": "generated", "reduce": "mean"}
+    answers, records = chat(model, processor, convs, spec, num_beams=3)
+    assert all(r.meta["replayed"] for r in records)
+    for i, conv in enumerate(convs):
+        (answer,), (solo,) = chat(model, processor, [conv], spec, num_beams=3)
+        assert answers[i] == answer
+        assert_same_record(records[i], solo, f"beam chat sample {i}")
+
+
 def test_extraction_record_equals_batched_chat(setup):
     """Extraction runs one chat per line (it does not batch); its record, with its default
     spec, equals that line's record from a batched chat."""
@@ -186,3 +198,15 @@ def test_full_batch_forward_keeps_stock_padding(setup):
     n_slices = sum(len(t) for t in inputs["tgt_sizes"])
     P = max(int(h) * int(w) for t in inputs["tgt_sizes"] for h, w in t)
     assert out.resampler_attentions.shape[0] == n_slices and out.resampler_attentions.shape[-1] == P
+
+
+def test_answer_lengths_and_left_padding():
+    from minicpmv_attn.attention_record import answer_lengths
+    from minicpmv_attn.capture import left_padding
+
+    new = torch.tensor([[5, 0, 7, 9], [5, 2, 0, 0], [0, 0, 0, 0]])  # 0: generate's padding (and a real token)
+    assert answer_lengths(new, eos_ids=[2]) == [4, 2, 4]  # through the first terminator, else all
+    assert answer_lengths(new) == [4, 2, 0]  # through the last non-zero token: a 0 inside an answer stays
+    assert left_padding(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])) == [2, 0]
+    with pytest.raises(ValueError, match=r"attention_mask row 1: expected left padding \(zeros, then ones\)"):
+        left_padding(torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
