@@ -64,20 +64,91 @@ def safetensors_files(path: str) -> Optional[List[str]]:
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of floating dtypes
+_TORCH_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                      torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL", torch.int16: "I16", torch.int32: "I32",
+                      torch.int64: "I64"}
+
+
+def bin_files(path: str) -> Optional[List[str]]:
+    """The ``pytorch_model.bin`` weight files of a folder without safetensors (from its index when
+    sharded); None if it has none."""
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a PyTorch weights index ({type(e).__name__}: {e})") from None
+    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        return ["pytorch_model.bin"]
+    return None
+
+
+def load_bin(file: str) -> Dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` state dict, read with ``weights_only`` (no code runs; memory-mapped
+    where the file allows): name -> tensor, or :class:`CheckpointError` naming the file."""
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: weights file listed in the index is missing")
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch raise many types
+        raise CheckpointError(f"{file}: not a weights-only PyTorch state dict ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{file}: expected a state dict of name -> tensor, found {type(state).__name__}")
+    return state
+
+
+def _weight_files(path: str) -> Tuple[Optional[List[str]], str]:
+    """(weight files, "safetensors" | "bin"): what transformers loads, safetensors first."""
+    files = safetensors_files(path)
+    if files is not None:
+        return files, "safetensors"
+    return bin_files(path), "bin"
+
+
+def _read_tensor(path: str, files: List[str], key: str) -> Optional[torch.Tensor]:
+    """The whole tensor ``key`` from the folder's weight files (safetensors or bin); None if absent."""
+    from safetensors import safe_open
+
+    for name in files:
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as handle:
+                if key in handle.keys():
+                    return handle.get_tensor(key)
+        else:
+            state = load_bin(file)
+            if key in state:
+                return state[key]
+    return None
 
 
 def checkpoint_tensor_shapes(path: str, dtypes: Optional[Dict[str, str]] = None
                              ) -> Optional[Dict[str, Tuple[int, ...]]]:
-    """Tensor name -> shape from the safetensors headers of a folder (no data read); None if not
-    safetensors. ``dtypes``, when given, is filled with each tensor's safetensors dtype name."""
+    """Tensor name -> shape from the safetensors headers of a folder (no data read), or from its
+    ``pytorch_model.bin`` files (read with ``weights_only``) when it has no safetensors; None if it
+    has neither. ``dtypes``, when given, is filled with each tensor's safetensors dtype name."""
     from safetensors import safe_open
 
-    files = safetensors_files(path)
+    files, kind = _weight_files(path)
     if files is None:
         return None
     shapes = {}
     for name in files:
         file = os.path.join(path, name)
+        if kind == "bin":  # the same checks as safetensors, read with weights_only
+            for key, t in load_bin(file).items():
+                shapes[key] = tuple(t.shape)
+                if dtypes is not None:
+                    dtypes[key] = _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype))
+            continue
         if not os.path.isfile(file):
             raise CheckpointError(f"{path}: weights file {name} listed in the index is missing")
         try:
@@ -99,13 +170,16 @@ QUANT_FORMATS = {
                  "nested": ("{W}.nested_absmax", "{W}.nested_quant_map")},
     "bnb-8bit": {"required": ("{M}.SCB",), "optional": ("{M}.weight_format",)},
 }
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # bnb_4bit_compute_dtype values bitsandbytes computes in
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
 
 
 def quantization_format(path: str) -> Optional[Dict[str, object]]:
     """The folder's quantisation as ``{"format": "bnb-4bit"|"bnb-8bit", "type": "nf4"|"fp4"|None,
-    "double": bool, "skip": llm_int8_skip_modules}``, from config.json's ``quantization_config``;
-    None for a float checkpoint. Another quantisation method is refused (named)."""
+    "double": bool, "skip": llm_int8_skip_modules, "skip_given": whether the config has that list}``,
+    from config.json's ``quantization_config``; None for a float checkpoint. Another quantisation
+    method, a 4-bit compute dtype that is not floating and a skip list that is not a list of
+    names are refused (named)."""
     cfg_path = os.path.join(path, "config.json")
     try:
         with open(cfg_path, encoding="utf-8") as f:
@@ -117,32 +191,40 @@ def quantization_format(path: str) -> Optional[Dict[str, object]]:
     if not isinstance(qc, dict):
         raise CheckpointError(f"{cfg_path}: quantization_config is {type(qc).__name__}, expected an object")
     method = qc.get("quant_method", "bitsandbytes")
-    skip = list(qc.get("llm_int8_skip_modules") or [])
+    given = qc.get("llm_int8_skip_modules")
+    if given is not None and (not isinstance(given, list) or not all(isinstance(m, str) and m for m in given)):
+        raise CheckpointError(f"{cfg_path}: quantization_config.llm_int8_skip_modules is {given!r}, expected a list "
+                              f"of module names")
+    skip = list(given or [])
     if method == "bitsandbytes" and qc.get("load_in_4bit"):
         qtype = qc.get("bnb_4bit_quant_type", "fp4")
         if qtype not in ("nf4", "fp4"):
             raise CheckpointError(f"{cfg_path}: quantization_config.bnb_4bit_quant_type is {qtype!r}, "
                                   f"expected 'nf4' or 'fp4'")
-        return {"format": "bnb-4bit", "type": qtype, "double": bool(qc.get("bnb_4bit_use_double_quant")), "skip": skip}
+        compute = qc.get("bnb_4bit_compute_dtype")
+        if compute is not None and str(compute).replace("torch.", "") not in COMPUTE_DTYPES:
+            raise CheckpointError(f"{cfg_path}: quantization_config.bnb_4bit_compute_dtype is {compute!r}, expected "
+                                  f"one of {', '.join(COMPUTE_DTYPES)} (4-bit layers compute in a floating dtype)")
+        return {"format": "bnb-4bit", "type": qtype, "double": bool(qc.get("bnb_4bit_use_double_quant")), "skip": skip,
+                "skip_given": given is not None}
     if method == "bitsandbytes" and qc.get("load_in_8bit"):
-        return {"format": "bnb-8bit", "type": None, "double": False, "skip": skip}
+        return {"format": "bnb-8bit", "type": None, "double": False, "skip": skip, "skip_given": given is not None}
     raise CheckpointError(f"{cfg_path}: quantization_config (quant_method {method!r}) is not a supported format; "
                           f"supported: bitsandbytes load_in_4bit (nf4/fp4) and load_in_8bit")
 
 
 def _quant_state_json(path: str, files: List[str], key: str) -> Dict[str, object]:
     """A 4-bit weight's packed quant state (JSON bytes in a uint8 tensor) read from the folder."""
-    from safetensors import safe_open
-
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as handle:
-            if key in handle.keys():
-                raw = handle.get_tensor(key)
-                try:
-                    return json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise CheckpointError(f"{path}: {key} is not a bitsandbytes quant state ({e})") from None
-    raise CheckpointError(f"{path}: {key} is listed but not readable")
+    raw = _read_tensor(path, files, key)
+    if raw is None:
+        raise CheckpointError(f"{path}: {key} is listed but not readable")
+    try:
+        state = json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {key} is not a bitsandbytes quant state ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {key} is not a bitsandbytes quant state (found {type(state).__name__})")
+    return state
 
 
 def _kept_float(module: str, skip: List[str]) -> bool:
@@ -205,6 +287,33 @@ def _quantized_weights(path: str, files: List[str], fmt: Dict[str, object], foun
     return groups, missing, wrong
 
 
+def _unquantised_linears(model, fmt: Dict[str, object], found, dtypes, linears, groups) -> List[str]:
+    """Float ``nn.Linear`` weights of the folder that its quantization_config does not keep float:
+    transformers would put them in bitsandbytes layers and the first forward would fail there.
+    Kept float: modules of ``llm_int8_skip_modules``, or, without that list, what transformers keeps
+    by default (the output embeddings, tied weights, the module of the last parameter)."""
+    skip = list(fmt["skip"])
+    if not fmt.get("skip_given"):
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip += [n for n, m in model.named_modules() if out_emb is not None and m is out_emb]
+        params = [n for n, _ in model.named_parameters()]
+        skip += [params[-1].rsplit(".", 1)[0]] if params else []
+        tied = getattr(model, "_tied_weights_keys", None) or []
+        skip += [k.rsplit(".", 1)[0] for k in (tied if isinstance(tied, (list, tuple)) else tied.keys())]
+    out = []
+    for w in sorted(linears):
+        if w in groups or w not in found or dtypes.get(w) not in FLOAT_DTYPES or _kept_float(w[: -len(".weight")], skip):
+            continue
+        out.append(w)
+    return out
+
+
+def unquantised_label(fmt: Optional[Dict[str, object]]) -> str:
+    """How a strict-check message names the float weights of :func:`_unquantised_linears`."""
+    lacks = "" if fmt is not None and fmt.get("skip_given") else ", a list config.json lacks"
+    return f"float weights that quantization_config would quantise (modules not in llm_int8_skip_modules{lacks})"
+
+
 _SAFETENSORS_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "F32": 4,
                          "I32": 4, "U32": 4, "F64": 8, "I64": 8, "U64": 8}
 
@@ -224,8 +333,16 @@ def check_checkpoint_tensors(path: str, cls) -> None:
     groups, missing, wrong = {}, [], []
     if fmt is not None:
         linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        groups, missing, wrong = _quantized_weights(path, safetensors_files(path), fmt, found, dtypes, expected,
+        groups, missing, wrong = _quantized_weights(path, _weight_files(path)[0], fmt, found, dtypes, expected,
                                                     linears)
+    unquantised: List[str] = []
+    if fmt is not None:
+        unquantised = _unquantised_linears(model, fmt, found, dtypes, linears, groups)
+        if unquantised and not groups:
+            raise CheckpointError(
+                f"{os.path.join(path, 'config.json')}: quantization_config says {fmt['format']} but no weight in the "
+                f"folder is quantised (a float checkpoint): remove quantization_config from config.json, or pass "
+                f"quantization_config= to from_pretrained to quantise while loading")
     known = set(expected) | {k for ks in groups.values() for k in ks}
     missing = sorted(set(missing) | (set(expected) - set(found)))
     unexpected = sorted(set(found) - known)
@@ -235,7 +352,8 @@ def check_checkpoint_tensors(path: str, cls) -> None:
                        if k not in groups and dtypes.get(k) not in FLOAT_DTYPES)
     problems = [f"{label} ({len(keys)}): {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else "")
                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("wrong shapes", wrong), ("not floating-point", not_float)) if keys]
+                                    ("wrong shapes", wrong), ("not floating-point", not_float),
+                                    (unquantised_label(fmt), unquantised)) if keys]
     if fmt is None and any(k.endswith(_QUANT_SUFFIXES) or ".quant_state." in k for k in unexpected):
         problems.append("the file holds quantised tensors but config.json has no quantization_config")
     if problems:

@@ -44,11 +44,11 @@ def test_spec_files_must_be_small_regular_files(tmp_path, fakes, capsys):  # noq
     os.mkfifo(tmp_path / "spec.fifo")
     (tmp_path / "big.json").write_text('{"reduce": "mean"' + " " * (2 ** 20) + "}")
     (tmp_path / "latin1.json").write_bytes(b'{"reduce": "m\xe9an"}')
-    cases = [("/dev/zero", "the spec file cannot be read: expected a regular file, found a character device"),
-             (tmp_path / "spec.fifo", "the spec file cannot be read: expected a regular file, found a FIFO"),
+    cases = [("/dev/zero", "cannot read the file: expected a regular file, found a character device"),
+             (tmp_path / "spec.fifo", "cannot read the file: expected a regular file, found a FIFO"),
              (tmp_path / "big.json", "the spec file is 1,048,594 bytes, above the limit of 1,048,576 bytes"),
              (tmp_path / "latin1.json", "the spec file is not UTF-8 text (invalid continuation byte at byte 13)"),
-             (tmp_path / "missing.json", "the spec file cannot be read: No such file or directory")]
+             (tmp_path / "missing.json", "cannot read the file: No such file or directory")]
     for path, message in cases:
         with deadline(30):
             assert run(jobs, "--out", tmp_path / "out", "--spec", f"@{path}") == 2

@@ -260,7 +260,8 @@ def load_spec(spec: Optional[str] = None, layers: Optional[str] = None, heads: O
             except UnicodeDecodeError as e:
                 raise ToolError(f"{where}: the spec file is not UTF-8 text ({e.reason} at byte {e.start})") from None
             except ValueError as e:
-                raise ToolError(f"{where}: {_one_line(e)}") from None
+                why = _one_line(e).replace("the spec file cannot be read: ", "cannot read the file: ")
+                raise ToolError(f"{where}: {why}") from None
         try:
             given = json.loads(text)
         except ValueError as e:
