@@ -418,7 +418,9 @@ def _dequantized_first_row(kind: str, param, sample: int) -> Tuple[torch.Tensor,
 
 
 def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) -> None:
-    """Every tensor of ``model`` holds the values the folder's safetensors files hold.
+    """Every tensor of ``model`` holds the values the folder's weight files (safetensors, or
+    ``pytorch_model.bin`` read with ``weights_only``) hold, and every weight is finite
+    (:func:`check_finite_weights`, checked first and over all values).
 
     Compares the first ``sample`` values of each tensor's first row, which catches weights
     re-initialised or never copied after loading, at the cost of reading a few kilobytes per
@@ -434,37 +436,33 @@ def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) ->
       tensors absent from the model or of another shape and not quantised (the key check,
       :func:`check_checkpoint_tensors` and transformers' loading report, names those).
     """
-    from safetensors import safe_open
-
-    files = safetensors_files(path)
+    check_finite_weights(model, path)  # first: a NaN is the file's fault, not a loader's
+    files, kind = _weight_files(path)
     if files is None:
         return
     state = model.state_dict()
     wrong = []
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as handle:
-            for key in handle.keys():
-                param = state.get(key)
-                if param is None or param.device.type == "meta":
-                    continue
-                sl = handle.get_slice(key)
-                file_float = str(sl.get_dtype()) in FLOAT_DTYPES
-                kind, qparam = _quantized_param(model, key) if file_float else (None, None)
-                if kind is not None:
-                    stored = sl[:1].reshape(-1)[:sample].to(torch.float32)
-                    with torch.no_grad():
-                        mine, tol = _dequantized_first_row(kind, qparam, sample)
-                    if mine.shape != stored.shape or not bool(((mine.cpu() - stored).abs() <= tol.cpu()).all()):
-                        wrong.append(key)
-                    continue
-                if tuple(sl.get_shape()) != tuple(param.shape):
-                    continue
-                stored = sl[:1] if param.dim() else handle.get_tensor(key)
-                mine = param[:1] if param.dim() else param
-                stored = stored.reshape(-1)[:sample].to(param.dtype)
-                mine = mine.detach().reshape(-1)[:sample].to("cpu")
-                if not torch.equal(stored, mine):
+        for key, shape, dtype_name, first_row, whole in _stored(os.path.join(path, name), kind):
+            param = state.get(key)
+            if param is None or param.device.type == "meta":
+                continue
+            q_kind, qparam = _quantized_param(model, key) if dtype_name in FLOAT_DTYPES else (None, None)
+            if q_kind is not None:
+                stored = first_row().reshape(-1)[:sample].to(torch.float32)
+                with torch.no_grad():
+                    mine, tol = _dequantized_first_row(q_kind, qparam, sample)
+                if mine.shape != stored.shape or not bool(((mine.cpu() - stored).abs() <= tol.cpu()).all()):
                     wrong.append(key)
+                continue
+            if tuple(shape) != tuple(param.shape):
+                continue
+            stored = first_row() if param.dim() else whole()
+            mine = param[:1] if param.dim() else param
+            stored = stored.reshape(-1)[:sample].to(param.dtype)
+            mine = mine.detach().reshape(-1)[:sample].to("cpu")
+            if not torch.equal(stored, mine):
+                wrong.append(key)
     if wrong:
         import transformers
 
@@ -472,3 +470,65 @@ def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) ->
             f"{path}: after loading, {len(wrong)} tensor(s) do not hold the checkpoint's values "
             f"({', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}); transformers "
             f"{transformers.__version__} re-initialised or did not copy them")
+
+
+def _stored(file: str, kind: str):
+    """(key, shape, safetensors dtype name, first row (callable), whole tensor (callable)) for each
+    tensor of one weight file; safetensors reads only what is asked for."""
+    if kind == "bin":
+        for key, t in load_bin(file).items():
+            yield key, tuple(t.shape), _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), \
+                (lambda t=t: t[:1] if t.dim() else t), (lambda t=t: t)
+        return
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        for key in handle.keys():
+            sl = handle.get_slice(key)
+            yield key, tuple(sl.get_shape()), str(sl.get_dtype()), (lambda sl=sl: sl[:1]), \
+                (lambda key=key: handle.get_tensor(key))
+
+
+def _non_finite(t: torch.Tensor, chunk: int = 1 << 24) -> str:
+    """"" when every value of floating ``t`` is finite, else e.g. "3 inf, 1 NaN" (read in chunks)."""
+    flat = t.detach().reshape(-1)
+    n_inf = n_nan = 0
+    for part in flat.split(chunk):
+        if not bool(torch.isfinite(part).all()):
+            n_nan += int(torch.isnan(part).sum())
+            n_inf += int(torch.isinf(part).sum())
+    return ", ".join(f"{n} {what}" for n, what in ((n_inf, "inf"), (n_nan, "NaN")) if n)
+
+
+def _quant_statistics(model: torch.nn.Module):
+    """(name, tensor) of the floating statistics of bitsandbytes parameters: 4-bit absmax / code
+    (and the nested ones of double quantisation), 8-bit SCB."""
+    for name, param in model.named_parameters():
+        qs = getattr(param, "quant_state", None)
+        if qs is not None:
+            for label, holder in (("", qs), ("nested_", getattr(qs, "state2", None))):
+                for attr in ("absmax", "code", "offset"):
+                    t = getattr(holder, attr, None) if holder is not None else None
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        yield f"{name}.{label}{'quant_map' if attr == 'code' else attr}", t
+        scb = getattr(param, "SCB", None)
+        if isinstance(scb, torch.Tensor) and scb.is_floating_point():
+            yield f"{name[: -len('.weight')] if name.endswith('.weight') else name}.SCB", scb
+
+
+def check_finite_weights(model: torch.nn.Module, path: str) -> None:
+    """Every floating parameter of ``model`` and every bitsandbytes statistic (absmax, nested
+    absmax, SCB, ...) holds finite values: an inf or NaN weight makes every logit NaN, and a
+    value check by equality cannot see it (inf equals inf). Parameters left on the meta device
+    (offloaded) are skipped. Raises :class:`CheckpointError` naming the tensors."""
+    bad = []
+    tensors = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    for name, t in tensors + list(_quant_statistics(model)):
+        if t.device.type == "meta" or not t.numel():
+            continue
+        what = _non_finite(t)
+        if what:
+            bad.append(f"{name} ({what})")
+    if bad:
+        raise CheckpointError(f"{path}: the checkpoint holds non-finite weights, which make the logits NaN: "
+                              f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; the weights file is damaged")
