@@ -330,7 +330,8 @@ def _check_manifest(m: Any, mpath: Path) -> Dict[str, Any]:
         if state == "file":
             sha, mode = entry.get("sha256", _MISSING), entry.get("mode", _MISSING)
             need(isinstance(sha, str) and _SHA256_RE.fullmatch(sha), f"{field}.sha256", "64 hex digits", sha)
-            need(type(mode) is int and 0 <= mode <= 0o7777 and not mode & ~SAFE_MODE_BITS, f"{field}.mode",
+            need(type(mode) is int and 0 <= mode <= 0o7777, f"{field}.mode", "permission bits 0..4095", mode)
+            need(not mode & ~SAFE_MODE_BITS, f"{field}.mode",
                  "permission bits without setuid, setgid, sticky or world-write (within 0o775, e.g. 420 = 0o644)",
                  mode)
         elif state == "absent":
