@@ -49,18 +49,22 @@ def check_checkpoint_folder(path: str) -> None:
         raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(weights)})")
 
 
-def safetensors_files(path: str) -> Optional[List[str]]:
-    """The safetensors weight files of a folder (from its index when sharded); None if it has none."""
-    index = os.path.join(path, "model.safetensors.index.json")
+def _listed_files(path: str, index_name: str, single: str, what: str) -> Optional[List[str]]:
+    """The weight files of a folder: those its index ``index_name`` maps to, else ``[single]`` when
+    that file exists, else None."""
+    index = os.path.join(path, index_name)
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
                 return sorted(set(json.load(f)["weight_map"].values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    return None
+            raise CheckpointError(f"{index}: not a {what} index ({type(e).__name__}: {e})") from None
+    return [single] if os.path.isfile(os.path.join(path, single)) else None
+
+
+def safetensors_files(path: str) -> Optional[List[str]]:
+    """The safetensors weight files of a folder (from its index when sharded); None if it has none."""
+    return _listed_files(path, "model.safetensors.index.json", "model.safetensors", "safetensors")
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of floating dtypes
@@ -70,18 +74,8 @@ _TORCH_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float3
 
 
 def bin_files(path: str) -> Optional[List[str]]:
-    """The ``pytorch_model.bin`` weight files of a folder without safetensors (from its index when
-    sharded); None if it has none."""
-    index = os.path.join(path, "pytorch_model.bin.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                return sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a PyTorch weights index ({type(e).__name__}: {e})") from None
-    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        return ["pytorch_model.bin"]
-    return None
+    """The ``pytorch_model.bin`` weight files of a folder (from its index when sharded); None if it has none."""
+    return _listed_files(path, "pytorch_model.bin.index.json", "pytorch_model.bin", "PyTorch weights")
 
 
 def load_bin(file: str) -> Dict[str, torch.Tensor]:

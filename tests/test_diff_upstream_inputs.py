@@ -74,3 +74,22 @@ def test_a_broken_upstream_python_is_an_error_row_not_a_traceback(upstream, caps
     errors = [f for f in rows(report, "state_dict") + rows(report, "numeric") if f["status"] == "error"]
     assert errors and any(words in f["detail"] for f in errors), errors
     assert all("\n" not in f["detail"] for f in errors)
+
+
+@POSIX
+@pytest.mark.parametrize("flag", ["--pin", "--config"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_pin_and_config_must_be_small_regular_files(upstream, tmp_path, capsys, flag, kind):
+    up, pin, out = upstream
+    path = "/dev/zero"
+    if kind == "fifo":
+        path = str(tmp_path / "pipe.json")
+        os.mkfifo(path)
+    argv = ["--upstream", str(up), "--pin", str(pin) if flag != "--pin" else path, "--out", str(out), "-q",
+            "--fork", str(up.parent / "fork"), "--no-structural", "--no-transformers"]
+    argv += ["--config", path] if flag == "--config" else []
+    with deadline(60):
+        assert diff_upstream.main(argv) == 2
+    err = capsys.readouterr().err
+    found = "a FIFO (named pipe)" if kind == "fifo" else "a character device"
+    assert err == f"error: {flag} {path}: expected a regular file, found {found}\n", err
