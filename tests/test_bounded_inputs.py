@@ -98,3 +98,22 @@ def test_visualize_image_must_be_a_bounded_regular_file(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     found = "a FIFO (named pipe)" if kind == "fifo" else "a character device"
     assert f"image file '{path}' cannot be read: expected a regular file, found {found}" in err, err
+
+
+def test_finetune_images_are_loaded_within_the_tools_byte_limit(tmp_path):
+    """A data set's image is read like every tool's (bounded), not whole: a 300 MB file is skipped unread."""
+    from minicpmv_attn.analysis.pipeline import load_processor
+    from minicpmv_attn.train.data import builtin_examples, encode_examples, read_jsonl, write_jsonl
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(300 * 10 ** 6)  # sparse
+    good = builtin_examples()[0]
+    bad = type(good)(**dict(vars(good), id="big", image=str(big)))
+    examples = read_jsonl(write_jsonl([good, bad], str(tmp_path / "data.jsonl")), lambda msg: None)
+    assert [e.id for e in examples] == ["demo0", "big"]
+    said = []
+    encoded = encode_examples(load_processor(None)[0], examples, report=said.append)
+    assert [e.example.id for e in encoded] == ["demo0"]
+    assert len(said) == 1 and f"image file '{big}' is 300,000,000 bytes, above the limit of 268,435,456 bytes" in \
+        said[0] and said[0].endswith("; skipped"), said
