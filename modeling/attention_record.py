@@ -207,7 +207,7 @@ class AttentionRecord:
         if payload.get("layout"):
             problem = layout_problem(payload["layout"])
             if problem:
-                raise RecordError(f"attention record: {stem}.json field {problem}")
+                raise RecordError(f"attention record: {stem}.json field 'layout' is malformed: {problem}")
         try:
             layout = TokenLayout.from_dict(payload["layout"]) if payload.get("layout") else None
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
