@@ -26,7 +26,7 @@ except ImportError:  # very old transformers: PreTrainedModel is the mixin
     GenerationMixin = object
 
 from .attention import AttnMask, attend, checkpoint_call, parse_hook_name
-from .capture import AttentionCapture, CaptureSpec, attached, attached_capture, hook_name
+from .capture import AttentionCapture, CaptureError, CaptureSpec, attached, attached_capture, hook_name
 from .checkpoint import execution_device
 
 #: The transformers releases whose generation loop the fork is verified on (every 5.x minor
@@ -476,6 +476,11 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
         guard = active_guard(self)
         if guard is not None and not guard.take_step():
             guard = None  # a forward inside generate that is not the loop's step (e.g. a verifier)
+            if own is None and attached_capture(self) is not None:
+                raise CaptureError(
+                    "minicpmv_attn: a forward of this model ran inside generate (e.g. a verifier in a "
+                    "StoppingCriteria) while generate captures attention: its rows would be mixed into the "
+                    "record. Score with another model instance, or generate without output_attentions")
         capture = own or attached_capture(self)
         if guard is not None:
             uses_cache = self.config.use_cache if use_cache is None else use_cache

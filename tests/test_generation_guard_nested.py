@@ -47,3 +47,18 @@ def test_a_dropped_cache_is_still_caught_with_a_verifier(drop_cache):  # noqa: F
     verifier = Verifier(model.llm)
     with pytest.raises(GenerationInvariantError, match="the KV cache passed in holds"):
         model.generate(**gen_kwargs("text_only", stopping_criteria=StoppingCriteriaList([verifier])))
+
+
+@pytest.mark.parametrize("rows", ["all", "generated"])
+def test_a_verifier_inside_a_capturing_generate_is_refused_not_mixed_in(rows):
+    """Its rows would land in the record (rows "all": 69 rows instead of 54): refused in one line."""
+    from minicpmv_attn.capture import CaptureError
+
+    model = load("text_only")
+    spec = {"rows": rows, "stages": ["llm"], "reduce": "mean"}
+    with pytest.raises(CaptureError, match=r"ran inside generate \(e.g. a verifier in a StoppingCriteria\) while "
+                                           r"generate captures attention"):
+        model.generate(**gen_kwargs("text_only", output_attentions=spec, return_dict_in_generate=True,
+                                    stopping_criteria=StoppingCriteriaList([Verifier(model.llm)])))
+    out = model.generate(**gen_kwargs("text_only", output_attentions=spec, return_dict_in_generate=True))
+    assert out.captured["llm.layers.0.attn"].shape[2] == (54 if rows == "all" else 5)
