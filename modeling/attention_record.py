@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -210,9 +211,13 @@ class AttentionRecord:
             tensors = load_file(stem + ".safetensors")
         except Exception as e:  # safetensors raises its own error types
             raise RecordError(f"attention record: {stem}.safetensors is not readable ({str(e)[:120]})") from None
+        if payload.get("layout"):
+            problem = layout_problem(payload["layout"])
+            if problem:
+                raise RecordError(f"attention record: {stem}.json field 'layout' is malformed: {problem}")
         try:
             layout = TokenLayout.from_dict(payload["layout"]) if payload.get("layout") else None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise RecordError(f"attention record: {stem}.json field 'layout' is malformed "
                               f"({type(e).__name__}: {str(e)[:120]})") from None
         record = cls(tensors=dict(tensors), index=payload.get("index", {}), layout=layout,
@@ -294,6 +299,91 @@ class AttentionRecord:
             and (self.layout.to_dict() if self.layout else None) == (other.layout.to_dict() if other.layout else None)
             and json.loads(json.dumps(self.meta)) == json.loads(json.dumps(other.meta))
         )
+
+
+# --------------------------------------------------------------------------------------
+# a saved token layout, checked before it is read (hand-edited records)
+# --------------------------------------------------------------------------------------
+MAX_LAYOUT_PIXELS = 1 << 20  # an image side or a slice's patch rows/cols: far above any real one
+
+
+def _got(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _span_problem(v: Any, n: int) -> bool:
+    return not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x, 0, n) for x in v) and v[0] <= v[1])
+
+
+def _slice_problem(sl: Any, at: str, n: int) -> Optional[str]:
+    if not isinstance(sl, dict):
+        return f"{at}: expected an object, got {_got(sl)}"
+    tgt, box, span = sl.get("tgt_size"), sl.get("box"), sl.get("token_span")
+    if not (isinstance(tgt, (list, tuple)) and len(tgt) == 2 and all(_is_int(x, 1, MAX_LAYOUT_PIXELS) for x in tgt)):
+        return f"{at}.tgt_size: expected [rows, cols] of positive integers, got {_got(tgt)}"
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in box)
+            and box[0] < box[2] and box[1] < box[3]):
+        return f"{at}.box: expected 4 finite numbers x0 < x1, y0 < y1, got {_got(box)}"
+    if span is not None and _span_problem(span, n):
+        return f"{at}.token_span: expected [start, end) within the {n} positions, got {_got(span)}"
+    for key in ("index", "image"):
+        if key in sl and not _is_int(sl[key], 0, MAX_LAYOUT_PIXELS):
+            return f"{at}.{key}: expected a non-negative integer, got {_got(sl[key])}"
+    return None
+
+
+def layout_problem(d: Any) -> Optional[str]:
+    """What is wrong with a saved layout (``"layout.<field>: expected ..., got ..."``), or None.
+
+    Types and ranges the readers rely on: integer ids, string tokens, ``0 <= padding <= n_prompt
+    <= positions``, image bounds and token spans inside the sequence, positive image sizes and
+    patch grids, finite slice boxes. Checked on the JSON before it is turned into a layout."""
+    if not isinstance(d, dict):
+        return f"layout: expected an object, got {_got(d)}"
+    ids, tokens = d.get("input_ids"), d.get("tokens")
+    for key, value in (("input_ids", ids), ("tokens", tokens), ("roles", d.get("roles")),
+                       ("image_bound", d.get("image_bound")), ("images", d.get("images", []))):
+        if not isinstance(value, list):
+            return f"layout.{key}: expected a list, got {_got(value)}"
+    n = len(ids)
+    bad = next((i for i, v in enumerate(ids) if not _is_int(v, 0, 2 ** 63 - 1)), None)
+    if bad is not None:
+        return f"layout.input_ids[{bad}]: expected an integer token id, got {_got(ids[bad])}"
+    bad = next((i for i, v in enumerate(tokens) if not isinstance(v, str)), None)
+    if bad is not None:
+        return f"layout.tokens[{bad}]: expected a string, got {_got(tokens[bad])}"
+    n_prompt, padding = d.get("n_prompt", 0), d.get("padding", 0)
+    if not _is_int(n_prompt, 1 if n else 0, n):
+        return f"layout.n_prompt: expected an integer from {1 if n else 0} to {n} (the positions), got {_got(n_prompt)}"
+    if not _is_int(padding, 0, n_prompt):
+        return f"layout.padding: expected an integer from 0 to {n_prompt} (n_prompt), got {_got(padding)}"
+    for i, b in enumerate(d["image_bound"]):
+        if _span_problem(b, n):
+            return f"layout.image_bound[{i}]: expected [start, end) with 0 <= start <= end <= {n}, got {_got(b)}"
+    for i, im in enumerate(d["images"]):
+        at = f"layout.images[{i}]"
+        if not isinstance(im, dict):
+            return f"{at}: expected an object, got {_got(im)}"
+        size, grid, slices = im.get("size"), im.get("grid"), im.get("slices", [])
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(x, 1, MAX_LAYOUT_PIXELS)
+                                                                            for x in size)):
+            return f"{at}.size: expected [width, height] of positive integers, got {_got(size)}"
+        if grid and not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(x, 1, 1 << 10)
+                                                                                   for x in grid)):
+            return f"{at}.grid: expected [cols, rows] of positive integers or null, got {_got(grid)}"
+        if not isinstance(slices, list):
+            return f"{at}.slices: expected a list, got {_got(slices)}"
+        for j, sl in enumerate(slices):
+            problem = _slice_problem(sl, f"{at}.slices[{j}]", n)
+            if problem:
+                return problem
+    return None
 
 
 def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, padding: int,

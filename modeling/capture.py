@@ -17,6 +17,7 @@ the kernel (SDPA by default).
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from contextlib import contextmanager
@@ -90,6 +91,10 @@ def resolve_dtype(value, what: str = "dtype", allow_auto: bool = True) -> Option
     return DTYPES[value]
 
 
+#: the most indices one ``parse_index_list`` selection may name (far above any model's layers or heads)
+MAX_INDEX_LIST = 1 << 16
+
+
 def parse_index_list(text: Optional[str], what: str) -> Optional[List[int]]:
     """``"0,3,5"``, ``"2:6"`` (end exclusive), ``"-1"``; ``"all"``/""/None -> None (everything)."""
     if text is None or str(text).strip().lower() in ("", "all"):
@@ -100,11 +105,15 @@ def parse_index_list(text: Optional[str], what: str) -> Optional[List[int]]:
         try:
             if ":" in part:
                 a, b = part.split(":")
-                out.extend(range(int(a), int(b)))
+                span = range(int(a), int(b))
             else:
-                out.append(int(part))
+                span = range(int(part), int(part) + 1)
         except ValueError:
             raise ValueError(f"--{what}: cannot read {part!r}; use e.g. '0,3,5', '2:6' or 'all'") from None
+        if len(out) + len(span) > MAX_INDEX_LIST:  # checked before expanding: '0:3000000000' is not a list
+            raise ValueError(f"--{what}: {text!r} selects more than {MAX_INDEX_LIST:,} indices; no model has that "
+                             f"many layers or heads")
+        out.extend(span)
     if not out:
         raise ValueError(f"--{what}: empty selection {text!r}")
     return out
@@ -127,18 +136,21 @@ def parse_bytes(value, what: str = "max_bytes") -> Optional[int]:
         return None
     if isinstance(value, bool):
         raise CaptureError(f"capture {what}={value!r}: expected a number of bytes or a string like '2GiB'")
-    if isinstance(value, (int, float)) and value >= 0:
+    if isinstance(value, numbers.Integral) and value >= 0:
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value >= 0:  # 1e400 (JSON) is inf: refused below
         return int(value)
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
         unit = text[len(number):]
         try:
-            if unit in _BYTE_UNITS and float(number) >= 0:
-                return int(float(number) * _BYTE_UNITS[unit])
+            size = float(number) * _BYTE_UNITS[unit] if unit in _BYTE_UNITS else -1.0
+            if math.isfinite(size) and size >= 0:
+                return int(size)
         except ValueError:
             pass
-    raise CaptureError(f"capture {what}={value!r}: expected a non-negative number of bytes or a string like "
+    raise CaptureError(f"capture {what}={value!r}: expected a non-negative number of bytes (finite) or a string like "
                        f"'2GiB', '500MB' (units {sorted(u for u in _BYTE_UNITS if u)})")
 
 

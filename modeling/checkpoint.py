@@ -49,35 +49,100 @@ def check_checkpoint_folder(path: str) -> None:
         raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(weights)})")
 
 
-def safetensors_files(path: str) -> Optional[List[str]]:
-    """The safetensors weight files of a folder (from its index when sharded); None if it has none."""
-    index = os.path.join(path, "model.safetensors.index.json")
+def _listed_files(path: str, index_name: str, single: str, what: str) -> Optional[List[str]]:
+    """The weight files of a folder: those its index ``index_name`` maps to, else ``[single]`` when
+    that file exists, else None."""
+    index = os.path.join(path, index_name)
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
                 return sorted(set(json.load(f)["weight_map"].values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    return None
+            raise CheckpointError(f"{index}: not a {what} index ({type(e).__name__}: {e})") from None
+    return [single] if os.path.isfile(os.path.join(path, single)) else None
+
+
+def safetensors_files(path: str) -> Optional[List[str]]:
+    """The safetensors weight files of a folder (from its index when sharded); None if it has none."""
+    return _listed_files(path, "model.safetensors.index.json", "model.safetensors", "safetensors")
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of floating dtypes
+_TORCH_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                      torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL", torch.int16: "I16", torch.int32: "I32",
+                      torch.int64: "I64"}
+
+
+def bin_files(path: str) -> Optional[List[str]]:
+    """The ``pytorch_model.bin`` weight files of a folder (from its index when sharded); None if it has none."""
+    return _listed_files(path, "pytorch_model.bin.index.json", "pytorch_model.bin", "PyTorch weights")
+
+
+def load_bin(file: str) -> Dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` state dict, read with ``weights_only`` (no code runs; memory-mapped
+    where the file allows): name -> tensor, or :class:`CheckpointError` naming the file."""
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: weights file listed in the index is missing")
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch raise many types
+        raise CheckpointError(f"{file}: not a weights-only PyTorch state dict ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{file}: expected a state dict of name -> tensor, found {type(state).__name__}")
+    return state
+
+
+def _weight_files(path: str) -> Tuple[Optional[List[str]], str]:
+    """(weight files, "safetensors" | "bin"): what transformers loads, safetensors first."""
+    files = safetensors_files(path)
+    if files is not None:
+        return files, "safetensors"
+    return bin_files(path), "bin"
+
+
+def _read_tensor(path: str, files: List[str], key: str) -> Optional[torch.Tensor]:
+    """The whole tensor ``key`` from the folder's weight files (safetensors or bin); None if absent."""
+    from safetensors import safe_open
+
+    for name in files:
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as handle:
+                if key in handle.keys():
+                    return handle.get_tensor(key)
+        else:
+            state = load_bin(file)
+            if key in state:
+                return state[key]
+    return None
 
 
 def checkpoint_tensor_shapes(path: str, dtypes: Optional[Dict[str, str]] = None
                              ) -> Optional[Dict[str, Tuple[int, ...]]]:
-    """Tensor name -> shape from the safetensors headers of a folder (no data read); None if not
-    safetensors. ``dtypes``, when given, is filled with each tensor's safetensors dtype name."""
+    """Tensor name -> shape from the safetensors headers of a folder (no data read), or from its
+    ``pytorch_model.bin`` files (read with ``weights_only``) when it has no safetensors; None if it
+    has neither. ``dtypes``, when given, is filled with each tensor's safetensors dtype name."""
     from safetensors import safe_open
 
-    files = safetensors_files(path)
+    files, kind = _weight_files(path)
     if files is None:
         return None
     shapes = {}
     for name in files:
         file = os.path.join(path, name)
+        if kind == "bin":  # the same checks as safetensors, read with weights_only
+            for key, t in load_bin(file).items():
+                shapes[key] = tuple(t.shape)
+                if dtypes is not None:
+                    dtypes[key] = _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype))
+            continue
         if not os.path.isfile(file):
             raise CheckpointError(f"{path}: weights file {name} listed in the index is missing")
         try:
@@ -99,13 +164,16 @@ QUANT_FORMATS = {
                  "nested": ("{W}.nested_absmax", "{W}.nested_quant_map")},
     "bnb-8bit": {"required": ("{M}.SCB",), "optional": ("{M}.weight_format",)},
 }
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # bnb_4bit_compute_dtype values bitsandbytes computes in
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
 
 
 def quantization_format(path: str) -> Optional[Dict[str, object]]:
     """The folder's quantisation as ``{"format": "bnb-4bit"|"bnb-8bit", "type": "nf4"|"fp4"|None,
-    "double": bool, "skip": llm_int8_skip_modules}``, from config.json's ``quantization_config``;
-    None for a float checkpoint. Another quantisation method is refused (named)."""
+    "double": bool, "skip": llm_int8_skip_modules, "skip_given": whether the config has that list}``,
+    from config.json's ``quantization_config``; None for a float checkpoint. Another quantisation
+    method, a 4-bit compute dtype that is not floating and a skip list that is not a list of
+    names are refused (named)."""
     cfg_path = os.path.join(path, "config.json")
     try:
         with open(cfg_path, encoding="utf-8") as f:
@@ -117,32 +185,40 @@ def quantization_format(path: str) -> Optional[Dict[str, object]]:
     if not isinstance(qc, dict):
         raise CheckpointError(f"{cfg_path}: quantization_config is {type(qc).__name__}, expected an object")
     method = qc.get("quant_method", "bitsandbytes")
-    skip = list(qc.get("llm_int8_skip_modules") or [])
+    given = qc.get("llm_int8_skip_modules")
+    if given is not None and (not isinstance(given, list) or not all(isinstance(m, str) and m for m in given)):
+        raise CheckpointError(f"{cfg_path}: quantization_config.llm_int8_skip_modules is {given!r}, expected a list "
+                              f"of module names")
+    skip = list(given or [])
     if method == "bitsandbytes" and qc.get("load_in_4bit"):
         qtype = qc.get("bnb_4bit_quant_type", "fp4")
         if qtype not in ("nf4", "fp4"):
             raise CheckpointError(f"{cfg_path}: quantization_config.bnb_4bit_quant_type is {qtype!r}, "
                                   f"expected 'nf4' or 'fp4'")
-        return {"format": "bnb-4bit", "type": qtype, "double": bool(qc.get("bnb_4bit_use_double_quant")), "skip": skip}
+        compute = qc.get("bnb_4bit_compute_dtype")
+        if compute is not None and str(compute).replace("torch.", "") not in COMPUTE_DTYPES:
+            raise CheckpointError(f"{cfg_path}: quantization_config.bnb_4bit_compute_dtype is {compute!r}, expected "
+                                  f"one of {', '.join(COMPUTE_DTYPES)} (4-bit layers compute in a floating dtype)")
+        return {"format": "bnb-4bit", "type": qtype, "double": bool(qc.get("bnb_4bit_use_double_quant")), "skip": skip,
+                "skip_given": given is not None}
     if method == "bitsandbytes" and qc.get("load_in_8bit"):
-        return {"format": "bnb-8bit", "type": None, "double": False, "skip": skip}
+        return {"format": "bnb-8bit", "type": None, "double": False, "skip": skip, "skip_given": given is not None}
     raise CheckpointError(f"{cfg_path}: quantization_config (quant_method {method!r}) is not a supported format; "
                           f"supported: bitsandbytes load_in_4bit (nf4/fp4) and load_in_8bit")
 
 
 def _quant_state_json(path: str, files: List[str], key: str) -> Dict[str, object]:
     """A 4-bit weight's packed quant state (JSON bytes in a uint8 tensor) read from the folder."""
-    from safetensors import safe_open
-
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as handle:
-            if key in handle.keys():
-                raw = handle.get_tensor(key)
-                try:
-                    return json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise CheckpointError(f"{path}: {key} is not a bitsandbytes quant state ({e})") from None
-    raise CheckpointError(f"{path}: {key} is listed but not readable")
+    raw = _read_tensor(path, files, key)
+    if raw is None:
+        raise CheckpointError(f"{path}: {key} is listed but not readable")
+    try:
+        state = json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {key} is not a bitsandbytes quant state ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {key} is not a bitsandbytes quant state (found {type(state).__name__})")
+    return state
 
 
 def _kept_float(module: str, skip: List[str]) -> bool:
@@ -205,6 +281,33 @@ def _quantized_weights(path: str, files: List[str], fmt: Dict[str, object], foun
     return groups, missing, wrong
 
 
+def _unquantised_linears(model, fmt: Dict[str, object], found, dtypes, linears, groups) -> List[str]:
+    """Float ``nn.Linear`` weights of the folder that its quantization_config does not keep float:
+    transformers would put them in bitsandbytes layers and the first forward would fail there.
+    Kept float: modules of ``llm_int8_skip_modules``, or, without that list, what transformers keeps
+    by default (the output embeddings, tied weights, the module of the last parameter)."""
+    skip = list(fmt["skip"])
+    if not fmt.get("skip_given"):
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip += [n for n, m in model.named_modules() if out_emb is not None and m is out_emb]
+        params = [n for n, _ in model.named_parameters()]
+        skip += [params[-1].rsplit(".", 1)[0]] if params else []
+        tied = getattr(model, "_tied_weights_keys", None) or []
+        skip += [k.rsplit(".", 1)[0] for k in (tied if isinstance(tied, (list, tuple)) else tied.keys())]
+    out = []
+    for w in sorted(linears):
+        if w in groups or w not in found or dtypes.get(w) not in FLOAT_DTYPES or _kept_float(w[: -len(".weight")], skip):
+            continue
+        out.append(w)
+    return out
+
+
+def unquantised_label(fmt: Optional[Dict[str, object]]) -> str:
+    """How a strict-check message names the float weights of :func:`_unquantised_linears`."""
+    lacks = "" if fmt is not None and fmt.get("skip_given") else ", a list config.json lacks"
+    return f"float weights that quantization_config would quantise (modules not in llm_int8_skip_modules{lacks})"
+
+
 _SAFETENSORS_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "F32": 4,
                          "I32": 4, "U32": 4, "F64": 8, "I64": 8, "U64": 8}
 
@@ -224,8 +327,16 @@ def check_checkpoint_tensors(path: str, cls) -> None:
     groups, missing, wrong = {}, [], []
     if fmt is not None:
         linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        groups, missing, wrong = _quantized_weights(path, safetensors_files(path), fmt, found, dtypes, expected,
+        groups, missing, wrong = _quantized_weights(path, _weight_files(path)[0], fmt, found, dtypes, expected,
                                                     linears)
+    unquantised: List[str] = []
+    if fmt is not None:
+        unquantised = _unquantised_linears(model, fmt, found, dtypes, linears, groups)
+        if unquantised and not groups:
+            raise CheckpointError(
+                f"{os.path.join(path, 'config.json')}: quantization_config says {fmt['format']} but no weight in the "
+                f"folder is quantised (a float checkpoint): remove quantization_config from config.json, or pass "
+                f"quantization_config= to from_pretrained to quantise while loading")
     known = set(expected) | {k for ks in groups.values() for k in ks}
     missing = sorted(set(missing) | (set(expected) - set(found)))
     unexpected = sorted(set(found) - known)
@@ -235,7 +346,8 @@ def check_checkpoint_tensors(path: str, cls) -> None:
                        if k not in groups and dtypes.get(k) not in FLOAT_DTYPES)
     problems = [f"{label} ({len(keys)}): {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else "")
                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("wrong shapes", wrong), ("not floating-point", not_float)) if keys]
+                                    ("wrong shapes", wrong), ("not floating-point", not_float),
+                                    (unquantised_label(fmt), unquantised)) if keys]
     if fmt is None and any(k.endswith(_QUANT_SUFFIXES) or ".quant_state." in k for k in unexpected):
         problems.append("the file holds quantised tensors but config.json has no quantization_config")
     if problems:
@@ -300,7 +412,9 @@ def _dequantized_first_row(kind: str, param, sample: int) -> Tuple[torch.Tensor,
 
 
 def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) -> None:
-    """Every tensor of ``model`` holds the values the folder's safetensors files hold.
+    """Every tensor of ``model`` holds the values the folder's weight files (safetensors, or
+    ``pytorch_model.bin`` read with ``weights_only``) hold, and every weight is finite
+    (:func:`check_finite_weights`, checked first and over all values).
 
     Compares the first ``sample`` values of each tensor's first row, which catches weights
     re-initialised or never copied after loading, at the cost of reading a few kilobytes per
@@ -316,37 +430,33 @@ def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) ->
       tensors absent from the model or of another shape and not quantised (the key check,
       :func:`check_checkpoint_tensors` and transformers' loading report, names those).
     """
-    from safetensors import safe_open
-
-    files = safetensors_files(path)
+    check_finite_weights(model, path)  # first: a NaN is the file's fault, not a loader's
+    files, kind = _weight_files(path)
     if files is None:
         return
     state = model.state_dict()
     wrong = []
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as handle:
-            for key in handle.keys():
-                param = state.get(key)
-                if param is None or param.device.type == "meta":
-                    continue
-                sl = handle.get_slice(key)
-                file_float = str(sl.get_dtype()) in FLOAT_DTYPES
-                kind, qparam = _quantized_param(model, key) if file_float else (None, None)
-                if kind is not None:
-                    stored = sl[:1].reshape(-1)[:sample].to(torch.float32)
-                    with torch.no_grad():
-                        mine, tol = _dequantized_first_row(kind, qparam, sample)
-                    if mine.shape != stored.shape or not bool(((mine.cpu() - stored).abs() <= tol.cpu()).all()):
-                        wrong.append(key)
-                    continue
-                if tuple(sl.get_shape()) != tuple(param.shape):
-                    continue
-                stored = sl[:1] if param.dim() else handle.get_tensor(key)
-                mine = param[:1] if param.dim() else param
-                stored = stored.reshape(-1)[:sample].to(param.dtype)
-                mine = mine.detach().reshape(-1)[:sample].to("cpu")
-                if not torch.equal(stored, mine):
+        for key, shape, dtype_name, first_row, whole in _stored(os.path.join(path, name), kind):
+            param = state.get(key)
+            if param is None or param.device.type == "meta":
+                continue
+            q_kind, qparam = _quantized_param(model, key) if dtype_name in FLOAT_DTYPES else (None, None)
+            if q_kind is not None:
+                stored = first_row().reshape(-1)[:sample].to(torch.float32)
+                with torch.no_grad():
+                    mine, tol = _dequantized_first_row(q_kind, qparam, sample)
+                if mine.shape != stored.shape or not bool(((mine.cpu() - stored).abs() <= tol.cpu()).all()):
                     wrong.append(key)
+                continue
+            if tuple(shape) != tuple(param.shape):
+                continue
+            stored = first_row() if param.dim() else whole()
+            mine = param[:1] if param.dim() else param
+            stored = stored.reshape(-1)[:sample].to(param.dtype)
+            mine = mine.detach().reshape(-1)[:sample].to("cpu")
+            if not torch.equal(stored, mine):
+                wrong.append(key)
     if wrong:
         import transformers
 
@@ -354,3 +464,65 @@ def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) ->
             f"{path}: after loading, {len(wrong)} tensor(s) do not hold the checkpoint's values "
             f"({', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}); transformers "
             f"{transformers.__version__} re-initialised or did not copy them")
+
+
+def _stored(file: str, kind: str):
+    """(key, shape, safetensors dtype name, first row (callable), whole tensor (callable)) for each
+    tensor of one weight file; safetensors reads only what is asked for."""
+    if kind == "bin":
+        for key, t in load_bin(file).items():
+            yield key, tuple(t.shape), _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), \
+                (lambda t=t: t[:1] if t.dim() else t), (lambda t=t: t)
+        return
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        for key in handle.keys():
+            sl = handle.get_slice(key)
+            yield key, tuple(sl.get_shape()), str(sl.get_dtype()), (lambda sl=sl: sl[:1]), \
+                (lambda key=key: handle.get_tensor(key))
+
+
+def _non_finite(t: torch.Tensor, chunk: int = 1 << 24) -> str:
+    """"" when every value of floating ``t`` is finite, else e.g. "3 inf, 1 NaN" (read in chunks)."""
+    flat = t.detach().reshape(-1)
+    n_inf = n_nan = 0
+    for part in flat.split(chunk):
+        if not bool(torch.isfinite(part).all()):
+            n_nan += int(torch.isnan(part).sum())
+            n_inf += int(torch.isinf(part).sum())
+    return ", ".join(f"{n} {what}" for n, what in ((n_inf, "inf"), (n_nan, "NaN")) if n)
+
+
+def _quant_statistics(model: torch.nn.Module):
+    """(name, tensor) of the floating statistics of bitsandbytes parameters: 4-bit absmax / code
+    (and the nested ones of double quantisation), 8-bit SCB."""
+    for name, param in model.named_parameters():
+        qs = getattr(param, "quant_state", None)
+        if qs is not None:
+            for label, holder in (("", qs), ("nested_", getattr(qs, "state2", None))):
+                for attr in ("absmax", "code", "offset"):
+                    t = getattr(holder, attr, None) if holder is not None else None
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        yield f"{name}.{label}{'quant_map' if attr == 'code' else attr}", t
+        scb = getattr(param, "SCB", None)
+        if isinstance(scb, torch.Tensor) and scb.is_floating_point():
+            yield f"{name[: -len('.weight')] if name.endswith('.weight') else name}.SCB", scb
+
+
+def check_finite_weights(model: torch.nn.Module, path: str) -> None:
+    """Every floating parameter of ``model`` and every bitsandbytes statistic (absmax, nested
+    absmax, SCB, ...) holds finite values: an inf or NaN weight makes every logit NaN, and a
+    value check by equality cannot see it (inf equals inf). Parameters left on the meta device
+    (offloaded) are skipped. Raises :class:`CheckpointError` naming the tensors."""
+    bad = []
+    tensors = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    for name, t in tensors + list(_quant_statistics(model)):
+        if t.device.type == "meta" or not t.numel():
+            continue
+        what = _non_finite(t)
+        if what:
+            bad.append(f"{name} ({what})")
+    if bad:
+        raise CheckpointError(f"{path}: the checkpoint holds non-finite weights, which make the logits NaN: "
+                              f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; the weights file is damaged")

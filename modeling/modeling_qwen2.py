@@ -26,7 +26,7 @@ except ImportError:  # very old transformers: PreTrainedModel is the mixin
     GenerationMixin = object
 
 from .attention import AttnMask, attend, checkpoint_call, parse_hook_name
-from .capture import AttentionCapture, CaptureSpec, attached, attached_capture, hook_name
+from .capture import AttentionCapture, CaptureError, CaptureSpec, attached, attached_capture, hook_name
 from .checkpoint import execution_device
 
 #: The transformers releases whose generation loop the fork is verified on (every 5.x minor
@@ -111,6 +111,9 @@ class GenerationGuard:
     - captured LLM rows are the positions fed in that step (by the guard's own count, not the
       cache's) and advance by one per generated token;
     - at the end, one step per generated token.
+    A step is the forward that follows the loop's ``prepare_inputs_for_generation`` (:meth:`arm`);
+    other forwards of the same model inside ``generate`` (a verifier in a StoppingCriteria) are
+    not checked, and a loop that skipped the preparation is caught by the final step count.
     Costs a few integer comparisons per step.
     """
 
@@ -119,6 +122,18 @@ class GenerationGuard:
         self.steps = 0
         self.cache_len: Optional[int] = None  # what the cache held after the previous step
         self._step = None
+        self._armed = False  # set by prepare_inputs_for_generation: the next forward is the loop's step
+
+    def arm(self) -> None:
+        """The loop prepared a step's inputs: the next forward of the model is that step. Other
+        forwards inside ``generate`` (a StoppingCriteria or logits processor that scores with the
+        same model, e.g. a verifier) are not the loop's and are not checked."""
+        self._armed = True
+
+    def take_step(self) -> bool:
+        """Whether this forward is the loop's step (consumes the arming of :meth:`arm`)."""
+        armed, self._armed = self._armed, False
+        return armed
 
     def fail(self, what: str):
         raise GenerationInvariantError(
@@ -459,6 +474,13 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
                 else:
                     own.prompt_len = past + x.shape[1]
         guard = active_guard(self)
+        if guard is not None and not guard.take_step():
+            guard = None  # a forward inside generate that is not the loop's step (e.g. a verifier)
+            if own is None and attached_capture(self) is not None:
+                raise CaptureError(
+                    "minicpmv_attn: a forward of this model ran inside generate (e.g. a verifier in a "
+                    "StoppingCriteria) while generate captures attention: its rows would be mixed into the "
+                    "record. Score with another model instance, or generate without output_attentions")
         capture = own or attached_capture(self)
         if guard is not None:
             uses_cache = self.config.use_cache if use_cache is None else use_cache
@@ -493,6 +515,9 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
         The cache arrives as ``cache`` (5.24 on) or ``past_key_values`` (before); both are read.
         """
         cache = take_cache(past_key_values, kwargs)
+        guard = active_guard(self)
+        if guard is not None:
+            guard.arm()  # the loop's next forward is its step
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if inputs_embeds is not None and past == 0:
             inputs = {"inputs_embeds": inputs_embeds, "input_ids": None}

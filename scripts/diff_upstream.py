@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 from minicpmv_attn.upstream.common import log_quiet, log_stderr
 from minicpmv_attn.upstream.diff import check_installed_transformers, run_diff
 from minicpmv_attn.upstream.pin import (UPSTREAM_REPO_ID, PinError, UpstreamUnavailable, add_transformers_snapshot,
-                                        obtain_upstream, write_pin)
+                                        obtain_upstream, regular_file_problem, write_pin)
 from minicpmv_attn.upstream.report import format_table, needs_attention, summarize
 
 
@@ -105,6 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = log_quiet if args.quiet else log_stderr
     if not args.transformers_only and args.upstream is None and args.revision is None:
         parser.error("one of --upstream, --revision or --transformers-only is required")
+    for flag, path in (("--pin", args.pin), ("--config", args.config)):
+        problem = regular_file_problem(path) if path is not None else None
+        if problem:  # never a FIFO (blocks) or a device (endless): one line before anything runs
+            print(f"error: {flag} {path}: {problem}", file=sys.stderr)
+            return 2
     try:
         if args.transformers_only and args.write_pin is not None:
             pin = add_transformers_snapshot(args.write_pin, base_pin_path=args.pin)

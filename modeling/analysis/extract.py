@@ -65,6 +65,8 @@ RANK_RESULTS = "results.rank{rank}.jsonl"
 # (capture.estimate_bytes). SigLIP is opt-in (vision=True, --vision: +540 MiB a sample).
 DEFAULT_SPEC: Dict[str, Any] = {"stages": ["llm", "resampler"], "rows": "generated", "reduce": "mean",
                                 "dtype": "bfloat16", "device": "cpu"}
+MAX_PROMPT_CHARS = 2 ** 18  # a longer prompt is refused per line: about 60k tokens, above MiniCPM-V-2.6's 32k context
+MAX_SPEC_BYTES = 2 ** 20  # a --spec @file larger than this is refused unread (a spec is a few hundred bytes)
 ESTIMATE_SAMPLE = 32  # lines (a seeded random sample) prepared, not run, for the disk estimate
 
 
@@ -122,6 +124,9 @@ def _check_job(obj: Any, where: str) -> Tuple[Optional[dict], Optional[str]]:
             return None, f"{where}, field '{name}': expected valid Unicode text, found {bad}"
         if name == "image" and ("\x00" in value or not value.strip()):
             return None, f"{where}, field 'image': expected a file path, found {_found(value)}"
+        if name == "prompt" and len(value) > MAX_PROMPT_CHARS:  # never tokenised whole (estimate or run)
+            return None, (f"{where}, field 'prompt': expected at most {MAX_PROMPT_CHARS:,} characters, found "
+                          f"{len(value):,}")
         job[name] = value
     job["fields"] = {k: v for k, v in obj.items() if k not in ("image", "prompt", "id")}  # e.g. label: passed on
     return job, None
@@ -249,11 +254,14 @@ def load_spec(spec: Optional[str] = None, layers: Optional[str] = None, heads: O
         text, where = spec, "--spec"
         if text.startswith("@"):
             where = f"--spec {text}"
-            try:
-                with open(text[1:], encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise ToolError(f"{where}: cannot read the file: {getattr(e, 'strerror', None) or e}") from None
+            try:  # a regular file of at most MAX_SPEC_BYTES: never a FIFO (blocks) or /dev/zero (endless)
+                raw = pipeline.read_regular_file(text[1:], "the spec file", MAX_SPEC_BYTES, "capture specs' limit")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ToolError(f"{where}: the spec file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except ValueError as e:
+                why = _one_line(e).replace("the spec file cannot be read: ", "cannot read the file: ")
+                raise ToolError(f"{where}: {why}") from None
         try:
             given = json.loads(text)
         except ValueError as e:
@@ -408,6 +416,14 @@ def _sample_bytes(spec: CaptureSpec, dims: Dict[str, Any], processor, image, pro
     return out
 
 
+def _check_new_tokens(max_new_tokens: int, config) -> None:
+    """Refuse ``max_new_tokens`` that cannot fit the model's context (before anything is sized by it)."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and not isinstance(context, bool) and 0 < context <= max_new_tokens:
+        raise ToolError(f"--max-new-tokens {max_new_tokens}: expected fewer than the model's context of {context:,} "
+                        f"positions (config max_position_embeddings)")
+
+
 def estimate_disk(jobs: List[Tuple[dict, str]], spec: Dict[str, Any], model: Optional[str], max_new_tokens: int,
                   dtype: Optional[str], lines: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                   sample: int = ESTIMATE_SAMPLE, flags: Optional[Dict[str, Optional[str]]] = None
@@ -424,6 +440,7 @@ def estimate_disk(jobs: List[Tuple[dict, str]], spec: Dict[str, Any], model: Opt
         name = model if model is not None else "(tiny demo)"
         raise ToolError(f"--model {name}: cannot load it: {_one_line(e) or type(e).__name__}") from None
     dims = pipeline.capture_dims_from_config(config)
+    _check_new_tokens(max_new_tokens, config)
     cs = CaptureSpec.from_flag(dict(spec))
     torch_dtype = resolve_dtype(dtype, "--dtype")
     if torch_dtype is None:

@@ -157,21 +157,29 @@ def open_image(path: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
     if stat.S_ISDIR(st.st_mode):
         return load_image(path)  # its message for a directory
     _check_regular(st, what, max_bytes)
+    buffer = io.BytesIO(read_regular_file(path, what, max_bytes))
+    buffer.name = path  # load_image names the file in its errors
+    return load_image(buffer)
+
+
+def read_regular_file(path: str, what: str, max_bytes: int, flag: str = "--max-image-bytes") -> bytes:
+    """The bytes of ``path``, refused (:class:`ImageLoadError` / :class:`ImageTooLargeError`, both
+    ValueErrors naming ``what``) unless it is a regular file of at most ``max_bytes`` bytes: a FIFO
+    is opened without blocking and never read, a device such as ``/dev/zero`` is never read, and a
+    file that grows while being read stops at ``max_bytes + 1`` bytes."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
         with open(path, "rb", opener=lambda p, _: os.open(p, flags)) as f:
-            _check_regular(os.fstat(f.fileno()), what, max_bytes)  # the file opened is the file checked
+            _check_regular(os.fstat(f.fileno()), what, max_bytes, flag)  # the file opened is the file checked
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise ImageLoadError(f"{what} cannot be read: {e.strerror or e}") from None
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"{what} grew above the limit of {max_bytes:,} bytes while being read")
-    buffer = io.BytesIO(data)
-    buffer.name = path  # load_image names the file in its errors
-    return load_image(buffer)
+    return data
 
 
-def _check_regular(st: os.stat_result, what: str, max_bytes: int) -> None:
+def _check_regular(st: os.stat_result, what: str, max_bytes: int, flag: str = "--max-image-bytes") -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
                 else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
@@ -179,7 +187,7 @@ def _check_regular(st: os.stat_result, what: str, max_bytes: int) -> None:
         raise ImageLoadError(f"{what} cannot be read: expected a regular file, found {kind}")
     if st.st_size > max_bytes:
         raise ImageTooLargeError(f"{what} is {st.st_size:,} bytes, above the limit of {max_bytes:,} bytes "
-                                 f"(--max-image-bytes)")
+                                 f"({flag})")
 
 
 class FolderLock:

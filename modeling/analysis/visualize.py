@@ -31,7 +31,7 @@ from ..attention_record import AttentionRecord, atomic_write_bytes, atomic_write
 from ..capture import CaptureError, parse_index_list
 from ..demo import demo_image_path, trained_demo_folder
 from ..demo.scenes import default_example
-from ..image_processing_minicpmv import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from ..image_processing_minicpmv import DEFAULT_MAX_IMAGE_PIXELS
 from . import pipeline
 from . import plotting as pl
 from .pipeline import DEFAULT_PROMPT, ToolError
@@ -201,7 +201,7 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
             atomic_write_bytes(image_path, buf.getvalue())
         else:
             image_path = image or demo_image_path()
-        picture = load_image(image_path)
+        picture = pipeline.open_image(image_path)  # extraction's loader: a regular file, bounded, never a FIFO
     except (ValueError, FileNotFoundError) as e:
         raise ToolError(str(e)) from e
     _check_image_budget(picture, image_path)

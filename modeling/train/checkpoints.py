@@ -179,15 +179,52 @@ def read_state(path: str) -> Dict[str, Any]:
     try:
         with open(file, encoding="utf-8") as f:
             state = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointDamaged(f"{file}: not valid JSON ({type(e).__name__}: {e}){_earlier(path)}") from None
+    except OSError as e:
+        raise CheckpointDamaged(f"{file}: cannot be read ({e.strerror or e}){_earlier(path)}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{file}: not a fine-tuning checkpoint state (format {STATE_FORMAT!r})")
+    step, settings, weights = state.get("step"), state.get("settings"), state.get("weights")
+    for ok, field, expected, got in ((type(step) is int and step >= 0, "step", "a step number", step),
+                                     (isinstance(settings, dict), "settings", "an object", settings),
+                                     (weights in ("adapter", "model"), "weights", "'adapter' or 'model'", weights)):
+        if not ok:
+            raise CheckpointDamaged(f"{file}: field {field!r}: expected {expected}, got {json.dumps(got)[:80]}"
+                                    f"{_earlier(path)}")
     return state
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint folder whose files cannot be read back (truncated, corrupt, missing); the
+    message (one line) names the file and the earlier checkpoint to resume from, if any."""
+
+
+def _earlier(path: str) -> str:
+    """'; resume from the earlier <folder> instead' when the run folder holds one."""
+    m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    if not m:
+        return ""
+    earlier = [p for step, p in list_checkpoints(os.path.dirname(os.path.normpath(path))) if step < int(m.group(1))]
+    return f"; resume from the earlier checkpoint with --resume {earlier[-1]}" if earlier else ""
+
+
+def _read_part(path: str, what: str, read):
+    """``read()``, with any failure to read the checkpoint file ``what`` as one :class:`CheckpointDamaged` line."""
+    try:
+        return read()
+    except CheckpointDamaged:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, zip, pickle and torch raise many types
+        why = str(e).splitlines()[0][:160] if str(e) else ""
+        raise CheckpointDamaged(f"{os.path.join(path, what)}: the checkpoint is damaged, cannot read it back "
+                                f"({type(e).__name__}: {why}){_earlier(path)}") from None
+
+
 def load_checkpoint(path: str, model, optimizer=None) -> Dict[str, Any]:
-    """Restore weights (adapter or model), optimizer and RNG; returns the state (step, settings)."""
+    """Restore weights (adapter or model), optimizer and RNG; returns the state (step, settings).
+    A file that cannot be read back is one :class:`CheckpointDamaged` line naming it and the
+    earlier checkpoint of the run, if any."""
     from safetensors.torch import load_file
 
     state = read_state(path)
@@ -196,7 +233,8 @@ def load_checkpoint(path: str, model, optimizer=None) -> Dict[str, Any]:
             raise ValueError(f"{path} holds LoRA adapters; resume with the same --lora settings")
         from peft import set_peft_model_state_dict
 
-        weights = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
+        weights = _read_part(path, os.path.join("adapter", "adapter_model.safetensors"),
+                             lambda: load_file(os.path.join(path, "adapter", "adapter_model.safetensors")))
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
@@ -206,14 +244,22 @@ def load_checkpoint(path: str, model, optimizer=None) -> Dict[str, Any]:
             raise ValueError(f"{path} holds full model weights, not LoRA adapters; resume without --lora")
         folder = os.path.join(path, "model")
         weights = {}
-        for name in sorted(os.listdir(folder)):
+        for name in _read_part(path, "model", lambda: sorted(os.listdir(folder))):
             if name.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(folder, name)))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+                weights.update(_read_part(path, os.path.join("model", name),
+                                          lambda name=name: load_file(os.path.join(folder, name))))
+        if not weights:
+            raise CheckpointDamaged(f"{folder}: the checkpoint is damaged, it holds no weights file{_earlier(path)}")
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # shapes of another model
+            raise ValueError(f"{path}: model weights do not fit: {str(e).splitlines()[-1].strip()[:200]}") from None
         if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
             raise ValueError(f"{path}: model weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
-                                             weights_only=True))
-    _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
+        saved = _read_part(path, "optimizer.pt", lambda: torch.load(os.path.join(path, "optimizer.pt"),
+                                                                     map_location="cpu", weights_only=True))
+        _read_part(path, "optimizer.pt", lambda: optimizer.load_state_dict(saved))
+    rng = _read_part(path, "rng.pt", lambda: torch.load(os.path.join(path, "rng.pt"), weights_only=True))
+    _read_part(path, "rng.pt", lambda: _set_rng_state(rng))
     return state

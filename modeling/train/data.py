@@ -32,7 +32,7 @@ import torch
 from ..analysis import attention_map as am
 from ..attention_record import TokenLayout, atomic_write_text, layout_for_sample
 from ..capture import special_token_ids
-from ..image_processing_minicpmv import load_image, to_rgb
+from ..image_processing_minicpmv import to_rgb
 
 IMAGE_TAG = "(<image>./</image>)"
 
@@ -167,8 +167,11 @@ def write_jsonl(examples: Sequence[Example], path: str) -> str:
 # examples -> model inputs
 # --------------------------------------------------------------------------------------
 def load_rgb(path: str):
-    """A user's image file as an RGB PIL image (``load_image`` + ``to_rgb``, as the tools load images)."""
-    return to_rgb(load_image(path))
+    """A user's image file as an RGB PIL image, loaded as the other tools load images
+    (``pipeline.open_image``: a bounded regular file, never a FIFO or a device, then ``to_rgb``)."""
+    from ..analysis.pipeline import open_image
+
+    return to_rgb(open_image(path))
 
 
 def patch_box_overlap(sl, box: Sequence[float]) -> np.ndarray:

@@ -75,6 +75,8 @@ REQUIRED_CONFIG_AUTO_MAP = ("AutoConfig", "AutoModel", "AutoModelForCausalLM")
 
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.py")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# the permission bits a backup may record and restore may set: no setuid/setgid/sticky, no world-write
+SAFE_MODE_BITS = 0o775
 _TEMP_PREFIX = ".tmp-"  # attention_record.atomic_write_bytes's temporary file: .tmp-<random><name>
 NAME_RULE = ("a plain file name install writes (a top-level module such as modeling_minicpmv.py, or one of "
              + ", ".join(AUTO_MAP_TARGETS) + ")")
@@ -329,6 +331,12 @@ def _check_manifest(m: Any, mpath: Path) -> Dict[str, Any]:
             sha, mode = entry.get("sha256", _MISSING), entry.get("mode", _MISSING)
             need(isinstance(sha, str) and _SHA256_RE.fullmatch(sha), f"{field}.sha256", "64 hex digits", sha)
             need(type(mode) is int and 0 <= mode <= 0o7777, f"{field}.mode", "permission bits 0..4095", mode)
+            need(not mode & ~SAFE_MODE_BITS, f"{field}.mode",
+                 "permission bits without setuid, setgid, sticky or world-write (within 0o775, e.g. 420 = 0o644)",
+                 mode)
+        elif state == "absent":
+            need(name.endswith(".py"), f"{field}.state", '"file" or "symlink" (install only adds modules; a JSON '
+                 'file it edits existed before, so restore never removes one)', state)
         elif state == "symlink":
             target = entry.get("target", _MISSING)
             need(isinstance(target, str) and target and "\0" not in target, f"{field}.target",
@@ -435,6 +443,38 @@ def _edited(folder: Path, name: str, manifest: Dict[str, Any]) -> bool:
     return not path.is_file() or sha256_file(path) not in known
 
 
+def _is_original(path: Path, entry: Dict[str, Any]) -> bool:
+    """``path`` already is what the backup ``entry`` records (bytes and mode, the same link, or absent)."""
+    if entry["state"] == "absent":
+        return not os.path.lexists(path)
+    if entry["state"] == "symlink":
+        return path.is_symlink() and os.readlink(path) == entry["target"]
+    return (_is_file(path) and stat.S_IMODE(path.stat().st_mode) == entry["mode"]
+            and sha256_file(path) == entry["sha256"])
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive ``flock`` on the checkpoint folder itself (no file is written) while
+    install or restore changes it: a second one at the same time is :class:`Refused` in one line.
+    The lock dies with its process; without ``fcntl`` (not POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(str(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Refused(f"{folder}: another install or restore is running on this folder (it holds the folder's "
+                          f"lock); nothing was changed; run again when it is done") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _back_up(folder: Path, name: str, files: Dict[str, Any]) -> None:
     """Record the original ``FOLDER/name`` (its bytes go to ``files/``) for the manifest."""
     path = folder / name
@@ -446,7 +486,8 @@ def _back_up(folder: Path, name: str, files: Dict[str, Any]) -> None:
         attention_record.atomic_write_bytes(str(backup), data)
         if sha256_file(backup) != sha256_bytes(data):
             raise OSError(f"the backup of {path} does not match the original")
-        files[name] = {"state": "file", "sha256": sha256_bytes(data), "mode": stat.S_IMODE(path.stat().st_mode)}
+        files[name] = {"state": "file", "sha256": sha256_bytes(data),
+                       "mode": stat.S_IMODE(path.stat().st_mode) & SAFE_MODE_BITS}
     else:
         files[name] = {"state": "absent"}
 
@@ -454,12 +495,32 @@ def _back_up(folder: Path, name: str, files: Dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------
 # install and restore
 # ----------------------------------------------------------------------------------------
+class InstallStopped(OSError):
+    """A file could not be put in place part-way through an install; the message (one line) says
+    which, and whether the originals were put back or ``--restore`` must do it."""
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    if Path(folder).is_dir() and not Path(folder).is_symlink():
+        with folder_lock(Path(folder)):
+            yield
+    else:
+        yield  # not a folder: the checks refuse it
+
+
 def install(folder, src=None, dry_run: bool = False, force: bool = False, log: Log = log_stderr) -> InstallPlan:
     """Copy the fork's remote code into ``folder``, back originals up once, fix ``auto_map``.
 
-    Refuses (:class:`Refused`, nothing changed) other folders, an unsafe or corrupt backup, and
-    files edited since the last install unless ``force`` (then they are overwritten)."""
-    folder = Path(folder)
+    Refuses (:class:`Refused`, nothing changed) other folders, an unsafe or corrupt backup, files
+    edited since the last install unless ``force`` (then they are overwritten), and a second
+    install or restore running on the folder (:func:`folder_lock`). A file that cannot be put in
+    place stops the run (:class:`InstallStopped`): a first install then puts the originals back."""
+    with _locked(Path(folder)):
+        return _install(Path(folder), src, dry_run, force, log)
+
+
+def _install(folder: Path, src, dry_run: bool, force: bool, log: Log) -> InstallPlan:
     src = Path(src) if src is not None else fork_dir()
     plan = plan_install(folder, src)
     writes = list(plan.copies) + list(plan.json_edits)
@@ -482,6 +543,7 @@ def install(folder, src=None, dry_run: bool = False, force: bool = False, log: L
             log(f"would update auto_map in {name}")
         return plan
     bdir = folder / BACKUP_DIRNAME
+    first = manifest is None
     if manifest is None:
         if os.path.lexists(bdir):  # an interrupted run's: no file of the folder was changed
             shutil.rmtree(bdir)
@@ -507,8 +569,11 @@ def install(folder, src=None, dry_run: bool = False, force: bool = False, log: L
         pending[name] = sha256_file(staged)
     manifest["pending"] = pending
     _write_manifest(folder, manifest)  # from here a rerun completes the install and restore undoes it
-    for name in writes:
-        os.replace(_stage_path(folder, name), folder / name)
+    for i, name in enumerate(writes):
+        try:
+            os.replace(_stage_path(folder, name), folder / name)
+        except OSError as e:
+            _stopped(folder, name, e, i, len(writes), first)
         log(f"copied {name}" if name in plan.copies else f"updated auto_map in {name}")
     installed = dict(manifest.get("installed", {}))
     for name, sha in manifest.pop("pending").items():
@@ -521,6 +586,20 @@ def install(folder, src=None, dry_run: bool = False, force: bool = False, log: L
             os.rmdir(bdir / sub)
     log(f"installed {len(plan.copies)} files into {folder}; undo with --restore")
     return plan
+
+
+def _stopped(folder: Path, name: str, error: OSError, done: int, total: int, first: bool) -> None:
+    """Raise :class:`InstallStopped` for ``name``; a first install is undone before (nothing else
+    was there to keep), a later one leaves it to ``--restore`` or a rerun."""
+    why = f"install stopped: cannot put {folder / name} in place ({error.strerror or error}); {done} of {total} files " \
+          f"were already installed"
+    if first:
+        try:
+            _restore(folder, False, lambda msg: None)
+        except (OSError, Refused) as e:
+            raise InstallStopped(f"{why}; putting the originals back failed too ({e}): run --restore") from None
+        raise InstallStopped(f"{why}; the originals were put back, the folder is as it was") from None
+    raise InstallStopped(f"{why}; run --restore to put the originals back, or fix it and rerun the install") from None
 
 
 def _check_restore(folder: Path, force: bool) -> Optional[Dict[str, Any]]:
@@ -560,8 +639,14 @@ def restore_plan(folder, force: bool = False) -> List[Tuple[str, str]]:
 
 def restore(folder, force: bool = False, log: Log = log_stderr) -> List[str]:
     """Put every file recorded in the backup back byte for byte (contents, modes, links); remove
-    the backup. Refuses (nothing changed) an unsafe or corrupt backup and edited files unless ``force``."""
-    folder = Path(folder)
+    the backup. Refuses (nothing changed) an unsafe or corrupt backup, edited files unless
+    ``force``, and a second install or restore running on the folder (:func:`folder_lock`). A file
+    that already is its original (one an install could not replace) is left alone."""
+    with _locked(Path(folder)):
+        return _restore(Path(folder), force, log)
+
+
+def _restore(folder: Path, force: bool, log: Log) -> List[str]:
     manifest = _check_restore(folder, force)
     bdir = folder / BACKUP_DIRNAME
     if manifest is None:
@@ -572,9 +657,12 @@ def restore(folder, force: bool = False, log: Log = log_stderr) -> List[str]:
     done = []
     for name, entry in manifest["files"].items():
         path, staged = folder / name, _stage_path(folder, name)
+        if _is_original(path, entry):  # never replaced (e.g. the file an install could not replace)
+            done.append(name)
+            continue
         if entry["state"] == "file":
             attention_record.atomic_write_bytes(str(staged), (bdir / FILES_DIRNAME / name).read_bytes())
-            os.chmod(staged, entry["mode"])
+            os.chmod(staged, entry["mode"] & SAFE_MODE_BITS)
             os.replace(staged, path)
         elif entry["state"] == "symlink":
             if os.path.lexists(staged):

@@ -39,6 +39,9 @@ NUMERIC_ROWS = tuple(NUMERIC_PREFIXES)
 NEW_TOKENS = 6
 
 
+MAX_RESPONSE_BYTES = 64 * 2 ** 20  # the upstream side's response.json (a few kilobytes when it works)
+
+
 class UpstreamSideError(RuntimeError):
     """Upstream's side could not run at all (the message says where and why)."""
 
@@ -71,9 +74,20 @@ class UpstreamRunner:
             save_file(run.pack_inputs(data, mask), str(work / "inputs.safetensors"))
             info = self._call(work, {"op": "numeric", "folder": self.folder, "config": tiny, "seed": seed,
                                      "new_tokens": new_tokens})
-            weights = load_file(str(work / "weights.safetensors")) if (work / "weights.safetensors").is_file() else {}
-            outputs = load_file(str(work / "outputs.safetensors")) if (work / "outputs.safetensors").is_file() else {}
+            weights = self._tensors(work, "weights.safetensors", load_file)
+            outputs = self._tensors(work, "outputs.safetensors", load_file)
         return weights, outputs, info
+
+    def _tensors(self, work: Path, name: str, load_file) -> Dict[str, Any]:
+        """A safetensors file the upstream side wrote ({} if none), or :class:`UpstreamSideError`."""
+        path = work / name
+        if not path.is_file():
+            return {}
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise UpstreamSideError(f"--upstream-python {self.python}: its {name} is not a readable safetensors file "
+                                    f"({' '.join(str(e).split())[:160]})") from None
 
     def _call(self, work: Path, request: Dict[str, Any]) -> Dict[str, Any]:
         (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
@@ -91,9 +105,28 @@ class UpstreamRunner:
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
             raise UpstreamSideError(f"--upstream-python {self.python} exited {proc.returncode} without an answer: "
                                     + " | ".join(tail))
-        response = json.loads(answer.read_text(encoding="utf-8"))
+        return self._answer(answer)
+
+    def _answer(self, answer: Path) -> Dict[str, Any]:
+        """The upstream side's response.json, checked: a JSON object whose ``versions``, ``errors``
+        and ``shims`` are objects; else (or with ``fatal``) :class:`UpstreamSideError` in one line."""
+        who = f"--upstream-python {self.python}"
+        if answer.stat().st_size > MAX_RESPONSE_BYTES:
+            raise UpstreamSideError(f"{who}: answered with {answer.stat().st_size:,} bytes, above the limit of "
+                                    f"{MAX_RESPONSE_BYTES:,}")
+        try:
+            response = json.loads(answer.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise UpstreamSideError(f"{who}: answered with text that is not JSON ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:120]})") from None
+        if not isinstance(response, dict):
+            raise UpstreamSideError(f"{who}: answered with a {type(response).__name__}, expected a JSON object")
         if "fatal" in response:
-            raise UpstreamSideError(f"{self.python}: {response['fatal']}")
+            raise UpstreamSideError(f"{who}: upstream side failed: {' '.join(str(response['fatal']).split())[:300]}")
+        for key in ("versions", "errors", "shims"):
+            if key in response and not isinstance(response[key], dict):
+                raise UpstreamSideError(f"{who}: answered with field {key!r} a {type(response[key]).__name__}, "
+                                        f"expected an object")
         return response
 
 

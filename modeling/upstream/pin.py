@@ -12,6 +12,8 @@ per verified transformers release a snapshot of the attention code the fork mirr
 from __future__ import annotations
 
 import copy
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -173,10 +175,44 @@ def obtain_upstream(folder=None, revision: Optional[str] = None, repo_id: str = 
         folder = Path(folder)
         if not folder.is_dir():
             raise UpstreamUnavailable(f"--upstream {folder} is not a folder")
+        check_upstream_files(folder)
         return folder
     if revision is None:
         raise UpstreamUnavailable("no upstream copy: give a folder or a revision")
     return download_upstream(revision, repo_id=repo_id, cache_dir=cache_dir)
+
+
+MAX_UPSTREAM_FILE_BYTES = 64 * 2 ** 20  # upstream's modules are ~50 KB; its config.json a few KB
+
+
+def regular_file_problem(path: Path, max_bytes: int = MAX_UPSTREAM_FILE_BYTES) -> Optional[str]:
+    """Why ``path`` (links followed) is not a regular file of at most ``max_bytes``, or None
+    (also None when it does not exist: the reader names a missing file). Nothing is opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device"
+                if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode) else "a folder"
+                if stat.S_ISDIR(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        return f"expected a regular file, found {kind}"
+    if st.st_size > max_bytes:
+        return f"is {st.st_size:,} bytes, above the limit of {max_bytes:,} bytes"
+    return None
+
+
+def check_upstream_files(folder: Path) -> None:
+    """Refuse (:class:`UpstreamUnavailable`, one line) an upstream folder whose ``*.py`` or
+    ``config.json`` entries, the files the diff reads, are not regular files (after following
+    links) of at most :data:`MAX_UPSTREAM_FILE_BYTES`: a FIFO would block the diff and a link to
+    ``/dev/zero`` would read until memory ends. Nothing is opened."""
+    for path in sorted(folder.glob("*.py")) + [folder / "config.json"]:
+        problem = regular_file_problem(path)
+        if problem:
+            raise UpstreamUnavailable(f"--upstream {folder}: {path.name}: {problem}")
 
 
 def download_upstream(revision: str, repo_id: str = UPSTREAM_REPO_ID, cache_dir=None) -> Path:
