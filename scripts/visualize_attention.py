@@ -106,9 +106,10 @@ def build_parser():
     p.add_argument("--max-plot-tokens", type=int, default=D["max_plot_tokens"],
                    help=f"generated tokens shown in the heatmap grid (1 to 128, default {D['max_plot_tokens']})")
     p.add_argument("--out", default=D["out"], help=f"output folder (default ./{D['out']})")
-    p.add_argument("--device", default=D["device"], help=f"torch device, e.g. cuda (default: {D['device'] or 'cpu'})")
+    p.add_argument("--device", default=D["device"],
+                   help="auto (default: CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default=D["dtype"],
-                   help=f"float32 | bfloat16 | float16 | auto (checkpoint's); default {D['dtype']}")
+                   help="float32 | bfloat16 | float16 | auto (the checkpoint's); default: bfloat16 on CUDA, else auto")
     p.add_argument("--sampling", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=D["seed"], help=f"random seed for sampling (default {D['seed']})")
     p.add_argument("--relevancy", action="store_true",

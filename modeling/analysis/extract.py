@@ -46,6 +46,8 @@ from ..capture import (AttentionCapture, CaptureError, CaptureSpec, estimate_byt
                        parse_index_list, resolve_dtype, special_token_ids)
 from ..image_processing_minicpmv import ImageLoadError, ImageTooLargeError
 from . import pipeline
+from .devices import DeviceError, pick_device
+from .devices import pick as pick_device_dtype
 from .pipeline import DEFAULT_MAX_IMAGE_BYTES, ToolError
 
 __all__ = ["DEFAULT_SPEC", "DiskEstimate", "Extraction", "append_result", "estimate_disk", "extract",
@@ -294,15 +296,10 @@ def _check_config(jsonl: str, out: str, model: Optional[str], device: Optional[s
         pipeline.check_model_arg(model)
     except (ValueError, OSError) as e:
         raise ToolError(_one_line(e)) from None
-    if device is not None:
-        import torch
-
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ToolError(f"--device {device}: expected a torch device like 'cpu' or 'cuda:0'") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ToolError(f"--device {device}: CUDA is not available on this machine; use 'cpu'")
+    try:
+        pick_device(device)
+    except DeviceError as e:
+        raise ToolError(str(e)) from None
 
 
 def _load_model(model, device, dtype, spec: Dict[str, Any], flags: Dict[str, Optional[str]]):
@@ -545,8 +542,8 @@ def _plan(jsonl: str, out: str, done: Dict[str, dict]) -> Tuple[int, List[dict],
 
 def extract(jsonl: str, out: str, model: Optional[str] = None, spec: Optional[str] = None,
             layers: Optional[str] = None, heads: Optional[str] = None, rows: Optional[str] = None,
-            reduce: Optional[str] = None, max_new_tokens: int = 16, device: Optional[str] = None,
-            dtype: Optional[str] = "auto", quiet: bool = False, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+            reduce: Optional[str] = None, max_new_tokens: int = 16, device: Optional[str] = "auto",
+            dtype: Optional[str] = None, quiet: bool = False, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
             log: Optional[Callable[[str], None]] = None, vision: bool = False, max_disk=None,
             summary: bool = True, group_by: Optional[str] = None, ranks: Optional[pipeline.Ranks] = None) -> Extraction:
     """Extract a record per line of ``jsonl`` into ``out`` (see the module doc).
@@ -576,12 +573,13 @@ def extract(jsonl: str, out: str, model: Optional[str] = None, spec: Optional[st
         limit = parse_bytes(max_disk, "--max-disk") if max_disk is not None else None
     except CaptureError as e:
         raise ToolError(_one_line(e).replace("capture --max-disk=", "--max-disk ")) from None
-    settings = _settings(model, capture_spec, max_new_tokens, dtype)
-    if ranks.distributed and (device is None or device == "cuda"):
+    if ranks.distributed and (device is None or device in ("auto", "cuda")):
         import torch
 
         if torch.cuda.is_available():
             device = f"cuda:{ranks.local_rank}"
+    device, dtype = pick_device_dtype(device, dtype, "auto")  # CUDA, MPS, CPU; bf16 on CUDA; else the checkpoint's
+    settings = _settings(model, capture_spec, max_new_tokens, dtype)
     ranks.start()
     try:
         return _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_tokens, device, dtype, quiet,

@@ -51,16 +51,22 @@ def check_model_arg(model: Optional[str]) -> None:
                                 f"like 'openbmb/MiniCPM-V-2_6'")
 
 
-def load_model_and_processor(model: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                             attn_implementation: str = "sdpa") -> Tuple[Any, Any, bool]:
-    """(model, processor, is_demo). ``model`` None -> the embedded tiny demo (built locally, no download)."""
+def load_model_and_processor(model: Optional[str] = None, device: Optional[str] = "auto", dtype: Optional[str] = None,
+                             attn_implementation: str = "sdpa", fallback_dtype: Optional[str] = "auto"
+                             ) -> Tuple[Any, Any, bool]:
+    """(model, processor, is_demo). ``model`` None -> the embedded tiny demo (built locally, no download).
+
+    ``device`` "auto"/None: CUDA, then MPS, then the CPU; ``dtype`` None: bfloat16 on CUDA, else
+    ``fallback_dtype`` ("auto": the checkpoint's) -- see :mod:`.devices`."""
     from transformers import AutoProcessor
 
     from ..demo import build_demo_checkpoint, default_demo_folder
     from ..modeling_minicpmv import MiniCPMV
     from ..processing_minicpmv import register_processing
+    from .devices import pick
 
-    torch_dtype = resolve_dtype(dtype, "--dtype")  # a bad name fails before anything is built
+    device, dtype = pick(device, dtype, fallback_dtype)  # an unusable device fails before anything is built
+    torch_dtype = resolve_dtype(dtype, "--dtype")  # and so does a bad dtype name
     check_model_arg(model)
     register_processing()
     is_demo = model is None
@@ -70,7 +76,7 @@ def load_model_and_processor(model: Optional[str] = None, device: Optional[str] 
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     net = MiniCPMV.from_pretrained(model, **kwargs).eval()
-    if device:
+    if device != "cpu":
         net = net.to(device)
     processor = AutoProcessor.from_pretrained(model)
     net.processor = processor
