@@ -294,6 +294,7 @@ def _check_config(jsonl: str, out: str, model: Optional[str], device: Optional[s
     try:
         resolve_dtype(dtype, "--dtype")
         pipeline.check_model_arg(model)
+        pipeline.check_model_source(model)  # a hub id out of reach, a folder without tokenizer files
     except (ValueError, OSError) as e:
         raise ToolError(_one_line(e)) from None
     try:
@@ -302,10 +303,10 @@ def _check_config(jsonl: str, out: str, model: Optional[str], device: Optional[s
         raise ToolError(str(e)) from None
 
 
-def _load_model(model, device, dtype, spec: Dict[str, Any], flags: Dict[str, Optional[str]]):
+def _load_model(model, device, dtype, spec: Dict[str, Any], flags: Dict[str, Optional[str]], progress: bool = True):
     """Load once and check the selections against the model's layers and heads."""
     try:
-        net, processor, _ = pipeline.load_model_and_processor(model, device, dtype)
+        net, processor, _ = pipeline.load_model_and_processor(model, device, dtype, progress=progress)
     except Exception as e:  # noqa: BLE001 - whatever the loader raises is one configuration error
         name = model if model is not None else "(tiny demo)"
         raise ToolError(f"--model {name}: cannot load it: {_one_line(e) or type(e).__name__}") from None
@@ -670,7 +671,8 @@ def _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_token
         def get_model():
             """(net, processor), loaded once."""
             if not loaded:
-                loaded.extend(_load_model(model, device, dtype, capture_spec, {"--layers": layers, "--heads": heads}))
+                loaded.extend(_load_model(model, device, dtype, capture_spec, {"--layers": layers, "--heads": heads},
+                                          progress=not quiet))
             return loaded
 
         error = None

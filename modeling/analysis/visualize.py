@@ -216,7 +216,8 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
         "loading the tiny trained demo model ..." if trained_demo else "building the tiny demo model (random weights) ...")
     try:
         net, processor, is_demo = pipeline.load_model_and_processor(
-            trained_demo_folder() if trained_demo else None if model == RANDOM_DEMO else model, device, dtype)
+            trained_demo_folder() if trained_demo else None if model == RANDOM_DEMO else model, device, dtype,
+            progress=not quiet)
         is_demo = is_demo or trained_demo
     except (OSError, ValueError) as e:
         raise ToolError(str(e)) from e
