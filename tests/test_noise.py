@@ -106,3 +106,28 @@ def test_cli_reports_an_offline_hub_id_in_one_line(monkeypatch, no_cache, capsys
     assert visualize_attention.main(["--model", "org/model", "--device", "cpu", "--out", str(tmp_path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and "--model org/model: cannot reach the Hugging Face hub" in err[0], err
+
+
+def test_int8_model_logs_the_cast_once(caplog, tmp_path):
+    """End to end: an int8 checkpoint folder, three forwards, one cast message (bitsandbytes logs one per matmul)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the `quant` extra)")
+    from transformers.utils import is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():
+        pytest.skip(f"transformers {transformers.__version__}'s bitsandbytes integration needs CUDA")
+    import torch
+    from golden import case_dir, load_inputs
+    from transformers import BitsAndBytesConfig
+
+    from minicpmv_attn import MiniCPMV
+
+    if not case_dir("single_image").is_dir():
+        pytest.skip(f"golden fixtures not found at {case_dir('single_image')}")
+    data, mask = load_inputs("single_image")
+    model = MiniCPMV.from_pretrained(str(case_dir("single_image")),
+                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    with caplog.at_level(logging.WARNING, logger=INT8_CAST_LOGGER), torch.no_grad():
+        for _ in range(3):
+            model(data, attention_mask=mask)
+    casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+    assert len(casts) <= 1, len(casts)
