@@ -4,7 +4,7 @@ line each instead of a minute of retries or a tokenizer traceback:
 * a hub id (``openbmb/MiniCPM-V-2_6``) on a machine that cannot reach the hub (``HF_HUB_OFFLINE`` set, or
   a quick connection probe failing) and that has no cached copy: refused at once, naming the
   local-folder alternative;
-* a checkpoint folder without tokenizer files: refused, naming the files it needs.
+* a checkpoint folder (one with config.json) without tokenizer files: refused, naming the files it needs.
 """
 import os
 import socket
@@ -51,7 +51,8 @@ def check_model_source(model: Optional[str], flag: str = "--model", timeout: flo
         return
     if os.path.isdir(model):
         names = set(os.listdir(model))
-        if not any(set(group) <= names for group in TOKENIZER_FILES):
+        # a folder without config.json is not a checkpoint at all: the loader's own error names that
+        if "config.json" in names and not any(set(group) <= names for group in TOKENIZER_FILES):
             raise OSError(f"{flag} {model}: no tokenizer files (expected tokenizer.json, or vocab.json + merges.txt, "
                           f"or tokenizer.model next to config.json); copy them from the original checkpoint")
         return
