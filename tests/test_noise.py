@@ -131,3 +131,15 @@ def test_int8_model_logs_the_cast_once(caplog, tmp_path):
             model(data, attention_mask=mask)
     casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
     assert len(casts) <= 1, len(casts)
+
+
+@pytest.mark.skipif(not TF5, reason="transformers 4.x draws no loading bar")
+def test_quiet_commands_print_no_loading_bar(tmp_path, capfd):
+    from minicpmv_attn.scripts import extract_attention
+
+    default_example()[0].save(tmp_path / "scene.png")
+    (tmp_path / "jobs.jsonl").write_text('{"image": "scene.png", "prompt": "Which shape is red?"}\n')
+    assert extract_attention.main([str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out"), "--quiet",
+                                   "--max-new-tokens", "1", "--no-summary"]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err, err[-800:]

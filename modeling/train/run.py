@@ -104,7 +104,7 @@ def run_finetune(opts: FinetuneOptions, report: Optional[Callable[[str], None]] 
     try:
         device, dtype = pick_device_dtype(opts.device, opts.dtype, "float32")
         examples = read_jsonl(opts.data, warn) if opts.data else builtin_examples()
-        model, processor, folder = load_model(opts.model, device=device, dtype=dtype)
+        model, processor, folder = load_model(opts.model, device=device, dtype=dtype, progress=not opts.quiet)
         layers = parse_layers(opts.layers, model.config.num_hidden_layers)
         encoded = encode_examples(processor, examples, opts.max_length, warn)
     except (DataError, ValueError, OSError) as e:
