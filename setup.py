@@ -26,8 +26,13 @@ setup(
     python_requires=">=3.9",
     # modeling/*.py ships as Hugging Face remote code; its subpackages are the tools and never ship
     packages=["minicpmv_attn", "minicpmv_attn.analysis", "minicpmv_attn.bench", "minicpmv_attn.demo",
-              "minicpmv_attn.train", "minicpmv_attn.upstream", "minicpmv_attn.scripts", "minicpmv_attn.patches"],
-    package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts", "minicpmv_attn.patches": "patches"},
+              "minicpmv_attn.train", "minicpmv_attn.upstream", "minicpmv_attn.scripts", "minicpmv_attn.patches",
+              "minicpmv_attn_cli"],
+    # scripts/ twice: as minicpmv_attn.scripts (importable next to the package) and as the top-level
+    # minicpmv_attn_cli that the console commands start from, which does not import minicpmv_attn (torch,
+    # transformers) before the arguments are read: --help answers at once
+    package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts", "minicpmv_attn.patches": "patches",
+                 "minicpmv_attn_cli": "scripts"},
     package_data={"minicpmv_attn.demo": ["tokenizer/*.json", "trained/*.json", "trained/*.safetensors"],
                   "minicpmv_attn.patches": ["*.json", "*.md", "notes/*.md"]},
     install_requires=[
@@ -50,12 +55,19 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "minicpmv-attn-visualize=minicpmv_attn.scripts.visualize_attention:main",
-            "minicpmv-attn-extract=minicpmv_attn.scripts.extract_attention:main",
-            "minicpmv-attn-diff-upstream=minicpmv_attn.scripts.diff_upstream:main",
-            "minicpmv-attn-install=minicpmv_attn.scripts.install_into_snapshot:main",
-            "minicpmv-attn-finetune=minicpmv_attn.scripts.finetune_attention:main",
-            "minicpmv-attn-sweep-transformers=minicpmv_attn.scripts.sweep_transformers:main",
+            "minicpmv-attn-visualize=minicpmv_attn_cli.visualize_attention:main",
+            "minicpmv-attn-extract=minicpmv_attn_cli.extract_attention:main",
+            "minicpmv-attn-finetune=minicpmv_attn_cli.finetune_attention:main",
+            "minicpmv-attn-pointing-game=minicpmv_attn_cli.pointing_game:main",
+            "minicpmv-attn-install=minicpmv_attn_cli.install_into_snapshot:main",
+            "minicpmv-attn-diff-upstream=minicpmv_attn_cli.diff_upstream:main",
+            "minicpmv-attn-train-demo=minicpmv_attn_cli.train_demo:main",
+            "minicpmv-attn-sweep-transformers=minicpmv_attn_cli.sweep_transformers:main",
+            "minicpmv-attn-bench-capture=minicpmv_attn_cli.bench_capture:main",
+            "minicpmv-attn-bench-extract=minicpmv_attn_cli.bench_extract:main",
+            "minicpmv-attn-bench-viewer=minicpmv_attn_cli.bench_viewer:main",
+            "minicpmv-attn-bench-quant-memory=minicpmv_attn_cli.bench_quant_memory:main",
+            "minicpmv-attn-bench-cli-help=minicpmv_attn_cli.bench_cli_help:main",
         ]
     },
 )

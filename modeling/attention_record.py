@@ -166,6 +166,25 @@ class AttentionRecord:
     def llm_layers(self) -> List[int]:
         return self.layers("llm")
 
+    def __repr__(self) -> str:
+        """One line: each stage's layers and a tensor shape, the tokens and images; never the values."""
+        parts = []
+        for stage in STAGES:
+            names = self.names(stage)
+            if names:
+                t = self.tensors[names[0]]
+                dtype = str(t.dtype).replace("torch.", "")
+                ids = self.layers(stage)
+                span = (f"layers {ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2
+                        else f"layers {ids}") if stage != "resampler" else "1 map"
+                parts.append(f"{stage}: {span} {list(t.shape)} {dtype}")
+        lay = self.layout
+        if lay is not None:
+            roles = {r: lay.roles.count(r) for r in ROLES}
+            parts.append(f"{len(lay.tokens)} tokens ({lay.n_prompt} prompt, "
+                         + ", ".join(f"{n} {r}" for r, n in roles.items() if n) + f"), {len(lay.images)} image(s)")
+        return f"AttentionRecord({'; '.join(parts) or 'empty'})"
+
     # -- persistence -------------------------------------------------------------------
     def save(self, path: str) -> Tuple[str, str]:
         """Save to ``<stem>.safetensors`` and ``<stem>.json``; returns both paths."""

@@ -14,6 +14,7 @@ plus ``W.nested_absmax`` / ``W.nested_quant_map`` with double quantisation; 8-bi
 packed to the size its recorded shape needs, and nothing else may be in the file.
 """
 import json
+import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -411,6 +412,33 @@ def _dequantized_first_row(kind: str, param, sample: int) -> Tuple[torch.Tensor,
     return mine, (0.6 * scb / 127 + 1e-3 * mine.abs()).expand_as(mine)
 
 
+#: bitsandbytes' logger that warns "MatMul8bitLt: inputs will be cast from ... to float16" at every int8
+#: matmul whose input is not float16: every layer of every step in a bfloat16 / float32 model
+INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+
+
+class FirstOfEach(logging.Filter):
+    """A logging filter that lets the first record of each distinct message through and drops repeats."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def quiet_int8_casts() -> None:
+    """Show bitsandbytes' int8 cast message once per input dtype instead of at every matmul (idempotent)."""
+    log = logging.getLogger(INT8_CAST_LOGGER)
+    if not any(isinstance(f, FirstOfEach) for f in log.filters):
+        log.addFilter(FirstOfEach())
+
+
 def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) -> None:
     """Every tensor of ``model`` holds the values the folder's weight files (safetensors, or
     ``pytorch_model.bin`` read with ``weights_only``) hold, and every weight is finite
@@ -431,6 +459,8 @@ def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) ->
       :func:`check_checkpoint_tensors` and transformers' loading report, names those).
     """
     check_finite_weights(model, path)  # first: a NaN is the file's fault, not a loader's
+    if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+        quiet_int8_casts()
     files, kind = _weight_files(path)
     if files is None:
         return

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from threading import Thread
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
@@ -314,7 +314,11 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         generated (capture ``rows="generated"``; negative rows count from here) and, as in
         ``generate``, non-negative spec positions count from each sample's first real token.
         Otherwise they are positions of the (left-padded) batch.
+        ``data`` may be the processor's output as it comes (a ``MiniCPMVBatchFeature`` or any
+        mapping); its ``attention_mask`` is used when no ``attention_mask`` is passed.
         """
+        # fork: modeling_minicpmv.MiniCPMV.forward -- the processor's output is accepted as data
+        data, attention_mask = forward_inputs(data, attention_mask)
         spec = CaptureSpec.from_flag(output_attentions)
         capture = self.new_capture(spec, data) if spec is not None else None
         position_ids = data.get("position_ids")
@@ -599,6 +603,19 @@ def chat_prompt(tokenizer, image, msgs, system_prompt=""):
     if system_prompt:
         msgs = [{"role": "system", "content": system_prompt}] + msgs
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), images
+
+
+# fork: modeling_minicpmv.MiniCPMV.forward
+def forward_inputs(data, attention_mask):
+    """``(dict, attention_mask)`` from what ``forward`` was given: a mapping that is not a dict (the
+    processor's ``MiniCPMVBatchFeature``) becomes one, and its ``attention_mask`` stands in when
+    none was passed. A plain dict is upstream's call and stays as it is (upstream ignores its mask)."""
+    if isinstance(data, dict) or not isinstance(data, Mapping):
+        return data, attention_mask
+    data = dict(data.items())
+    if attention_mask is None and isinstance(data.get("attention_mask"), torch.Tensor):
+        attention_mask = data["attention_mask"]
+    return data, attention_mask
 
 
 # fork: modeling_minicpmv.MiniCPMV.get_vllm_embedding

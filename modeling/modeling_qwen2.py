@@ -78,6 +78,11 @@ def warn_if_unverified(version: str = transformers.__version__) -> bool:
 warn_if_unverified()
 
 
+#: the start of transformers' UserWarning that ``generate`` from ``inputs_embeds`` with a repetition_penalty
+#: penalises only the generated tokens (a regex for warnings.filterwarnings)
+REPETITION_PENALTY_NOTE = r"Passing `repetition_penalty` with `inputs_embeds`"
+
+
 def take_cache(past_key_values, kwargs: dict):
     """The KV cache passed as ``past_key_values`` or (transformers >= 5.24) ``cache``; pops ``cache``."""
     cache = kwargs.pop("cache", None)
@@ -566,7 +571,13 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
         previous = guards.get(id(self))
         guards[id(self)] = guard
         try:
-            result = super().generate(*args, **kwargs)
+            with warnings.catch_warnings():
+                if kwargs.get("inputs_embeds") is not None and kwargs.get("input_ids") is None:
+                    # MiniCPM-V always generates from embeddings (the image is in them), so transformers'
+                    # note that repetition_penalty then sees only the new tokens would print on every call;
+                    # it is upstream's behaviour too, not something the caller can change
+                    warnings.filterwarnings("ignore", message=REPETITION_PENALTY_NOTE, category=UserWarning)
+                result = super().generate(*args, **kwargs)
         finally:
             if previous is None:
                 guards.pop(id(self), None)

@@ -19,20 +19,21 @@ import sys
 import time
 from typing import Optional, Sequence, Tuple
 
-import torch
-
 
 def synthetic_record(n_layers: int = 28, n_heads: int = 28, n_gen: int = 300, grid: Optional[Tuple[int, int]] = (3, 3),
                      size: Tuple[int, int] = (1344, 1008), src_tgt: Tuple[int, int] = (27, 36),
                      slice_tgt: Tuple[int, int] = (24, 32), queries: int = 64, res_heads: int = 28,
                      vis_heads: int = 16, vis_layers: Sequence[int] = (26,), rows: str = "generated",
-                     n_text: int = 12, dtype=torch.float16, seed: int = 0, sharpness: float = 3.0):
+                     n_text: int = 12, dtype=None, seed: int = 0, sharpness: float = 3.0):
     """An :class:`AttentionRecord` with MiniCPM-V-2.6's layout and tensor shapes and random
     softmax rows (logits ~ N(0, sharpness^2), causal; every row a probability distribution).
     ``grid`` = (cols, rows) of slices or None; ``rows`` = "generated" or "all"."""
+    import torch  # here, so that --help answers without loading torch
+
     from minicpmv_attn.attention_record import AttentionRecord, ImageLayout, SliceLayout, TokenLayout
     from minicpmv_attn.capture import hook_name
 
+    dtype = torch.float16 if dtype is None else dtype
     g = torch.Generator().manual_seed(seed)
     tokens, roles, bounds = [], [], []
 

@@ -25,11 +25,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from minicpmv_attn.upstream.common import log_quiet, log_stderr
-from minicpmv_attn.upstream.diff import check_installed_transformers, run_diff
-from minicpmv_attn.upstream.pin import (UPSTREAM_REPO_ID, PinError, UpstreamUnavailable, add_transformers_snapshot,
-                                        obtain_upstream, regular_file_problem, write_pin)
-from minicpmv_attn.upstream.report import format_table, needs_attention, summarize
+# the library is imported in main(), so that --help answers without loading torch
+UPSTREAM_REPO_ID = "openbmb/MiniCPM-V-2_6"  # upstream.pin.UPSTREAM_REPO_ID (tests/test_cli_help.py holds them equal)
 
 
 def default_out_dir() -> Path:
@@ -102,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from minicpmv_attn.upstream.common import log_quiet, log_stderr
+    from minicpmv_attn.upstream.diff import check_installed_transformers, run_diff
+    from minicpmv_attn.upstream.pin import (PinError, UpstreamUnavailable, add_transformers_snapshot,
+                                            obtain_upstream, regular_file_problem, write_pin)
+    from minicpmv_attn.upstream.report import format_table, needs_attention, summarize
+
     log = log_quiet if args.quiet else log_stderr
     if not args.transformers_only and args.upstream is None and args.revision is None:
         parser.error("one of --upstream, --revision or --transformers-only is required")

@@ -74,8 +74,9 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-image-bytes", type=int, default=None,
                    help="refuse (per line) image files larger than this (default 268435456, 256 MiB)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", help="model dtype: auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default=None, help="model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16 "
+                                                 "(default: bfloat16 on CUDA, else auto)")
     p.add_argument("--vision", action="store_true", help="also capture SigLIP (vision) attention (large)")
     p.add_argument("--max-disk", default=None,
                    help="refuse before any model work when the records would take more, e.g. 50GB or 2TiB")

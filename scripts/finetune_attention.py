@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the tiny demo model)")
     g.add_argument("--data", default=None, help="JSONL data set (default: built-in examples on the demo photo)")
     g.add_argument("--max-length", type=int, default=2048, help="longest prompt + answer in tokens (default 2048)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
+    g.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: bfloat16 on CUDA, "
+                                                 "else float32)")
     g = p.add_argument_group("losses")
     g.add_argument("--attn-loss", choices=["none", "box", "teacher"], default="box",
                    help="attention loss added to the LM loss (default box)")
@@ -74,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from minicpmv_attn.analysis.devices import DeviceError, pick_device
     from minicpmv_attn.train.run import FinetuneError, FinetuneOptions, UsageError, run_finetune
 
+    try:
+        pick_device(args.device)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         opts = FinetuneOptions(**vars(args))
     except UsageError as e:

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from minicpmv_attn.upstream.common import log_quiet, log_stderr
-from minicpmv_attn.upstream.install import BACKUP_DIRNAME, Refused, install, remote_code_files, restore, restore_plan
+# the library is imported in main(), so that --help answers without loading torch
+BACKUP_DIRNAME = ".minicpmv_attn_backup"  # upstream.install.BACKUP_DIRNAME (tests/test_cli_help.py holds them equal)
 
 PROMISES = f"""\
 promises:
@@ -90,6 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as e:
         print(f"usage error: {e} (see --help)", file=sys.stderr)
         return 2
+    from minicpmv_attn.upstream.common import log_quiet, log_stderr
+    from minicpmv_attn.upstream.install import Refused, install, remote_code_files, restore, restore_plan
+
     log = log_quiet if args.quiet else log_stderr
     try:
         if args.list_files:

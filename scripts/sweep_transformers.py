@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from minicpmv_attn.upstream import transformers_sweep as ts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from minicpmv_attn.upstream import transformers_sweep as ts  # here, so that --help answers at once
+
     if args.jobs < 1:
         print("error: --jobs must be at least 1", file=sys.stderr)
         return 2

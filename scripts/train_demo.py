@@ -5,7 +5,7 @@ Writes a checkpoint folder loadable with ``MiniCPMV.from_pretrained`` and
 ``train_log.json`` (every step's loss, held-out answer accuracy, wall time). The shipped
 model (``modeling/demo/trained/``) is this script's default run::
 
-    python scripts/train_demo.py --out modeling/demo/trained
+    python scripts/train_demo.py --out runs/demo_trained   # the shipped folder is this run's output
 
 Same seed and thread count, same losses (see tests/test_demo_model.py).
 """
@@ -15,7 +15,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from minicpmv_attn.demo.train import DEFAULTS, train_demo
+# minicpmv_attn.demo.train.DEFAULTS, kept here so that --help answers without loading torch (tests/test_cli_help.py
+# holds them equal); the library is imported in main()
+DEFAULTS = {"steps": 8000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": 0, "shape_share": 0.75}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -35,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "and thread count give the same weights)")
     p.add_argument("--eval-every", type=int, default=250, help="held-out accuracy every N steps (default %(default)s)")
     args = p.parse_args(argv)
+    from minicpmv_attn.demo.train import train_demo
+
     try:
         log = train_demo(args.out, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, threads=args.threads, eval_every=args.eval_every,

@@ -3,7 +3,7 @@
 
 With no arguments it runs the embedded default: a tiny MiniCPM-V-2.6 shipped in the
 package, trained on coloured-shape scenes (nothing downloaded), asked about a generated
-scene whose answer is known ("What color is the triangle?"): the page shows the known
+scene whose answer is known ("Which shape is red?" at --seed 0): the page shows the known
 answer next to the model's and the map on the object. --model random-demo is the seeded
 random-weight demo; use --model with a real checkpoint folder (or a hub id, when online)
 and --image for your own pictures.
@@ -73,44 +73,48 @@ def view_main(argv) -> int:
     return 0
 
 
-def build_parser():
-    from minicpmv_attn.analysis.pipeline import DEFAULT_PROMPT
-    from minicpmv_attn.analysis.visualize import DEFAULTS as D
-    from minicpmv_attn.analysis.visualize import RANDOM_DEMO
+# what --help shows, without importing torch (the library's values: analysis.visualize.DEFAULTS, RANDOM_DEMO,
+# pipeline.DEFAULT_PROMPT and demo.scenes.default_example(0); tests/test_cli_help.py holds them equal)
+RANDOM_DEMO = "random-demo"
+DEFAULT_PROMPT = "Describe this image."
+SCENE_QUESTION = "Which shape is red?"  # default_example(seed=0)'s question
+DEFAULTS = {"max_new_tokens": 8, "max_plot_tokens": 16, "out": "attention_out", "device": "auto", "seed": 0}
 
+
+def build_parser():
+    D = DEFAULTS
     p = argparse.ArgumentParser(
         prog="minicpmv-attn-visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=D["model"], help="checkpoint folder or hub id (default: "
-                   + (D["model"] or "the shipped tiny demo model trained on coloured shapes") + f"; '{RANDOM_DEMO}': "
-                   "the seeded random-weight demo)")
-    p.add_argument("--image", default=D["image"],
-                   help="image file (default: " + (D["image"] or "a generated coloured-shape scene with the trained "
-                                                   "demo, whose answer is known; matplotlib's grace_hopper.jpg "
-                                                   "otherwise") + ")")
-    p.add_argument("--prompt", default=D["prompt"],
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped tiny demo model "
+                   f"trained on coloured shapes; '{RANDOM_DEMO}': the seeded random-weight demo)")
+    p.add_argument("--image", default=None,
+                   help="image file (default: a generated coloured-shape scene with the trained demo, whose answer "
+                        "is known; matplotlib's grace_hopper.jpg otherwise)")
+    p.add_argument("--prompt", default=None,
                    help="question about the image, plain text (not empty; no <image>, </image>, <slice> or </slice> "
-                        "markers: the image is put in by the tool). Default: " + (repr(D["prompt"]) if D["prompt"] else
-                        f"the generated scene's question, else {DEFAULT_PROMPT!r}"))
+                        f"markers: the image is put in by the tool). Default: the generated scene's question "
+                        f"({SCENE_QUESTION!r} at --seed 0; the scene follows --seed), else {DEFAULT_PROMPT!r}")
     p.add_argument("--max-new-tokens", type=int, default=D["max_new_tokens"],
                    help=f"tokens to generate (default {D['max_new_tokens']})")
-    p.add_argument("--layers", default=D["layers"],
-                   help=f"LLM layers to capture: '0,3', '2:6', 'all' (default {D['layers'] or 'all'})")
-    p.add_argument("--heads", default=D["heads"], help=f"LLM heads to capture (default {D['heads'] or 'all'})")
-    p.add_argument("--rows", choices=["all", "generated"], default=D["rows"],
+    p.add_argument("--layers", default=None, help="LLM layers to capture: '0,3', '2:6', 'all' (default all)")
+    p.add_argument("--heads", default=None, help="LLM heads to capture (default all)")
+    p.add_argument("--rows", choices=["all", "generated"], default=None,
                    help="LLM query rows to keep: 'all' (full matrix, needed for the matrix plot) or "
                         "'generated' (the rows that produced each new token; far cheaper for long prompts). "
                         "Default: all for the demo model, generated with --model")
-    p.add_argument("--vision-layers", default=D["vision_layers"],
+    p.add_argument("--vision-layers", default=None,
                    help="SigLIP layers to keep (e.g. '-1', '0,13', 'all', 'none'); default: all for the demo models "
                         "(the viewer's 'through SigLIP' maps need every layer), the last one (-1) with --model")
     p.add_argument("--max-plot-tokens", type=int, default=D["max_plot_tokens"],
                    help=f"generated tokens shown in the heatmap grid (1 to 128, default {D['max_plot_tokens']})")
     p.add_argument("--out", default=D["out"], help=f"output folder (default ./{D['out']})")
-    p.add_argument("--device", default=D["device"], help=f"torch device, e.g. cuda (default: {D['device'] or 'cpu'})")
-    p.add_argument("--dtype", default=D["dtype"],
-                   help=f"float32 | bfloat16 | float16 | auto (checkpoint's); default {D['dtype']}")
+    p.add_argument("--device", default=D["device"],
+                   help="auto (default: CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | bfloat16 | float16 | auto (the checkpoint's); default: bfloat16 on CUDA, else auto")
     p.add_argument("--sampling", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=D["seed"], help=f"random seed for sampling (default {D['seed']})")
+    p.add_argument("--seed", type=int, default=D["seed"],
+                   help=f"random seed of the generated scene and of sampling (default {D['seed']})")
     p.add_argument("--relevancy", action="store_true",
                    help="also compute gradient relevancy maps (one more forward, one backward per token; first "
                         "--max-plot-tokens tokens) and offer them in the viewer")

@@ -23,9 +23,11 @@ from minicpmv_attn.upstream import pin as pinning
 from minicpmv_attn.upstream import transformers_check
 from minicpmv_attn.upstream.common import log_quiet, sha256_file
 
+from golden import GOLDEN_ROOT
+
 REPO = Path(__file__).resolve().parents[1]
 FORK = REPO / "modeling"
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = GOLDEN_ROOT  # ../shared/golden or MINICPMV_ATTN_GOLDEN
 GOLDEN_CONFIG = GOLDEN / "minicpmv26" / "single_image" / "config.json"
 
 ISSUE_HASHES = {

@@ -16,9 +16,11 @@ from minicpmv_attn.scripts import install_into_snapshot as cli
 from minicpmv_attn.upstream import install
 from minicpmv_attn.upstream.common import sha256_file
 
+from golden import GOLDEN_ROOT
+
 REPO = Path(__file__).resolve().parents[1]
 FORK = REPO / "modeling"
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = GOLDEN_ROOT  # ../shared/golden or MINICPMV_ATTN_GOLDEN
 CASES = ["single_image", "two_images_batch", "text_only"]
 
 

@@ -27,11 +27,13 @@ from minicpmv_attn.image_processing_minicpmv import (
 from minicpmv_attn.processing_minicpmv import IMAGE_TAG, MiniCPMVProcessor, register_processing
 from minicpmv_attn.tokenization_minicpmv_fast import MiniCPMVTokenizerFast
 
+from golden import GOLDEN as GOLDEN_DIR, MISSING
+
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "minicpmv26"
+GOLDEN = GOLDEN_DIR  # ../shared/golden/minicpmv26 or under MINICPMV_ATTN_GOLDEN
 CASES = ["single_image", "two_images_batch", "text_only"]
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixtures not found at {GOLDEN}")
+pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=MISSING)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -73,6 +73,7 @@ import torch
 
 from ..attention_record import AttentionRecord, SliceLayout, TokenLayout
 from ..capture import ROLES, hook_name
+from .describe import describe_heatmap
 
 __all__ = [
     "ImageToken", "ImageHeatmap", "RoleShares",
@@ -899,6 +900,9 @@ class ImageHeatmap:
     layer_reduce: Optional[str]
     head_reduce: Optional[str]
     extra: Dict[str, object] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # shapes and the numbers worth reading, never the arrays (describe.py)
+        return describe_heatmap(self)
 
 
 def place_token_weights(layout: TokenLayout, res: np.ndarray, axis: List[int], wts: np.ndarray, image: int = 0,

@@ -46,6 +46,8 @@ from ..capture import (AttentionCapture, CaptureError, CaptureSpec, estimate_byt
                        parse_index_list, resolve_dtype, special_token_ids)
 from ..image_processing_minicpmv import ImageLoadError, ImageTooLargeError
 from . import pipeline
+from .devices import DeviceError, pick_device
+from .devices import pick as pick_device_dtype
 from .pipeline import DEFAULT_MAX_IMAGE_BYTES, ToolError
 
 __all__ = ["DEFAULT_SPEC", "DiskEstimate", "Extraction", "append_result", "estimate_disk", "extract",
@@ -300,23 +302,19 @@ def _check_config(jsonl: str, out: str, model: Optional[str], device: Optional[s
     try:
         resolve_dtype(dtype, "--dtype")
         pipeline.check_model_arg(model)
+        pipeline.check_model_source(model)  # a hub id out of reach, a folder without tokenizer files
     except (ValueError, OSError) as e:
         raise ToolError(_one_line(e)) from None
-    if device is not None:
-        import torch
-
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ToolError(f"--device {device}: expected a torch device like 'cpu' or 'cuda:0'") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ToolError(f"--device {device}: CUDA is not available on this machine; use 'cpu'")
+    try:
+        pick_device(device)
+    except DeviceError as e:
+        raise ToolError(str(e)) from None
 
 
-def _load_model(model, device, dtype, spec: Dict[str, Any], flags: Dict[str, Optional[str]]):
+def _load_model(model, device, dtype, spec: Dict[str, Any], flags: Dict[str, Optional[str]], progress: bool = True):
     """Load once and check the selections against the model's layers and heads."""
     try:
-        net, processor, _ = pipeline.load_model_and_processor(model, device, dtype)
+        net, processor, _ = pipeline.load_model_and_processor(model, device, dtype, progress=progress)
     except Exception as e:  # noqa: BLE001 - whatever the loader raises is one configuration error
         name = model if model is not None else "(tiny demo)"
         raise ToolError(f"--model {name}: cannot load it: {_one_line(e) or type(e).__name__}") from None
@@ -562,8 +560,8 @@ def _plan(jsonl: str, out: str, done: Dict[str, dict]) -> Tuple[int, List[dict],
 
 def extract(jsonl: str, out: str, model: Optional[str] = None, spec: Optional[str] = None,
             layers: Optional[str] = None, heads: Optional[str] = None, rows: Optional[str] = None,
-            reduce: Optional[str] = None, max_new_tokens: int = 16, device: Optional[str] = None,
-            dtype: Optional[str] = "auto", quiet: bool = False, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+            reduce: Optional[str] = None, max_new_tokens: int = 16, device: Optional[str] = "auto",
+            dtype: Optional[str] = None, quiet: bool = False, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
             log: Optional[Callable[[str], None]] = None, vision: bool = False, max_disk=None,
             summary: bool = True, group_by: Optional[str] = None, ranks: Optional[pipeline.Ranks] = None) -> Extraction:
     """Extract a record per line of ``jsonl`` into ``out`` (see the module doc).
@@ -593,12 +591,13 @@ def extract(jsonl: str, out: str, model: Optional[str] = None, spec: Optional[st
         limit = parse_bytes(max_disk, "--max-disk") if max_disk is not None else None
     except CaptureError as e:
         raise ToolError(_one_line(e).replace("capture --max-disk=", "--max-disk ")) from None
-    settings = _settings(model, capture_spec, max_new_tokens, dtype)
-    if ranks.distributed and (device is None or device == "cuda"):
+    if ranks.distributed and (device is None or device in ("auto", "cuda")):
         import torch
 
         if torch.cuda.is_available():
             device = f"cuda:{ranks.local_rank}"
+    device, dtype = pick_device_dtype(device, dtype, "auto")  # CUDA, MPS, CPU; bf16 on CUDA; else the checkpoint's
+    settings = _settings(model, capture_spec, max_new_tokens, dtype)
     ranks.start()
     try:
         return _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_tokens, device, dtype, quiet,
@@ -689,7 +688,8 @@ def _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_token
         def get_model():
             """(net, processor), loaded once."""
             if not loaded:
-                loaded.extend(_load_model(model, device, dtype, capture_spec, {"--layers": layers, "--heads": heads}))
+                loaded.extend(_load_model(model, device, dtype, capture_spec, {"--layers": layers, "--heads": heads},
+                                          progress=not quiet))
             return loaded
 
         error = None

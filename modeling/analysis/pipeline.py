@@ -4,6 +4,7 @@ files, JSONL rows that survive a crash or a full disk).
 
 Kept out of the CLI files so notebooks and other scripts can reuse it.
 """
+import contextlib
 import errno
 import io
 import json
@@ -20,6 +21,7 @@ except ImportError:  # not POSIX: FolderLock locks nothing
 from ..attention_record import atomic_writer
 from ..capture import resolve_dtype
 from ..image_processing_minicpmv import ImageLoadError, ImageTooLargeError, load_image
+from .sources import check_model_source
 
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2 ** 20
@@ -51,17 +53,25 @@ def check_model_arg(model: Optional[str]) -> None:
                                 f"like 'openbmb/MiniCPM-V-2_6'")
 
 
-def load_model_and_processor(model: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                             attn_implementation: str = "sdpa") -> Tuple[Any, Any, bool]:
-    """(model, processor, is_demo). ``model`` None -> the embedded tiny demo (built locally, no download)."""
+def load_model_and_processor(model: Optional[str] = None, device: Optional[str] = "auto", dtype: Optional[str] = None,
+                             attn_implementation: str = "sdpa", fallback_dtype: Optional[str] = "auto",
+                             progress: bool = True) -> Tuple[Any, Any, bool]:
+    """(model, processor, is_demo). ``model`` None -> the embedded tiny demo (built locally, no download).
+
+    ``device`` "auto"/None: CUDA, then MPS, then the CPU; ``dtype`` None: bfloat16 on CUDA, else
+    ``fallback_dtype`` ("auto": the checkpoint's) -- see :mod:`.devices`. ``progress=False``: no
+    "Loading weights" bar from transformers (``--quiet``)."""
     from transformers import AutoProcessor
 
     from ..demo import build_demo_checkpoint, default_demo_folder
     from ..modeling_minicpmv import MiniCPMV
     from ..processing_minicpmv import register_processing
+    from .devices import pick
 
-    torch_dtype = resolve_dtype(dtype, "--dtype")  # a bad name fails before anything is built
+    device, dtype = pick(device, dtype, fallback_dtype)  # an unusable device fails before anything is built
+    torch_dtype = resolve_dtype(dtype, "--dtype")  # and so does a bad dtype name
     check_model_arg(model)
+    check_model_source(model)  # a hub id out of reach, a folder without tokenizer files: one line, at once
     register_processing()
     is_demo = model is None
     if is_demo:
@@ -69,12 +79,26 @@ def load_model_and_processor(model: Optional[str] = None, device: Optional[str] 
     kwargs = {"attn_implementation": attn_implementation}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    net = MiniCPMV.from_pretrained(model, **kwargs).eval()
-    if device:
+    with transformers_progress(progress):
+        net = MiniCPMV.from_pretrained(model, **kwargs).eval()
+    if device != "cpu":
         net = net.to(device)
     processor = AutoProcessor.from_pretrained(model)
     net.processor = processor
     return net, processor, is_demo
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool):
+    """transformers' own progress bars (e.g. "Loading weights") on or off for the block, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def load_processor(model: Optional[str] = None):
@@ -86,6 +110,7 @@ def load_processor(model: Optional[str] = None):
     from ..processing_minicpmv import register_processing
 
     check_model_arg(model)
+    check_model_source(model)
     register_processing()
     folder = build_demo_checkpoint(default_demo_folder()) if model is None else model
     return AutoProcessor.from_pretrained(folder), AutoConfig.from_pretrained(folder)

@@ -34,6 +34,7 @@ from ..demo.scenes import default_example
 from ..image_processing_minicpmv import DEFAULT_MAX_IMAGE_PIXELS
 from . import pipeline
 from . import plotting as pl
+from .devices import pick as pick_device_dtype
 from .pipeline import DEFAULT_PROMPT, ToolError
 from .report import render_index
 from .viewer import BUDGET as VIEWER_BUDGET
@@ -48,8 +49,8 @@ __all__ = ["BUDGET", "DEFAULTS", "IMAGE_BUDGET_BYTES", "RESERVED_MARKERS", "Visu
 # for the demo models and generated otherwise, vision_layers None = all for the demo models (the viewer's "through
 # SigLIP" maps need every layer) and the last one otherwise
 DEFAULTS = {"model": None, "image": None, "prompt": None, "max_new_tokens": 8, "layers": None, "heads": None,
-            "rows": None, "vision_layers": None, "max_plot_tokens": 16, "out": "attention_out", "device": None,
-            "dtype": "auto", "seed": 0}
+            "rows": None, "vision_layers": None, "max_plot_tokens": 16, "out": "attention_out", "device": "auto",
+            "dtype": None, "seed": 0}
 
 RANDOM_DEMO = "random-demo"  # --model value for the seeded random-weight demo
 
@@ -187,6 +188,7 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
     if not 1 <= max_plot_tokens <= pl.MAX_PANELS:
         raise ToolError(f"--max-plot-tokens: expected 1 to {pl.MAX_PANELS} panels, found {max_plot_tokens}")
     try:
+        device, dtype = pick_device_dtype(device, dtype, "auto")  # CUDA, MPS, CPU; bf16 on CUDA; else the checkpoint's
         layer_list = parse_index_list(layers, "layers")
         head_list = parse_index_list(heads, "heads")
         if vision_layers is None:
@@ -214,7 +216,8 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
         "loading the tiny trained demo model ..." if trained_demo else "building the tiny demo model (random weights) ...")
     try:
         net, processor, is_demo = pipeline.load_model_and_processor(
-            trained_demo_folder() if trained_demo else None if model == RANDOM_DEMO else model, device, dtype)
+            trained_demo_folder() if trained_demo else None if model == RANDOM_DEMO else model, device, dtype,
+            progress=not quiet)
         is_demo = is_demo or trained_demo
     except (OSError, ValueError) as e:
         raise ToolError(str(e)) from e

@@ -39,13 +39,15 @@ def parse_layers(text: Optional[str], n_layers: int) -> List[int]:
     return sorted(set(out))
 
 
-def load_model(model_path: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None):
+def load_model(model_path: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+               progress: bool = True):
     """(model, processor, folder): a checkpoint folder or hub id; None builds the demo checkpoint
-    (``pipeline.load_model_and_processor``). ``folder`` is where processor files come from."""
+    (``pipeline.load_model_and_processor``). ``folder`` is where processor files come from; ``progress=False``
+    hides transformers' loading bar."""
     from ..analysis.pipeline import load_model_and_processor
     from ..demo import default_demo_folder
 
-    model, processor, is_demo = load_model_and_processor(model_path, device=device, dtype=dtype)
+    model, processor, is_demo = load_model_and_processor(model_path, device=device, dtype=dtype, progress=progress)
     return model, processor, (default_demo_folder() if is_demo else model_path)
 
 

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+from ..analysis.devices import pick as pick_device_dtype
 from .checkpoints import find_checkpoint, list_checkpoints, read_state
 from .data import DataError, builtin_examples, encode_examples, pick_example, read_jsonl
 from .figures import box_heatmap, plot_before_after, plot_token_grid
@@ -39,8 +40,8 @@ class FinetuneOptions:
     model: Optional[str] = None
     data: Optional[str] = None
     max_length: int = 2048
-    device: Optional[str] = None
-    dtype: str = "float32"
+    device: Optional[str] = "auto"  # CUDA, then MPS, then the CPU (analysis.devices)
+    dtype: Optional[str] = None  # bfloat16 on CUDA, else float32
     attn_loss: str = "box"
     attn_weight: float = 1.0
     layers: Optional[str] = None
@@ -100,10 +101,10 @@ def run_finetune(opts: FinetuneOptions, report: Optional[Callable[[str], None]] 
 
     if report is None:
         report = (lambda m: None) if opts.quiet else _stderr
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device, dtype = pick_device_dtype(opts.device, opts.dtype, "float32")
         examples = read_jsonl(opts.data, warn) if opts.data else builtin_examples()
-        model, processor, folder = load_model(opts.model, device=device, dtype=opts.dtype)
+        model, processor, folder = load_model(opts.model, device=device, dtype=dtype, progress=not opts.quiet)
         layers = parse_layers(opts.layers, model.config.num_hidden_layers)
         encoded = encode_examples(processor, examples, opts.max_length, warn)
     except (DataError, ValueError, OSError) as e:

@@ -1,0 +1,72 @@
+"""Every tool is a console command that reads its arguments before importing torch, transformers or the
+package (so --help answers at once; the time itself is measured by scripts/bench_cli_help.py, not here),
+and the defaults its help names are the library's."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = re.compile(r'"(minicpmv-attn-[a-z-]+)=([a-z_.]+):main"')
+HEAVY = ("torch", "transformers", "minicpmv_attn")
+SLOW_HELP = {"minicpmv-attn-bench-capture"}  # its help lists the benchmark's rows and targets from the library
+
+
+def console_commands():
+    return dict(ENTRY.findall((REPO / "setup.py").read_text(encoding="utf-8")))
+
+
+def test_every_script_is_a_console_command_started_outside_the_package():
+    cmds = console_commands()
+    scripts = {p.stem for p in (REPO / "scripts").glob("*.py") if "def main(" in p.read_text(encoding="utf-8")}
+    scripts -= {"build_demo_tokenizer"}  # a maintainers' tool (writes the shipped tokenizer), not documented
+    assert {m.rsplit(".", 1)[1] for m in cmds.values()} == scripts
+    assert all(m.startswith("minicpmv_attn_cli.") for m in cmds.values()), cmds
+
+
+def test_the_readme_names_only_installed_commands():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    cmds = set(console_commands())
+    named = set(re.findall(r"`(minicpmv-attn-[a-z-]+)", readme))
+    named |= {"minicpmv-attn" + short for short in re.findall(r"`(-bench-[a-z-]+)`", readme)}
+    assert named and named <= cmds, named - cmds
+    assert "build_demo_tokenizer" not in readme
+
+
+@pytest.mark.parametrize("name", sorted(set(console_commands()) - SLOW_HELP))
+def test_help_answers_without_importing_torch_or_the_package(name):
+    module = console_commands()[name]
+    code = (f"import sys, json; sys.argv = [{name!r}, '--help']\n"
+            f"from {module} import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], f"{name} --help imported heavy modules"
+
+
+def test_visualize_help_names_the_library_defaults():
+    from minicpmv_attn.analysis import pipeline, visualize
+    from minicpmv_attn.demo.scenes import default_example
+    from minicpmv_attn.scripts import visualize_attention as cli
+
+    assert cli.SCENE_QUESTION == default_example(0)[1]
+    assert cli.DEFAULT_PROMPT == pipeline.DEFAULT_PROMPT and cli.RANDOM_DEMO == visualize.RANDOM_DEMO
+    args = vars(cli.build_parser().parse_args([]))
+    assert {k: args[k] for k in visualize.DEFAULTS} == visualize.DEFAULTS
+    text = " ".join(cli.build_parser().format_help().split())
+    assert f"'{default_example(0)[1]}' at --seed 0" in text and "What color is the triangle" not in text
+
+
+def test_other_help_constants_are_the_library_values():
+    from minicpmv_attn.demo.train import DEFAULTS as TRAIN_DEFAULTS
+    from minicpmv_attn.scripts import diff_upstream, install_into_snapshot, train_demo
+    from minicpmv_attn.upstream.install import BACKUP_DIRNAME
+    from minicpmv_attn.upstream.pin import UPSTREAM_REPO_ID
+
+    assert train_demo.DEFAULTS == TRAIN_DEFAULTS
+    assert install_into_snapshot.BACKUP_DIRNAME == BACKUP_DIRNAME
+    assert diff_upstream.UPSTREAM_REPO_ID == UPSTREAM_REPO_ID
