@@ -439,7 +439,7 @@ def quiet_int8_casts() -> None:
         log.addFilter(FirstOfEach())
 
 
-def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) -> None:
+def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64, missing=()) -> None:
     """Every tensor of ``model`` holds the values the folder's weight files (safetensors, or
     ``pytorch_model.bin`` read with ``weights_only``) hold, and every weight is finite
     (:func:`check_finite_weights`, checked first and over all values).
@@ -458,7 +458,7 @@ def check_loaded_weights(model: torch.nn.Module, path: str, sample: int = 64) ->
       tensors absent from the model or of another shape and not quantised (the key check,
       :func:`check_checkpoint_tensors` and transformers' loading report, names those).
     """
-    check_finite_weights(model, path)  # first: a NaN is the file's fault, not a loader's
+    check_finite_weights(model, path, skip=missing)  # first: a NaN is the file's fault, not a loader's
     if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
         quiet_int8_casts()
     files, kind = _weight_files(path)
@@ -540,15 +540,18 @@ def _quant_statistics(model: torch.nn.Module):
             yield f"{name[: -len('.weight')] if name.endswith('.weight') else name}.SCB", scb
 
 
-def check_finite_weights(model: torch.nn.Module, path: str) -> None:
+def check_finite_weights(model: torch.nn.Module, path: str, skip=()) -> None:
     """Every floating parameter of ``model`` and every bitsandbytes statistic (absmax, nested
     absmax, SCB, ...) holds finite values: an inf or NaN weight makes every logit NaN, and a
     value check by equality cannot see it (inf equals inf). Parameters left on the meta device
-    (offloaded) are skipped. Raises :class:`CheckpointError` naming the tensors."""
+    (offloaded) are skipped, and so are the names in ``skip`` (keys the file lacks, loaded with
+    ``strict=False``: whatever they hold did not come from the file). Raises
+    :class:`CheckpointError` naming the tensors."""
     bad = []
+    skip = set(skip)
     tensors = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     for name, t in tensors + list(_quant_statistics(model)):
-        if t.device.type == "meta" or not t.numel():
+        if name in skip or t.device.type == "meta" or not t.numel():
             continue
         what = _non_finite(t)
         if what:

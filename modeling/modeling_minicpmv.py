@@ -182,7 +182,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if strict and problems:
             raise CheckpointError(f"{path}: the weights do not match MiniCPM-V-2.6's state dict: " + "; ".join(problems))
         if os.path.isdir(path):
-            check_loaded_weights(model, path)  # the loaded tensors hold the file's values
+            # the loaded tensors hold the file's values (keys the file lacks are not the file's)
+            check_loaded_weights(model, path, missing=[str(k) for k in info.get("missing_keys") or []])
         return (model, info) if want_info else model
 
     # -- vision -------------------------------------------------------------------------

@@ -41,10 +41,12 @@ def test_quiet_loading_shows_no_weights_bar(progress, capfd):
         assert "Loading weights" not in err, err[-500:]
 
 
-def test_int8_cast_message_is_shown_once_per_dtype(caplog):
+def test_int8_cast_message_is_shown_once_per_dtype(caplog, monkeypatch):
+    log = logging.getLogger(INT8_CAST_LOGGER)
+    monkeypatch.setattr(log, "filters", [])  # a fresh filter: an earlier int8 load in this process saw messages
     quiet_int8_casts()
     quiet_int8_casts()  # idempotent: one filter
-    log = logging.getLogger(INT8_CAST_LOGGER)
+    assert len(log.filters) == 1
     with caplog.at_level(logging.WARNING, logger=INT8_CAST_LOGGER):
         for _ in range(50):
             log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
