@@ -129,6 +129,26 @@ def test_probe_covers_padding_causal_offset_gqa_ragged_and_row_valid():
         assert (~case["key_valid"]).any()
 
 
+SUBTLE = {  # bugs that show on one of the probe's two calls only, or on a few entries
+    "causal_off_by_one": lambda a, kw: (a[:4] + (a[4] + 1,) + a[5:], kw),
+    "row_valid_ignored": lambda a, kw: (a, dict(kw, row_valid=None)),
+    "key_heads_not_grouped": lambda a, kw: (a, dict(kw, head_map=kw["head_map"] * 0)),
+    "key_padding_ignored": lambda a, kw: (a[:6] + (None,) + a[7:], kw),
+}
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("bug", sorted(SUBTLE))
+def test_subtle_bugs_are_caught_by_the_probe(bug, reduce):
+    def bad(*args, **kw):
+        args, kw = SUBTLE[bug](args, kw)
+        return torch_reduced_probs(*args, **kw)
+
+    with pytest.warns(KernelMismatchWarning, match=f"FAIL: triton fused_reduced_probs on cpu, float32, reduce={reduce}"):
+        assert not kernel_check.fused_probs_ok(bad, torch_reduced_probs, "cpu", torch.float32, reduce)
+    assert kernel_check.verdicts()[0].max_diff > 1e-2
+
+
 @needs_triton
 @pytest.mark.parametrize("how", ["dropped_mask", "wrong_scale", "swapped_mean_max"])
 def test_wrong_kernel_is_caught_maps_stay_right_warned_once(how, monkeypatch, model_and_inputs, torch_maps):
