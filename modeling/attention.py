@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernel_check import flash_ok
+
 
 STAGES = ("llm", "vision", "resampler")
 
@@ -144,10 +146,24 @@ def sdpa_attention_forward(module: nn.Module, query, key, value, mask: AttnMask,
     return out.transpose(1, 2).contiguous(), None
 
 
+# where flash-attention 2 runs (the self-check's tests widen these to CPU tensors and float32)
+FLASH_DEVICE_TYPES = ("cuda",)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _sdpa_reference(query, key, value, causal: bool, scaling: float):
+    """SDPA's output [B, L, H, D] for unmasked (or causal) [B, H, L, D] inputs: flash's self-check reference."""
+    return sdpa_attention_forward(None, query, key, value, AttnMask(causal=causal), scaling)[0]
+
+
 def flash_attention_forward(module: nn.Module, query, key, value, mask: AttnMask, scaling: float,
                             dropout: float = 0.0):
-    """flash-attention 2 for unpadded half-precision CUDA batches; SDPA otherwise."""
-    usable = (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
+    """flash-attention 2 for unpadded half-precision CUDA batches; SDPA otherwise.
+
+    Before its first use per (device, dtype, head dim) in a process, flash's output is compared
+    with SDPA's on a small probe (``kernel_check.flash_ok``); if they differ, SDPA is used from
+    then on (one warning), or ``MINICPMV_ATTN_KERNEL_CHECK=error`` raises."""
+    usable = (query.device.type in FLASH_DEVICE_TYPES and query.dtype in FLASH_DTYPES
               and not mask.has_padding())
     causal = mask.causal and query.shape[2] > 1
     if usable and not (causal and query.shape[2] != key.shape[2]):
@@ -155,7 +171,8 @@ def flash_attention_forward(module: nn.Module, query, key, value, mask: AttnMask
             from flash_attn import flash_attn_func
         except ImportError:
             flash_attn_func = None
-        if flash_attn_func is not None:
+        if flash_attn_func is not None and flash_ok(flash_attn_func, _sdpa_reference, query.device, query.dtype,
+                                                    query.shape[-1]):
             out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                   dropout_p=dropout, softmax_scale=scaling, causal=causal)
             return out, None

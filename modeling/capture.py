@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .attention import STAGES, AttnMask, hook_name, hook_sort_key, parse_hook_name  # noqa: F401  (re-exported)
+from .kernel_check import MODES as KERNEL_CHECK_MODES, fused_probs_ok, triton_mode
 
 #: The token-role vocabulary of every LLM position (records, capture columns, maps).
 ROLES = ("text", "image", "special")
@@ -229,6 +230,9 @@ class CaptureSpec:
         2**26 on CUDA, 2**20 elsewhere).
     max_bytes: refuse selections whose estimate exceeds this (None: the free memory of
         the target device).
+    kernel_check: what a failed self-check of the fused Triton kernel does (``kernel_check.py``):
+        ``"warn"`` (one warning, then the torch path), ``"error"`` (raise) or ``"off"`` (no
+        check); None: ``$MINICPMV_ATTN_KERNEL_CHECK``, else ``"warn"``.
     """
 
     stages: Sequence[str] = STAGES
@@ -241,6 +245,7 @@ class CaptureSpec:
     device: Any = None
     chunk_elements: Optional[int] = None
     max_bytes: Optional[int] = None
+    kernel_check: Optional[str] = None
 
     def __post_init__(self):
         """Validate every field with its type; refuse with the valid values (never guess)."""
@@ -271,6 +276,9 @@ class CaptureSpec:
                 setattr(self, name, _id_list(value, name))
         self.chunk_elements = _positive_int(self.chunk_elements, "chunk_elements")
         self.max_bytes = parse_bytes(self.max_bytes, "max_bytes")
+        if self.kernel_check is not None and self.kernel_check not in KERNEL_CHECK_MODES:
+            raise CaptureError(f"capture kernel_check={self.kernel_check!r}: valid values are "
+                               f"{list(KERNEL_CHECK_MODES)} or None (the environment's, else 'warn')")
 
     @classmethod
     def from_flag(cls, output_attentions) -> Optional["CaptureSpec"]:
@@ -507,17 +515,8 @@ class AttentionCapture:
                               self.spec.reduce, torch.float32, head_map=head_idx // n_rep,
                               row_valid=None if qv is None else qv[:, start:stop])
             else:
-                scores = torch.matmul(q[:, :, start:stop].float(), k.transpose(-1, -2)) * scaling
-                allowed = mask.allowed(Lq, Lk, rows=rows, device=query.device)
-                if allowed is not None:
-                    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-                probs = torch.softmax(scores, dim=-1)
-                if qv is not None:
-                    probs = probs * qv[:, None, start:stop, None].to(probs.dtype)
-                if self.spec.reduce == "mean":
-                    probs = probs.mean(1, keepdim=True)
-                elif self.spec.reduce == "max":
-                    probs = probs.amax(1, keepdim=True)
+                probs = _torch_probs(q[:, :, start:stop], k, scaling, mask.allowed(Lq, Lk, rows=rows, device=query.device),
+                                     None if qv is None else qv[:, start:stop], self.spec.reduce)
             if col_idx is not None:  # the same key columns for every head: gather after the reduction
                 gather = col_idx[:, None, None, :].expand(B, probs.shape[1], probs.shape[2], -1)
                 probs = probs.gather(-1, gather) * col_valid[:, None, None, :].to(probs.dtype)
@@ -531,16 +530,29 @@ class AttentionCapture:
                               None if col_valid is None else col_valid.cpu()))
 
     def _fused_kernel(self, query, key):
-        """The Triton kernel for head-reduced maps on CUDA when nothing needs gradients, else None."""
-        if self.spec.reduce == "none" or query.device.type != "cuda" or os.environ.get("MINICPMV_ATTN_NO_TRITON"):
+        """The Triton kernel for head-reduced maps when nothing needs gradients, else None.
+
+        On CUDA by default, on any device with ``MINICPMV_ATTN_TRITON=force``, never with
+        ``=off`` (``kernel_check.triton_mode``). Before its first use per (device, dtype,
+        reduce) in this process it must pass its self-check (``kernel_check.fused_probs_ok``);
+        if it fails, the torch path is used (or the check raises, per ``spec.kernel_check``)."""
+        if self.spec.reduce == "none" or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
             return None
-        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        mode = triton_mode()
+        if mode == "off" or (mode == "auto" and query.device.type != "cuda"):
             return None
-        try:
-            from .capture_triton import fused_reduced_probs, is_available
+        try:  # imported here: a test may have replaced the kernel (a deliberately wrong one)
+            from .capture_triton import fused_reduced_probs as fused, is_available
         except ImportError:
+            fused, is_available = None, None
+        if fused is None or not is_available(query.device):
+            if mode == "force":
+                raise CaptureError(f"MINICPMV_ATTN_TRITON=force: the fused kernel cannot run on {query.device} "
+                                   f"(it needs triton and CUDA, or TRITON_INTERPRET=1)")
             return None
-        return fused_reduced_probs if is_available(query.device) else None
+        ok = fused_probs_ok(fused, torch_reduced_probs, query.device, query.dtype, self.spec.reduce,
+                            self.spec.kernel_check)
+        return fused if ok else None
 
     def add(self, name: str, piece: _Piece):
         if self.frozen:  # e.g. recomputation under gradient checkpointing
@@ -576,6 +588,38 @@ class AttentionCapture:
                     info["cols"] = [[int(c) for c, v in zip(cr, vr) if v] for cr, vr in zip(last.cols, last.col_valid)]
             index[name] = info
         return tensors, index
+
+
+def _torch_probs(q, k, scaling: float, allowed, row_valid, reduce: str) -> torch.Tensor:
+    """The torch recompute of one chunk: ``softmax(q k^T * scaling)`` in fp32 where ``allowed``
+    ([B|1, 1, r, Lk] bool or None), rows where ``row_valid`` ([B, r] or None) is False zeroed,
+    reduced over heads. q: [B, H, r, D]; k: [B, H, Lk, D] float32, the key head of each q head."""
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scaling
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1)
+    if row_valid is not None:
+        probs = probs * row_valid[:, None, :, None].to(probs.dtype)
+    if reduce == "mean":
+        return probs.mean(1, keepdim=True)
+    if reduce == "max":
+        return probs.amax(1, keepdim=True)
+    return probs
+
+
+def torch_reduced_probs(q, k, scaling: float, rows=None, q_offset: int = 0, causal: bool = False, key_valid=None,
+                        reduce: str = "mean", out_dtype=None, head_map=None, row_valid=None) -> torch.Tensor:
+    """Capture's torch path with the signature of ``capture_triton.fused_reduced_probs`` (the
+    reference of the kernel's self-check): [B, 1, R, Lk] in ``out_dtype``."""
+    B, H, R, _ = q.shape
+    if head_map is None:
+        head_map = torch.arange(H, device=q.device) // (H // k.shape[1])
+    if rows is None:
+        rows = torch.arange(R, device=q.device)
+    allowed = AttnMask(key_valid=key_valid, causal=causal, q_offset=q_offset).allowed(R, k.shape[2], rows=rows,
+                                                                                       device=q.device)
+    probs = _torch_probs(q, k.index_select(1, head_map.long()).float(), scaling, allowed, row_valid, reduce)
+    return probs.to(out_dtype or q.dtype)
 
 
 def _join(parts: List[torch.Tensor], dim: int, device=None) -> torch.Tensor:

@@ -61,6 +61,8 @@ def test_cpu_toy_run_reports_every_row(tmp_path, capsys):
     assert all(r["status"] == "ok" and r["time_ms"] > 0 for r in vision.values())
     assert "| 2 x 4x4 patches | vision_sdpa | ok |" in text
     assert data["meta"]["device"] == "cpu" and data["meta"]["lengths"] == [32, 64, 128]
+    # on the CPU capture runs the torch path: no kernel self-check ran, and the report says so
+    assert data["meta"]["kernel_checks"] == [] and "Kernel self-check: no kernel was checked" in text
 
 
 def test_capture_that_cannot_fit_is_refused(tmp_path, capsys):

@@ -81,3 +81,19 @@ def test_attached_capture_is_removed_after_the_call():
     model(data, attention_mask=mask, output_attentions={"stages": ["vision"], "layers": [0]})
     assert attached_capture(model) is None
     assert all(getattr(m, "attention_capture", None) is None for m in model.modules())
+
+
+def test_kernel_check_ships_flat_and_imports_only_torch_and_the_stdlib():
+    """The self-check sits directly in modeling/ (it ships), imports nothing of the package (so the
+    kernels in attention.py may import it without importing capture), and the remote-code loader
+    sees it as a relative import of both attention.py and capture.py."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    from minicpmv_attn.upstream.install import remote_code_files
+
+    mods = set(imported_modules(PACKAGE / "kernel_check.py"))
+    stdlib = {"__future__", "math", "os", "sys", "threading", "time", "warnings", "dataclasses", "typing"}
+    assert mods <= stdlib | {"torch"}, mods - stdlib
+    assert "kernel_check.py" in remote_code_files()
+    for user in ("attention.py", "capture.py"):
+        assert "kernel_check" in get_relative_imports(str(PACKAGE / user)), user

@@ -186,6 +186,25 @@ def logit_check(results: List[Result]) -> Dict[str, float]:
     return worst
 
 
+def kernel_check_lines(verdicts: List[Any], results: List[Result]) -> List[str]:
+    """The kernel self-check verdicts this run triggered (``kernel_check.Verdict``), each with its
+    cost as a share of one ``fork_mean`` call (the 2048-token one, else the longest measured)."""
+    means = {r.length: r.time_ms for r in results if r.row == "fork_mean" and r.ok and r.time_ms}
+    ref_len = 2048 if 2048 in means else (max(means) if means else None)
+    if not verdicts:
+        return ["Kernel self-check: no kernel was checked (capture ran the torch path: the fused Triton kernel "
+                "serves head-reduced maps on CUDA, or with MINICPMV_ATTN_TRITON=force; flash-attention is not used "
+                "by this bench)"]
+    out = ["Kernel self-check (once per process and key, before the first use):"]
+    for v in verdicts:
+        share = f" = {100 * v.cost_ms / means[ref_len]:.2f}% of one fork_mean call at {ref_len} tokens" \
+            if ref_len is not None else ""
+        result = f"raised {v.error}" if v.error else f"max |diff| {v.max_diff:.2e} (tol {v.tol:.0e})"
+        out.append(f"  {'PASS' if v.passed else 'FAIL'}  {v.kernel}, {v.device}, {v.dtype}, reduce={v.reduce or '-'}, "
+                   f"triton {v.triton or '-'}: {result}, cost {v.cost_ms:.1f} ms{share}")
+    return out
+
+
 def report(results: List[Result], run: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, str]:
     """Print the tables, the target verdicts and the notes; return the overall verdicts."""
     overall = evaluate(results, run["scale"], run["device"])
@@ -210,6 +229,7 @@ def report(results: List[Result], run: Dict[str, Any], meta: Dict[str, Any]) -> 
         print("Notes:\n" + "\n".join(notes))
     if errors:
         print("Errors:\n" + "\n".join(errors))
+    print("\n".join(kernel_check_lines(run.get("kernel_checks", []), results)))
     if worst:
         print("Sanity: max |last-token logits - sdpa_ref| " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     load = ""

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .. import kernel_check
 from ..attention_record import atomic_write_json
 from ..capture import parse_index_list, resolve_dtype
 from .report import TARGETS, public_result, report
@@ -260,6 +261,7 @@ def run_bench(run: Dict[str, Any], command: str = "") -> int:
             _log(bar, res, "time")
         bar.update(len(batch))
 
+    kernel_check.reset()  # this run's own verdicts, with their cost measured here
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     try:
@@ -275,6 +277,8 @@ def run_bench(run: Dict[str, Any], command: str = "") -> int:
         torch.set_num_threads(threads)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["load_avg_end"] = _loadavg()
+    run["kernel_checks"] = kernel_check.verdicts()
+    meta["kernel_checks"] = [v.as_dict() for v in run["kernel_checks"]]
     overall = report(results, run, meta)
 
     if run["json"]:
