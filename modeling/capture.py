@@ -1,7 +1,7 @@
 """Attention capture: the selected probabilities recomputed from the same q and k.
 
-A capture is attached to the model's attention modules for one call (:func:`attached`, a
-context manager), like transformers' ``_can_record_outputs`` or TransformerLens hook points;
+A capture is attached to the model's attention modules for one call and one context
+(:func:`attached`, a context manager; threads sharing a model never see each other's), like transformers' ``_can_record_outputs`` or TransformerLens hook points;
 no forward signature carries it. Each attention module has a hook name
 (:func:`hook_name`: ``vision.layers.{i}.attn``, ``resampler.attn``, ``llm.layers.{i}.attn``)
 and runs :func:`attention.attend`, which offers q and k to the attached capture, then runs
@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .attention import STAGES, AttnMask, hook_name, hook_sort_key, parse_hook_name  # noqa: F401  (re-exported)
+from .attention import STAGES, AttnMask, attach, attached_to, hook_name, hook_sort_key, parse_hook_name  # noqa: F401  (re-exported)
 
 #: The token-role vocabulary of every LLM position (records, capture columns, maps).
 ROLES = ("text", "image", "special")
@@ -660,27 +660,21 @@ def check_fits(spec: CaptureSpec, estimate: Dict[str, int], compute_device: torc
 @contextmanager
 def attached(model: nn.Module, capture: Optional["AttentionCapture"]) -> Iterator[Optional["AttentionCapture"]]:
     """Attach ``capture`` to every attention module of ``model`` (those with a ``hook_name``)
-    for the duration of the block; what was attached before is put back after. ``None``
-    attaches nothing (and costs nothing)."""
+    for the duration of the block, in the current context only (thread or asyncio task:
+    other threads using the same model see nothing of it); what was attached before is in
+    force again after. ``None`` attaches nothing (and costs nothing)."""
     if capture is None:
         yield None
         return
-    modules = [m for m in model.modules() if hasattr(m, "hook_name")]
-    before = [m.__dict__.get("attention_capture") for m in modules]
-    for m in modules:
-        m.attention_capture = capture
-    try:
+    with attach([(m, capture) for m in model.modules() if hasattr(m, "hook_name")]):
         yield capture
-    finally:
-        for m, value in zip(modules, before):
-            m.attention_capture = value
 
 
 def attached_capture(model: nn.Module) -> Optional["AttentionCapture"]:
-    """The capture attached to ``model``'s first attention module, if any."""
+    """The capture attached (in this context) to ``model``'s first attention module, if any."""
     for m in model.modules():
         if hasattr(m, "hook_name"):
-            return m.__dict__.get("attention_capture")
+            return attached_to(m)
     return None
 
 
