@@ -48,7 +48,6 @@ tokens): ``scripts/bench_viewer.py`` (numbers in the README).
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import os
@@ -61,6 +60,7 @@ import numpy as np
 from ..attention_record import AttentionRecord, atomic_write_text
 from ..capture import hook_name
 from . import attention_map as am
+from .html_safe import fill, text
 
 __all__ = ["MAX_DATA_BYTES", "VISION_BUDGET_BYTES", "MAX_TOKENS", "DISPLAY_SIDE", "GRID_SIDE", "EXTRA_SIDE",
            "ROLLOUT_BUDGET_BYTES", "BUDGET", "Viewer", "build_viewer", "render_viewer", "write_viewer",
@@ -607,7 +607,7 @@ def render_viewer(viewer: Viewer, *, title: str = "Attention viewer", header_htm
                   footer_html: str = "") -> str:
     """The page as a string. ``header_html`` / ``footer_html``: trusted HTML put above and below
     the viewer (the main command puts its facts and its static plots there)."""
-    esc = html.escape
+    esc = text
     d = viewer.data
     img = (f"<img id=photo alt='the image (downsampled)' src='data:image/jpeg;base64,{viewer.image_jpeg}'>"
            if viewer.image_jpeg else "<div id=photo class=noimg>no image given: maps drawn on grey</div>")
@@ -629,13 +629,10 @@ def render_viewer(viewer: Viewer, *, title: str = "Attention viewer", header_htm
                                      "follow the resampler's patches back through the SigLIP rollout (all vision "
                                      "layers, head mean): attention_map.image_heatmap's through_vision") +
             f"\"><input id=thruvision type=checkbox{' disabled' if thru_off else ''}> through SigLIP</label>")
-    page = _PAGE
-    for key, val in (("TITLE", esc(title)), ("THRU", thru), ("HEADER", header_html), ("QA", qa), ("PHOTO", img),
-                     ("NOTES", f"<ul class=notes>{notes}</ul>" if notes else ""), ("SINKS", sink_html),
-                     ("FOOTER", footer_html), ("CSS", _CSS), ("JS", _JS), ("DATA", _script_json(d)),
-                     ("U8", viewer.u8), ("F32", viewer.f32), ("LUT", _lut())):
-        page = page.replace("{{" + key + "}}", val)
-    return page
+    return fill(_PAGE, {"TITLE": esc(title), "THRU": thru, "HEADER": header_html, "QA": qa, "PHOTO": img,
+                        "NOTES": f"<ul class=notes>{notes}</ul>" if notes else "", "SINKS": sink_html,
+                        "FOOTER": footer_html, "CSS": _CSS, "JS": _JS, "DATA": _script_json(d), "U8": viewer.u8,
+                        "F32": viewer.f32, "LUT": _lut()})
 
 
 def _lut() -> str:
@@ -673,9 +670,10 @@ def read_viewer_data(page: str) -> Dict[str, Any]:
 def view_record(record_path: str, image: Optional[str], out: str, *, max_tokens: Optional[int] = None,
                 layers: Optional[str] = None, progress: bool = True) -> Tuple[str, Viewer]:
     """The ``view`` command: load the record at ``record_path`` (stem, ``.json`` or
-    ``.safetensors``), take its image from ``image`` (default: the path in the record's meta, when
-    it still exists) and write ``out/index.html``. Raises ``ToolError`` with one line naming
-    the problem."""
+    ``.safetensors``), draw its maps on ``image`` (only the image the user names: the path in the
+    record's meta is never opened, since a record from someone else could name a private file
+    that the page would then carry; without ``image`` the maps are drawn on grey, with a note) and
+    write ``out/index.html``. Raises ``ToolError`` with one line naming the problem."""
     from ..attention_record import RecordError
     from ..capture import parse_index_list
     from .pipeline import ToolError, open_image
@@ -686,16 +684,12 @@ def view_record(record_path: str, image: Optional[str], out: str, *, max_tokens:
         raise ToolError(str(e)) from None
     if rec.layout is None:
         raise ToolError(f"record {record_path}: has no token layout; the viewer needs one")
-    src = image or rec.meta.get("image")
-    pic = None
+    src, pic = image, None
     if src:
-        if not image and not os.path.isfile(src):
-            src = None
-        else:
-            try:
-                pic = open_image(src)
-            except (ValueError, OSError) as e:
-                raise ToolError(f"--image {src}: {e}") from None
+        try:
+            pic = open_image(src)
+        except (ValueError, OSError) as e:
+            raise ToolError(f"--image {src}: {e}") from None
     try:
         layer_list = parse_index_list(layers, "layers")
         title = "Attention viewer: " + os.path.basename(record_path.rstrip("/"))
@@ -705,11 +699,15 @@ def view_record(record_path: str, image: Optional[str], out: str, *, max_tokens:
                          max_tokens=max_tokens, progress=progress)
     except ValueError as e:
         raise ToolError(str(e)) from None
+    named = rec.meta.get("image")
+    if not image and isinstance(named, str) and named:
+        v.notes.append(f"no image given: the maps are drawn on grey (the record names {named!r}; pass --image to "
+                       f"draw on it: the record's own path is never opened)")
     return path, v
 
 
 def _facts_html(rec: AttentionRecord, image_name: Optional[str]) -> str:
-    esc = html.escape
+    esc = text
     ims = rec.layout.images
     size = f" ({ims[0].size[0]} x {ims[0].size[1]} px)" if ims else ""
     model = rec.meta.get("model") or "?"
