@@ -29,6 +29,7 @@ setup(
               "minicpmv_attn.train", "minicpmv_attn.upstream", "minicpmv_attn.scripts", "minicpmv_attn.patches"],
     package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts", "minicpmv_attn.patches": "patches"},
     package_data={"minicpmv_attn.demo": ["tokenizer/*.json", "trained/*.json", "trained/*.safetensors"],
+                  "minicpmv_attn.analysis": ["viewer_page/*.html", "viewer_page/*.js", "viewer_page/*.css"],
                   "minicpmv_attn.patches": ["*.json", "*.md", "notes/*.md"]},
     install_requires=[
         "torch>=2.1",

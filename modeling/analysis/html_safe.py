@@ -7,14 +7,18 @@
   folder, percent-encoded (``javascript:x`` becomes ``./javascript%3Ax``, a file name), or None.
 * :func:`plot_text`: a string for a matplotlib label or title, with ``$`` escaped so mathtext
   never parses (or crashes on) it.
+* :func:`page_file`: the viewer's template, script and style sheet (``viewer_page/``, package data).
 """
 import html
 import os
 import re
+from functools import lru_cache
 from typing import Mapping, Optional
 from urllib.parse import quote
 
-__all__ = ["fill", "plot_text", "relative_href", "text"]
+__all__ = ["fill", "page_file", "plot_text", "relative_href", "text"]
+
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "viewer_page")
 
 _PLACEHOLDER = re.compile(r"\{\{([A-Z0-9_]+)\}\}")
 
@@ -49,3 +53,10 @@ def relative_href(path: str) -> Optional[str]:
 def plot_text(value) -> str:
     """``value`` as a matplotlib text that is shown literally (no mathtext)."""
     return str(value).replace("$", r"\$")
+
+
+@lru_cache(maxsize=None)
+def page_file(name: str) -> str:
+    """The text of ``viewer_page/<name>`` (the viewer's ``page.html``, ``viewer.js``, ``viewer.css``)."""
+    with open(os.path.join(PAGE_DIR, name), encoding="utf-8") as f:
+        return f.read()
