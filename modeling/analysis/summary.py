@@ -111,6 +111,32 @@ def _heatmap(record: AttentionRecord) -> Optional[Tuple[np.ndarray, Tuple[int, i
     return (total / s if s > 0 else total).astype(np.float32), (W, H)
 
 
+def _measured(v) -> Optional[float]:
+    """A share as a float, or None where the record lacks the columns to measure it (NaN)."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _all_key_columns(record: AttentionRecord) -> bool:
+    """Whether every captured LLM layer kept all key columns (``cols="all"``)."""
+    from ..attention import hook_name
+    from .attention_map import _idx
+
+    return all(_idx(record, hook_name("llm", l)).get("cols") is None for l in record.layers("llm"))
+
+
+def _has_column(record: AttentionRecord, position: int) -> bool:
+    """Whether every captured LLM layer kept the key column ``position``."""
+    from ..attention import hook_name
+    from .attention_map import _idx, _positions
+
+    for l in record.layers("llm"):
+        name = hook_name("llm", l)
+        if position not in _positions(_idx(record, name), "cols", record.tensors[name].shape[-1]):
+            return False
+    return True
+
+
 def record_stats(record: AttentionRecord) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
     """The measured columns of one record (see the module doc) and its heatmap grid (or None)."""
     from .attention_map import role_shares
@@ -124,10 +150,15 @@ def record_stats(record: AttentionRecord) -> Tuple[Dict[str, Any], Optional[np.n
                            "n_image_tokens": sum(1 for r in layout.roles if r == "image")}
     shares = role_shares(record)
     for layer, v in zip(shares.layers, shares["image"]):
-        out[f"img_share_L{layer:02d}"] = float(v)
+        out[f"img_share_L{layer:02d}"] = _measured(v)
     for role in ("image", "text", "special"):
-        out[f"{role}_share"] = float(np.mean(shares[role]))
-    out["entropy"], out["sink_share"] = answer_entropy(record), first_token_share(record)
+        out[f"{role}_share"] = _measured(np.mean(shares[role]))
+    # a record with a subset of the key columns (e.g. cols="image") cannot give a row's entropy, nor a
+    # sink share when the sink's column was not kept: those cells stay empty (not measured), never 0
+    full = _all_key_columns(record)
+    out["entropy"] = answer_entropy(record) if full else None
+    first = int(layout.padding)
+    out["sink_share"] = first_token_share(record) if full or _has_column(record, first) else None
     grid = None
     if layout.images:
         out["image_w"], out["image_h"] = (int(v) for v in layout.images[0].size)

@@ -521,7 +521,10 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
 
     def role_stack(w, cov):  # [..., T, 3 or 4]: image, text, special (and sink) shares
         rs = am.row_role_shares(w, cov, lay, rows)
-        cols = [rs[r] for r in roles] + ([w[..., sink_pos].sum(-1)] if sink_pos else [])
+        sink = w[..., sink_pos].sum(-1) if sink_pos else None
+        if sink_pos and not cov[sink_pos].all():  # a sink's column was not captured: not measurable
+            sink = np.full_like(sink, np.nan)
+        cols = [rs[r] for r in roles] + ([sink] if sink_pos else [])
         return np.stack(cols, -1)
 
     any_head = any((k[1] not in ("mean", "max")) for k in want)
