@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -120,3 +121,27 @@ def test_launch_variables_without_a_launch_say_so(env, tmp_path, monkeypatch, ca
     assert main([str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out")]) == 2
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: environment variable") and "RANK" in lines[0]
+
+
+def test_non_finite_attention_fails_the_line(tmp_path, monkeypatch, capsys):
+    """A model whose attention comes out NaN (e.g. fp16 overflow) gives failed lines and exit 1,
+    never records marked ok."""
+    from minicpmv_attn.analysis import pipeline
+    from minicpmv_attn.scripts.extract_attention import main
+
+    original = pipeline.capture_chat
+
+    def nan_capture(*args, **kwargs):
+        answer, record = original(*args, **kwargs)
+        name = record.names("llm")[0]
+        record.tensors[name] = torch.full_like(record.tensors[name], float("nan"))
+        return answer, record
+
+    monkeypatch.setattr(pipeline, "capture_chat", nan_capture)
+    jsonl = _jobs(tmp_path, [{"image": "a.png", "prompt": "What is it?", "id": "one"}])
+    rc = main([str(jsonl), "--out", str(tmp_path / "out"), "--max-new-tokens", "3", "--quiet", "--no-summary"])
+    assert rc == 1
+    rows = _rows(tmp_path / "out")
+    assert [r["status"] for r in rows] == ["error"] and "NaN or infinite" in rows[0]["error"]
+    assert not list((tmp_path / "out" / "records").glob("*.json"))
+    assert "failed: " in capsys.readouterr().err

@@ -772,6 +772,10 @@ def _extract_one(get_model: Callable[[], Any], job: dict, item: dict, spec: Dict
     fields = job.get("fields") or {}
     record.meta.update(image=path, line=item["line"], id=job.get("id"), key=item["key"], input=row["input"],
                        fields=fields)
+    try:  # what load() would refuse is never written as "ok" (NaN/inf attention, rows that are no distribution)
+        record.validate("the captured attention")
+    except ValueError as e:
+        return f"{where}: {_one_line(e)}"
     try:
         record.save(stem)
     except Exception as e:  # noqa: BLE001 - e.g. a full disk: this line fails, the next may not
