@@ -172,6 +172,10 @@ def _selection(value, what: str, modes: Sequence[str], allow_range: bool = False
         if value.step not in (None, 1) or value.start is None or value.stop is None:
             raise CaptureError(f"capture {what} as a slice needs explicit start and stop and step 1")
         value = range(value.start, value.stop)
+    if allow_range and isinstance(value, range):  # kept as a range: checked against the sequence by its ends
+        if len(value) == 0:
+            raise CaptureError(f"capture {what}={value!r}: an empty range selects nothing")
+        return value
     try:
         return _id_list(value, what)
     except CaptureError:
@@ -203,7 +207,8 @@ class CaptureSpec:
     heads: None (all), a list of head ids, or ``{"llm": [...], "vision": [...], "resampler": [...]}``.
     rows (LLM query rows): ``"all"``, ``"last"`` (last prompt token), ``"generated"`` (the
         rows that produced each new token, generate/chat only), an int, a list of
-        positions, or a ``range``/``slice``. Negative positions count from the prompt end.
+        positions, or a ``range``/``slice`` (kept as a range, checked by its ends). Negative
+        positions count from the prompt end.
     cols (LLM key columns): ``"all"``, ``"image"``, ``"text"`` (prompt text and generated
         tokens), ``"special"``, or a list of positions.
     reduce: head reduction ``"none"``, ``"mean"`` or ``"max"`` (over the selected heads).
@@ -385,8 +390,11 @@ class AttentionCapture:
         limit = positions if positions is not None else (None if generating else P)
         where = (f"the {limit} positions this call feeds" if generating else f"the sequence of {limit} positions") \
             if limit is not None else "the sequence"
-        if not isinstance(self.spec.rows, str):
-            bad = [r for r in self.spec.rows if r < -P or (limit is not None and r >= limit)]
+        rows = self.spec.rows
+        if isinstance(rows, range):  # by its ends: range(0, 10**9) is never expanded before this check
+            rows = sorted({rows[0], rows[-1]})
+        if not isinstance(rows, str):
+            bad = [r for r in rows if r < -P or (limit is not None and r >= limit)]
             if bad:
                 top = f"..{limit - 1}" if limit is not None else "..."
                 raise CaptureError(f"capture rows {bad} are outside {where} (valid: {-P}{top}; negative rows count "
@@ -622,7 +630,7 @@ def estimate_bytes(spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_l
             elif rows == "generated":
                 r = max(new_tokens, 1)
             else:
-                r = len(rows)
+                r = min(len(rows), L_total)  # positions past the sequence are refused by begin_llm
             cols = spec.cols
             c = K_total if cols in ("all", "text") else (image_tokens if cols == "image" else
                                                          (K_total if cols == "special" else len(cols)))
