@@ -145,3 +145,18 @@ def test_non_finite_attention_fails_the_line(tmp_path, monkeypatch, capsys):
     assert [r["status"] for r in rows] == ["error"] and "NaN or infinite" in rows[0]["error"]
     assert not list((tmp_path / "out" / "records").glob("*.json"))
     assert "failed: " in capsys.readouterr().err
+
+
+def test_layers_and_heads_flags_narrow_the_llm_part_of_the_spec():
+    from minicpmv_attn.analysis.extract import load_spec
+    from minicpmv_attn.capture import AttentionCapture, CaptureSpec
+
+    spec = load_spec('{"layers": {"vision": [0]}}', layers="1", vision=True)
+    capture = AttentionCapture(CaptureSpec.from_flag(spec), {"llm": 4, "vision": 3, "resampler": 1},
+                               {"llm": 2, "vision": 2, "resampler": 2})
+    assert capture.layers["vision"] == {0} and capture.layers["llm"] == {1}  # not every SigLIP layer
+    spec = load_spec('{"layers": [2], "heads": [1]}', layers="0", heads="0", vision=True)
+    capture = AttentionCapture(CaptureSpec.from_flag(spec), {"llm": 4, "vision": 3, "resampler": 1},
+                               {"llm": 2, "vision": 2, "resampler": 2})
+    assert capture.layers["vision"] == {2} and capture.layers["llm"] == {0}
+    assert capture.heads == {"llm": [0], "vision": [1], "resampler": [1]}

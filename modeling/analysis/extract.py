@@ -265,15 +265,29 @@ def load_spec(spec: Optional[str] = None, layers: Optional[str] = None, heads: O
     for flag, value, key in (("--layers", layers, "layers"), ("--heads", heads, "heads")):
         if value:
             try:
-                out[key] = {"llm": parse_index_list(value, key)}
+                chosen = parse_index_list(value, key)
             except ValueError as e:
                 raise ToolError(str(e)) from None
+            out[key] = _with_llm(out.get(key), chosen)
             check(flag)
     for flag, value, key in (("--rows", rows, "rows"), ("--reduce", reduce, "reduce")):
         if value:
             out[key] = value
             check(flag)
     return out
+
+
+def _with_llm(selection: Any, llm: Optional[List[int]]) -> Dict[str, Any]:
+    """A ``layers``/``heads`` selection with its LLM part replaced by ``llm`` and every other
+    stage's kept: ``--layers`` narrows the LLM, it never drops the vision selection of ``--spec``."""
+    if isinstance(selection, dict):
+        merged = dict(selection)
+    elif selection is None:
+        merged = {}
+    else:  # one list for every stage (resampler aside: it has one layer)
+        merged = {stage: selection for stage in ("vision", "resampler")}
+    merged["llm"] = llm
+    return merged
 
 
 def _check_config(jsonl: str, out: str, model: Optional[str], device: Optional[str], dtype: Optional[str],
