@@ -3,6 +3,7 @@ captured with ``cols="image"``, results rows naming lost or foreign records, JSO
 like the summary's own columns, and launch variables left in the environment."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -160,3 +161,63 @@ def test_layers_and_heads_flags_narrow_the_llm_part_of_the_spec():
                                {"llm": 2, "vision": 2, "resampler": 2})
     assert capture.layers["vision"] == {2} and capture.layers["llm"] == {0}
     assert capture.heads == {"llm": [0], "vision": [1], "resampler": [1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: keyed on the image's content, every field of the line and the weights' identity
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_model(monkeypatch):
+    from test_extract_faults import install_fakes
+
+    calls, loads = [], []
+    install_fakes(monkeypatch.setattr, calls, loads)
+    return calls
+
+
+def _run(*argv):
+    from minicpmv_attn.scripts.extract_attention import main
+
+    return main([str(a) for a in argv] + ["--quiet", "--no-summary"])
+
+
+def test_resume_redoes_lines_whose_image_or_fields_changed(fake_model, tmp_path, capsys):
+    calls = fake_model
+    jobs = [{"image": "a.png", "prompt": "one", "label": "cat"}, {"image": "b.png", "prompt": "two", "label": "dog"}]
+    jsonl = _jobs(tmp_path, jobs)
+    out = tmp_path / "out"
+    assert _run(jsonl, "--out", out) == 0 and calls == ["one", "two"]
+    calls.clear()
+    assert _run(jsonl, "--out", out) == 0 and calls == []  # nothing changed: both skipped
+    Image.new("RGB", (64, 48), (0, 255, 0)).save(tmp_path / "a.png")  # another picture at the same path
+    assert _run(jsonl, "--out", out) == 0 and calls == ["one"]
+    assert "redone" in capsys.readouterr().err
+    calls.clear()
+    jobs[1]["label"] = "wolf"  # an edited label reaches the record and the summary
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    assert _run(jsonl, "--out", out) == 0 and calls == ["two"]
+    rows = _rows(out)
+    assert rows[-1]["fields"] == {"label": "wolf"} and rows[-1]["status"] == "ok"
+    calls.clear()
+    assert _run(jsonl, "--out", out) == 0 and calls == []
+
+
+def test_weights_replaced_in_place_are_another_model(fake_model, tmp_path, capsys):
+    from minicpmv_attn.demo import build_demo_checkpoint
+
+    model = Path(build_demo_checkpoint(str(tmp_path / "model")))
+    weights = (model / "model.safetensors").read_bytes()
+    jsonl = _jobs(tmp_path, [{"image": "a.png", "prompt": "one"}])
+    out = tmp_path / "out"
+    assert _run(jsonl, "--out", out, "--model", model) == 0
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "b.png", "prompt": "two"}) + "\n")
+    assert _run(jsonl, "--out", out, "--model", model) == 0  # same weights: goes on
+    changed = bytearray(weights)
+    middle = len(weights) // 2
+    changed[middle: middle + (1 << 18)] = bytes(1 << 18)  # a new fine-tune saved to the same folder, same size
+    (model / "model.safetensors").write_bytes(bytes(changed))
+    assert len(changed) == len(weights) > 4 << 20
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "three"}) + "\n")
+    assert _run(jsonl, "--out", out, "--model", model) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "weights" in err and "model.safetensors" in err
