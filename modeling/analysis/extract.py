@@ -47,6 +47,7 @@ from ..capture import (AttentionCapture, CaptureError, CaptureSpec, estimate_byt
 from ..image_processing_minicpmv import ImageLoadError, ImageTooLargeError
 from . import pipeline
 from .pipeline import DEFAULT_MAX_IMAGE_BYTES, ToolError
+from .summary import record_problem
 
 __all__ = ["DEFAULT_SPEC", "DiskEstimate", "Extraction", "append_result", "estimate_disk", "extract",
            "finished_lines", "format_bytes", "job_key", "load_spec", "read_jobs", "record_name", "results_files",
@@ -606,8 +607,7 @@ def _plan(jsonl: str, out: str, done: Dict[str, dict],
             else:
                 first_line[key] = line_no
                 row = done.get(key)
-                if row is not None and all(os.path.isfile(os.path.join(out, row["record"] + ext))
-                                           for ext in (".safetensors", ".json")):
+                if row is not None and record_problem(out, row["record"]) is None:
                     # skipped only when the image's content and every field are what the record was made from
                     now = line_fingerprint(job, image_fingerprint(image, max_image_bytes))
                     if now is not None and row.get("fingerprint") == now:
