@@ -34,6 +34,7 @@ setup(
     package_dir={"minicpmv_attn": "modeling", "minicpmv_attn.scripts": "scripts", "minicpmv_attn.patches": "patches",
                  "minicpmv_attn_cli": "scripts"},
     package_data={"minicpmv_attn.demo": ["tokenizer/*.json", "trained/*.json", "trained/*.safetensors"],
+                  "minicpmv_attn.analysis": ["viewer_page/*.html", "viewer_page/*.js", "viewer_page/*.css"],
                   "minicpmv_attn.patches": ["*.json", "*.md", "notes/*.md"]},
     install_requires=[
         "torch>=2.1",

@@ -5,17 +5,19 @@ Qwen2 self-attention) has a ``hook_name`` and calls :func:`attend`, which runs t
 chosen by name (``"sdpa"`` by default, ``"eager"``, ``"flash_attention_2"``), like
 transformers' ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``.
 
-Capture is attached from outside (a context manager in ``capture.py`` sets the module's
-``attention_capture`` for one call), like TransformerLens hook points: :func:`attend`
-offers the module's q and k to an attached recorder that wants its hook name, then runs the
-kernel. The kernels never see a capture, and nothing here imports ``capture``.
+Capture is attached from outside (a context manager in ``capture.py`` attaches it to the
+modules for one call, context-locally: see :func:`attach`), like TransformerLens hook points:
+:func:`attend` offers the module's q and k to an attached recorder that wants its hook name,
+then runs the kernel. The kernels never see a capture, and nothing here imports ``capture``.
 
 Masks are :class:`AttnMask` descriptions (key validity, causality, query offset) rather
 than dense [B, 1, Lq, Lk] tensors, so a capture can build the mask of one chunk of rows.
 """
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,38 @@ from .kernel_check import flash_ok
 
 
 STAGES = ("llm", "vision", "resampler")
+
+
+# --------------------------------------------------------------------------------------
+# attached captures: per context (thread, asyncio task), never a module attribute
+# --------------------------------------------------------------------------------------
+# {module: capture} of the calls running in this context. A module attribute would be shared by
+# every thread using the model: two threads capturing at once would swap their maps, and a plain
+# call in one thread would feed the capture another thread attached.
+_ATTACHED: ContextVar[Optional[Dict[nn.Module, Any]]] = ContextVar("minicpmv_attn_attached", default=None)
+
+
+def attached_to(module: nn.Module):
+    """The capture attached to ``module`` in the current context (thread / task), or None."""
+    table = _ATTACHED.get()
+    return None if table is None else table.get(module)
+
+
+@contextmanager
+def attach(pairs: Iterable[Tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Attach each ``(module, capture)`` pair (None detaches) in the current context only,
+    for the duration of the block; what was attached before is in force again after."""
+    table = dict(_ATTACHED.get() or {})
+    for module, capture in pairs:
+        if capture is None:
+            table.pop(module, None)
+        else:
+            table[module] = capture
+    token = _ATTACHED.set(table)
+    try:
+        yield
+    finally:
+        _ATTACHED.reset(token)
 
 
 # --------------------------------------------------------------------------------------
@@ -192,10 +226,10 @@ def attend(module: nn.Module, query, key, value, mask: AttnMask, scaling: float,
 
     ``implementation`` defaults to the module's ``attn_implementation`` (``"sdpa"``); an
     unknown name runs SDPA. The capture is whatever object is attached as
-    ``module.attention_capture`` (see ``capture.attached``); it is asked ``wants(hook_name)``
-    and given ``capture(hook_name, module, query, key, scaling, mask)``.
+    attached to the module in the current context (see ``capture.attached``); it is asked
+    ``wants(hook_name)`` and given ``capture(hook_name, module, query, key, scaling, mask)``.
     """
-    capture = getattr(module, "attention_capture", None)
+    capture = attached_to(module)
     if capture is not None and capture.wants(module.hook_name):
         capture.capture(module.hook_name, module, query, key, scaling, mask)
     impl = implementation or getattr(module, "attn_implementation", None) or "sdpa"
@@ -213,21 +247,15 @@ def set_attention_implementation(model: nn.Module, implementation: str) -> None:
 def checkpoint_call(owner: nn.Module, layer: nn.Module, *args):
     """Run ``layer(*args)`` under (non-reentrant) activation checkpointing.
 
-    Whatever is attached to the layer's attention modules (``attention_capture``) during the
-    forward is attached again while the backward recomputes the layer, so the recomputation
-    runs the same operations.
+    Whatever is attached to the layer's attention modules during the forward is attached
+    again while the backward recomputes the layer (possibly in autograd's own thread, which
+    does not share the forward's context), so the recomputation runs the same operations.
     """
-    attached = [(m, m.__dict__.get("attention_capture")) for m in layer.modules() if hasattr(m, "hook_name")]
+    attached = [(m, attached_to(m)) for m in layer.modules() if hasattr(m, "hook_name")]
 
     def run(*inner):
-        before = [m.__dict__.get("attention_capture") for m, _ in attached]
-        for m, value in attached:
-            m.attention_capture = value
-        try:
+        with attach(attached):
             return layer(*inner)
-        finally:
-            for (m, _), value in zip(attached, before):
-                m.attention_capture = value
 
     fn = getattr(owner, "_gradient_checkpointing_func", None)
     if fn is None:

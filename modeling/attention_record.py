@@ -246,8 +246,11 @@ class AttentionRecord:
 
     def validate(self, where: str = "attention record") -> None:
         """Check tensors against the index and layout: hook names, one index entry per tensor,
-        floating dtypes, finite probabilities in [0, 1], ranks, and head / row / column / slice
-        counts that agree with the index and the layout. Raises :class:`RecordError`."""
+        floating dtypes, finite probabilities in [0, 1], ranks, head / row / column / slice
+        counts that agree with the index and the layout, row and column positions inside the
+        layout's sequence, and rows that are distributions (sum 1 over all keys; at most 1 over
+        a subset of key columns such as ``cols="image"``, which cannot say more). Raises
+        :class:`RecordError`."""
         names = set(self.tensors)
         if set(self.index) != names:
             raise RecordError(f"{where}: index entries {sorted(set(self.index) - names)} have no tensor and tensors "
@@ -298,6 +301,12 @@ class AttentionRecord:
                 if self.layout is not None and cols is None and t.shape[2] > len(self.layout.tokens):
                     raise RecordError(f"{where}: {name} has {t.shape[2]} columns but the layout has "
                                       f"{len(self.layout.tokens)} tokens")
+                n_pos = len(self.layout.tokens) if self.layout is not None else (t.shape[2] if cols is None else None)
+                _check_positions(where, name, "rows", rows, n_pos)
+                _check_positions(where, name, "cols", cols, n_pos)
+                padding = int(self.layout.padding) if self.layout is not None else 0
+                real = [i for i, p in enumerate(rows if rows is not None else range(t.shape[1])) if p >= padding]
+                _check_distributions(where, name, t, reduce, cols is not None, real)
             else:
                 if n_slices is not None and t.shape[0] != n_slices:
                     raise RecordError(f"{where}: {name} holds {t.shape[0]} slices but the layout has {n_slices}")
@@ -305,6 +314,12 @@ class AttentionRecord:
                     raise RecordError(f"{where}: {name} holds {t.shape[0]} slices but {first_vision[0]} holds "
                                       f"{first_vision[1]}")
                 first_vision = first_vision or (name, t.shape[0])
+                for i in range(t.shape[0]):  # rows past a slice's real patches are padding (zero)
+                    real = None if stage == "vision" else list(range(t.shape[2]))
+                    if stage == "vision" and n_slices:
+                        h, w = self.layout.slices[i].tgt_size
+                        real = list(range(min(t.shape[2], int(h) * int(w))))
+                    _check_distributions(where, f"{name} slice {i}", t[i], reduce, False, real)
 
     def equals(self, other: "AttentionRecord") -> bool:
         if set(self.tensors) != set(other.tensors):
@@ -403,6 +418,58 @@ def layout_problem(d: Any) -> Optional[str]:
             if problem:
                 return problem
     return None
+
+
+def _check_positions(where: str, name: str, what: str, positions, n_pos: Optional[int]) -> None:
+    """The index's row / column positions: distinct integers in [0, n_pos) (the layout's length)."""
+    if positions is None:
+        return
+    bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int) or p < 0
+           or (n_pos is not None and p >= n_pos)]
+    if bad:
+        span = f"0..{n_pos - 1}" if n_pos is not None else "non-negative integers"
+        raise RecordError(f"{where}: index[{name!r}][{what!r}] holds {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                          f"expected positions {span} of the record's sequence")
+    if len(set(positions)) != len(positions):
+        raise RecordError(f"{where}: index[{name!r}][{what!r}] lists a position twice")
+
+
+def _check_distributions(where: str, name: str, t: torch.Tensor, reduce: str, subset: bool,
+                         real_rows: Optional[Sequence[int]]) -> None:
+    """Each softmax row of ``t`` ([heads, rows, keys]) sums to 1 over its keys (within the stored
+    dtype's rounding): exactly so for the ``real_rows`` (padding rows may be zero; None: not known,
+    so any row may be zero but not all) when every key
+    column was kept, at most 1 when ``subset`` (a selection of columns); for ``reduce="max"``
+    (the heads' maximum) at least 1 and at most the head count. Never all-ones or all-zero rows."""
+    if not t.numel():
+        return
+    tol = max(1e-3, 2 * torch.finfo(t.dtype).eps)
+    sums = t.detach().double().sum(-1)  # [heads, rows]
+    if reduce != "max" and float(sums.max()) > 1 + tol:
+        raise RecordError(f"{where}: {name} has rows summing to {float(sums.max()):.4g} over its keys; attention "
+                          f"rows are distributions (sum 1)")
+    if subset:
+        return
+    if real_rows is None:  # which rows are padding is unknown: zero rows may be padding, but not every row
+        ok = (sums - 1).abs() <= tol if reduce != "max" else sums >= 1 - tol
+        zero = sums <= tol
+        if not bool((ok | zero).all()) or not bool(ok.any()):
+            odd = ~(ok | zero)
+            bad = sums[odd][0] if bool(odd.any()) else sums.flatten()[0]
+            raise RecordError(f"{where}: {name} has query rows summing to {float(bad):.4g} over all its keys; "
+                              f"attention rows are distributions (sum 1; padding rows 0)")
+        return
+    if not len(real_rows):
+        return
+    real = sums[:, torch.as_tensor(list(real_rows), dtype=torch.long)]
+    low = float(real.min())
+    if reduce == "max":
+        if low < 1 - tol:
+            raise RecordError(f"{where}: {name} (head max) has rows summing to {low:.4g}; the heads' maximum of "
+                              f"distributions sums to at least 1")
+    elif low < 1 - tol:
+        raise RecordError(f"{where}: {name} has query rows summing to {low:.4g} over all its keys; attention rows "
+                          f"are distributions (sum 1)")
 
 
 def layout_for_sample(ids: Sequence[int], tokens: Sequence[str], n_prompt: int, padding: int,

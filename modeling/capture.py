@@ -1,7 +1,7 @@
 """Attention capture: the selected probabilities recomputed from the same q and k.
 
-A capture is attached to the model's attention modules for one call (:func:`attached`, a
-context manager), like transformers' ``_can_record_outputs`` or TransformerLens hook points;
+A capture is attached to the model's attention modules for one call and one context
+(:func:`attached`, a context manager; threads sharing a model never see each other's), like transformers' ``_can_record_outputs`` or TransformerLens hook points;
 no forward signature carries it. Each attention module has a hook name
 (:func:`hook_name`: ``vision.layers.{i}.attn``, ``resampler.attn``, ``llm.layers.{i}.attn``)
 and runs :func:`attention.attend`, which offers q and k to the attached capture, then runs
@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .attention import STAGES, AttnMask, hook_name, hook_sort_key, parse_hook_name  # noqa: F401  (re-exported)
+from .attention import STAGES, AttnMask, attach, attached_to, hook_name, hook_sort_key, parse_hook_name  # noqa: F401  (re-exported)
 from .kernel_check import MODES as KERNEL_CHECK_MODES, fused_probs_ok, triton_mode
 
 #: The token-role vocabulary of every LLM position (records, capture columns, maps).
@@ -185,6 +185,10 @@ def _selection(value, what: str, modes: Sequence[str], allow_range: bool = False
         if value.step not in (None, 1) or value.start is None or value.stop is None:
             raise CaptureError(f"capture {what} as a slice needs explicit start and stop and step 1")
         value = range(value.start, value.stop)
+    if allow_range and isinstance(value, range):  # kept as a range: checked against the sequence by its ends
+        if len(value) == 0:
+            raise CaptureError(f"capture {what}={value!r}: an empty range selects nothing")
+        return value
     try:
         return _id_list(value, what)
     except CaptureError:
@@ -216,10 +220,10 @@ class CaptureSpec:
     heads: None (all), a list of head ids, or ``{"llm": [...], "vision": [...], "resampler": [...]}``.
     rows (LLM query rows): ``"all"``, ``"last"`` (last prompt token), ``"generated"`` (the
         rows that produced each new token, generate/chat only), an int, a list of
-        positions, or a ``range``/``slice``. Negative positions count from the prompt end;
-        in ``generate`` / ``chat`` non-negative ones count from each sample's first real
-        token (so a sample selects the same rows in any batch), in ``forward`` they are
-        positions of the left-padded batch.
+        positions, or a ``range``/``slice`` (kept as a range, checked by its ends). Negative
+        positions count from the prompt end; in ``generate`` / ``chat`` non-negative ones count
+        from each sample's first real token (so a sample selects the same rows in any batch), in
+        ``forward`` they are positions of the left-padded batch.
     cols (LLM key columns): ``"all"``, ``"image"``, ``"text"`` (prompt text and generated
         tokens), ``"special"``, or a list of positions (numbered as ``rows``).
     reduce: head reduction ``"none"``, ``"mean"`` or ``"max"`` (over the selected heads).
@@ -418,8 +422,11 @@ class AttentionCapture:
             limit -= min(self.offsets)  # the most positions any sample feeds, in its own numbering
         where = (f"the {limit} positions this call feeds" if generating else f"the sequence of {limit} positions") \
             if limit is not None else "the sequence"
-        if not isinstance(self.spec.rows, str):
-            bad = [r for r in self.spec.rows if r < -P or (limit is not None and r >= limit)]
+        rows = self.spec.rows
+        if isinstance(rows, range):  # by its ends: range(0, 10**9) is never expanded before this check
+            rows = sorted({rows[0], rows[-1]})
+        if not isinstance(rows, str):
+            bad = [r for r in rows if r < -P or (limit is not None and r >= limit)]
             if bad:
                 top = f"..{limit - 1}" if limit is not None else "..."
                 raise CaptureError(f"capture rows {bad} are outside {where} (valid: {-P}{top}; negative rows count "
@@ -699,7 +706,7 @@ def estimate_bytes(spec: CaptureSpec, dims: Dict[str, Any], batch: int, prompt_l
             elif rows == "generated":
                 r = max(new_tokens, 1)
             else:
-                r = len(rows)
+                r = min(len(rows), L_total)  # positions past the sequence are refused by begin_llm
             cols = spec.cols
             c = K_total if cols in ("all", "text") else (image_tokens if cols == "image" else
                                                          (K_total if cols == "special" else len(cols)))
@@ -737,27 +744,21 @@ def check_fits(spec: CaptureSpec, estimate: Dict[str, int], compute_device: torc
 @contextmanager
 def attached(model: nn.Module, capture: Optional["AttentionCapture"]) -> Iterator[Optional["AttentionCapture"]]:
     """Attach ``capture`` to every attention module of ``model`` (those with a ``hook_name``)
-    for the duration of the block; what was attached before is put back after. ``None``
-    attaches nothing (and costs nothing)."""
+    for the duration of the block, in the current context only (thread or asyncio task:
+    other threads using the same model see nothing of it); what was attached before is in
+    force again after. ``None`` attaches nothing (and costs nothing)."""
     if capture is None:
         yield None
         return
-    modules = [m for m in model.modules() if hasattr(m, "hook_name")]
-    before = [m.__dict__.get("attention_capture") for m in modules]
-    for m in modules:
-        m.attention_capture = capture
-    try:
+    with attach([(m, capture) for m in model.modules() if hasattr(m, "hook_name")]):
         yield capture
-    finally:
-        for m, value in zip(modules, before):
-            m.attention_capture = value
 
 
 def attached_capture(model: nn.Module) -> Optional["AttentionCapture"]:
-    """The capture attached to ``model``'s first attention module, if any."""
+    """The capture attached (in this context) to ``model``'s first attention module, if any."""
     for m in model.modules():
         if hasattr(m, "hook_name"):
-            return m.__dict__.get("attention_capture")
+            return attached_to(m)
     return None
 
 

@@ -97,7 +97,6 @@ class SiglipAttention(nn.Module):
 
     # fork: modeling_navit_siglip.SiglipAttention (SDPA kernel chosen by the model, capture hook point)
     attn_implementation = "sdpa"  # the model sets it from config._attn_implementation
-    attention_capture = None  # attached for one call by capture.attached
 
     def __init__(self, config: SiglipVisionConfig, layer_idx: int = 0):
         super().__init__()

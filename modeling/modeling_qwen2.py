@@ -260,7 +260,6 @@ class Qwen2MLP(nn.Module):
 class Qwen2Attention(nn.Module):
     """Causal self-attention with RoPE and grouped-query heads (hook ``llm.layers.{i}.attn``)."""
 
-    attention_capture = None  # attached for one call by capture.attached
 
     def __init__(self, config, layer_idx: int):
         super().__init__()

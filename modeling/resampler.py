@@ -40,7 +40,6 @@ class ResamplerAttention(nn.Module):
 
     hook_name = hook_name("resampler")
     attn_implementation = "sdpa"  # set by the model from config._attn_implementation
-    attention_capture = None  # attached for one call by capture.attached
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()

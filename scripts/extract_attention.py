@@ -115,6 +115,17 @@ def report_main(argv) -> int:
     return 0
 
 
+def _speaks() -> bool:
+    """Whether this process prints: rank 0 of a launch, or any process whose RANK/WORLD_SIZE are
+    not a launch's (then the error is about them, and nobody else would say it)."""
+    from minicpmv_attn.analysis.pipeline import Ranks, ToolError
+
+    try:
+        return Ranks().rank == 0
+    except ToolError:
+        return True
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
@@ -130,10 +141,10 @@ def main(argv=None) -> int:
                        dtype=args.dtype, quiet=args.quiet, vision=args.vision, max_disk=args.max_disk,
                        group_by=args.group_by, summary=not args.no_summary, **limits)
     except ToolError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank knows; rank 0 says it
+        if _speaks():  # under torchrun every rank knows; rank 0 says it
             print(f"error: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":
+    if _speaks():
         print(done.summary())
         for path in (done.summary_path, done.report_path):
             if path:

@@ -46,8 +46,8 @@ def build_view_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("record", help="the record: its stem, or its .json or .safetensors file")
     p.add_argument("--image", default=None,
-                   help="the image the record was captured on (default: the path the record names, if it exists; "
-                        "else the maps are drawn on grey)")
+                   help="the image the record was captured on (default: none, the maps are drawn on grey; the "
+                        "path a record names is never opened, so a record from elsewhere cannot embed a local file)")
     p.add_argument("--out", default="attention_view", help="output folder for index.html (default ./attention_view)")
     p.add_argument("--layers", default=None, help="LLM layers to offer: '0,3', '2:6', 'all' (default all captured)")
     p.add_argument("--max-tokens", type=int, default=None, help="show only the first N generated tokens")

@@ -152,8 +152,8 @@ def test_report_is_one_offline_file_and_rebuilds_without_the_model(extracted, tm
     assert page.count("data:image/png;base64,") >= 3
     assert "http://" not in page and "https://" not in page and "<script" not in page
     for href in ("records/one-", "records/two-", "records/three-"):
-        assert f"href='{href}" in page  # outliers link their records, relatively
-    for link in [p.split("'")[0] for p in page.split("href='")[1:]]:
+        assert f'href="./{href}' in page  # outliers link their records, relatively
+    for link in [p.split('"')[0] for p in page.split('href="')[1:]]:
         assert (out / link).is_file(), link
     assert main(["report", str(out), "--group-by", "colour"]) == 2
     err = capsys.readouterr().err

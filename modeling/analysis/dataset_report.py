@@ -16,7 +16,6 @@ Bounded: at most :data:`MAX_PLOT_ROWS` rows are plotted and keep a heatmap in me
 sample when there are more, which the page says), :data:`MAX_GROUPS` groups (the largest) and :data:`OUTLIERS` per side.
 """
 import base64
-import html
 import io
 import os
 from collections import Counter
@@ -26,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..attention_record import atomic_write_text
+from .html_safe import plot_text, relative_href, text
 from .pipeline import ToolError
 from .summary import SummaryTable, summarise, write_summary
 
@@ -94,23 +94,23 @@ def _group_plot(groups: Dict[str, List[dict]], cols: List[str], everyone: List[d
     means = {g: np.nanmean(_matrix(rs, cols), axis=0) for g, rs in groups.items()}
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.2))
     for g, m in means.items():
-        a.plot(x, m, marker=".", label=f"{g} (n={len(groups[g])})")
+        a.plot(x, m, marker=".", label=plot_text(f"{g} (n={len(groups[g])})"))
     a.set_title("mean image share per layer")
     a.legend(fontsize=8)
     names = list(means)
     if len(names) == 2:
         b.plot(x, means[names[0]] - means[names[1]], "r.-")
-        b.set_title(f"difference: {names[0]} - {names[1]}")
+        b.set_title(plot_text(f"difference: {names[0]} - {names[1]}"))
     else:
         overall = np.nanmean(_matrix(everyone, cols), axis=0)
         for g, m in means.items():
-            b.plot(x, m - overall, marker=".", label=g)
+            b.plot(x, m - overall, marker=".", label=plot_text(g))
         b.set_title("group - all")
     b.axhline(0, color="grey", lw=0.5)
     for ax in (a, b):
         ax.set_xticks(x, [c[len("img_share_L"):] for c in cols])
         ax.set_xlabel("LLM layer")
-    esc = html.escape
+    esc = text
     if len(names) == 2:
         diff_name, diff = f"difference: {names[0]} - {names[1]}", means[names[0]] - means[names[1]]
     else:
@@ -141,9 +141,17 @@ def _heatmap_plot(table: SummaryTable, groups: Dict[str, List[dict]]) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     for ax, (g, m, k) in zip(axes[0], panels):
         ax.imshow(m, extent=(0, w, h, 0), cmap="inferno")
-        ax.set_title(f"{g} (n={k})", fontsize=9)
+        ax.set_title(plot_text(f"{g} (n={k})"), fontsize=9)
     return (f"<p>Images of the most common size, {w} x {h} px ({n} records); each record's map is normalised "
             f"to 1 before averaging.</p>" + _png(fig))
+
+
+def _record_link(row: dict) -> str:
+    """The record's name, linked to its JSON when its path is a relative one inside the folder
+    (never a URL: ``javascript:...`` is a file name here)."""
+    name = text(str(row.get("id") or row["key"][:12]))
+    href = relative_href(str(row.get("record")) + ".json")
+    return f'<a href="{href}">{name}</a>' if href else name
 
 
 def _outliers(rows: List[dict]) -> str:
@@ -151,11 +159,11 @@ def _outliers(rows: List[dict]) -> str:
     if not have:
         return "<p>No image shares measured.</p>"
     have.sort(key=lambda r: r["image_share"])
-    esc = html.escape
+    esc = text
 
     def table(title, part):
         body = "".join(
-            f"<tr><td><a href='{esc(r['record'])}.json'>{esc(str(r.get('id') or r['key'][:12]))}</a></td>"
+            f"<tr><td>{_record_link(r)}</td>"
             f"<td>{r['image_share']:.3f}</td><td>{esc(str(r.get('answer'))[:80])}</td></tr>" for r in part)
         return f"<h3>{title}</h3><table><tr><th>record</th><th>image share</th><th>answer</th></tr>{body}</table>"
 
@@ -165,7 +173,7 @@ def _outliers(rows: List[dict]) -> str:
 def render_report(table: SummaryTable, group_by: Optional[str] = None, title: str = "extraction",
                   summary_name: str = "summary.parquet") -> str:
     """The page as a string (see the module doc)."""
-    esc = html.escape
+    esc = text
     rows = [r for r in table.rows if "summary_error" not in r]
     parts = [f"<p>{len(table.rows)} records in <code>{esc(summary_name)}</code>"
              f" ({len(table.rows) - len(rows)} could not be measured, see its <code>summary_error</code> column);"

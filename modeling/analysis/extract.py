@@ -49,6 +49,7 @@ from . import pipeline
 from .devices import DeviceError, pick_device
 from .devices import pick as pick_device_dtype
 from .pipeline import DEFAULT_MAX_IMAGE_BYTES, ToolError
+from .summary import record_problem
 
 __all__ = ["DEFAULT_SPEC", "DiskEstimate", "Extraction", "append_result", "estimate_disk", "extract",
            "finished_lines", "format_bytes", "job_key", "load_spec", "read_jobs", "record_name", "results_files",
@@ -169,6 +170,60 @@ def job_key(job: dict, base: str) -> Tuple[str, str]:
     return image, hashlib.sha256(norm.encode("ascii")).hexdigest()
 
 
+def image_fingerprint(path: str, max_bytes: int) -> Optional[str]:
+    """SHA-256 of the image file's bytes, or None when it is not a regular file of at most
+    ``max_bytes`` bytes (never read then: a FIFO would block; its line fails on extraction)."""
+    import stat as stat_mod
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        st = os.stat(path)
+        if not stat_mod.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return None
+        digest = hashlib.sha256()
+        with open(path, "rb", opener=lambda p, _: os.open(p, flags)) as f:
+            if not stat_mod.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+def line_fingerprint(job: dict, image_sha256: Optional[str]) -> Optional[str]:
+    """What must be unchanged for a done line to be skipped: the image's content and every field
+    of the line (prompt, id, label and the other fields reach the record and the summary)."""
+    if image_sha256 is None:
+        return None
+    norm = json.dumps({"job": job, "image_sha256": image_sha256}, sort_keys=True, ensure_ascii=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(norm.encode("ascii")).hexdigest()
+
+
+def weights_identity(folder: str) -> Dict[str, Any]:
+    """The identity of a checkpoint folder's weights: per weight file its size and a SHA-256 of its
+    first MiB (the safetensors header) and 32 evenly spaced 64 KiB blocks, plus config.json's hash.
+    Weights replaced in place (a new fine-tune saved to the same folder) change it; reading it
+    costs a few MiB per file, not the whole checkpoint."""
+    out: Dict[str, Any] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or not (name == "config.json" or name.endswith(
+                (".safetensors", ".bin", ".pt", ".pth", ".index.json"))):
+            continue
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 1 << 20:
+                for i in range(32):
+                    f.seek((1 << 20) + (size - (1 << 20)) * i // 32)
+                    digest.update(f.read(1 << 16))
+        out[name] = f"{size}:{digest.hexdigest()[:32]}"
+    return out
+
+
 def safe_id(text: str, limit: int = 80) -> str:
     """``text`` as a file-name stem: ASCII letters, digits, ``-_.`` (others ``_``), no leading dot."""
     out = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in text)[:limit].lstrip(".")
@@ -210,12 +265,19 @@ def append_result(path: str, row: dict) -> None:
 
 
 def _settings(model: Optional[str], spec: Dict[str, Any], max_new_tokens: int, dtype: Optional[str]) -> dict:
+    weights = None
     if model is None:
         model_id = "tiny demo (random weights)"
     else:
         model_id = os.path.abspath(model) if os.path.isdir(model) else model
+        if os.path.isdir(model):
+            try:
+                weights = weights_identity(model)
+            except OSError as e:
+                raise ToolError(f"--model {model}: cannot read its weight files: {e.strerror or e}") from None
     torch_dtype = resolve_dtype(dtype, "--dtype")
-    return {"tool": "minicpmv-attn-extract", "model": model_id, "spec": spec, "max_new_tokens": max_new_tokens,
+    return {"tool": "minicpmv-attn-extract", "model": model_id, "weights": weights, "spec": spec,
+            "max_new_tokens": max_new_tokens,
             "dtype": "auto" if torch_dtype is None else str(torch_dtype).replace("torch.", "")}
 
 
@@ -275,15 +337,29 @@ def load_spec(spec: Optional[str] = None, layers: Optional[str] = None, heads: O
     for flag, value, key in (("--layers", layers, "layers"), ("--heads", heads, "heads")):
         if value:
             try:
-                out[key] = {"llm": parse_index_list(value, key)}
+                chosen = parse_index_list(value, key)
             except ValueError as e:
                 raise ToolError(str(e)) from None
+            out[key] = _with_llm(out.get(key), chosen)
             check(flag)
     for flag, value, key in (("--rows", rows, "rows"), ("--reduce", reduce, "reduce")):
         if value:
             out[key] = value
             check(flag)
     return out
+
+
+def _with_llm(selection: Any, llm: Optional[List[int]]) -> Dict[str, Any]:
+    """A ``layers``/``heads`` selection with its LLM part replaced by ``llm`` and every other
+    stage's kept: ``--layers`` narrows the LLM, it never drops the vision selection of ``--spec``."""
+    if isinstance(selection, dict):
+        merged = dict(selection)
+    elif selection is None:
+        merged = {}
+    else:  # one list for every stage (resampler aside: it has one layer)
+        merged = {stage: selection for stage in ("vision", "resampler")}
+    merged["llm"] = llm
+    return merged
 
 
 def _check_config(jsonl: str, out: str, model: Optional[str], device: Optional[str], dtype: Optional[str],
@@ -523,7 +599,8 @@ def _finished(out: str, repair: bool, warn: Callable[[str], None]) -> Dict[str, 
     return done
 
 
-def _plan(jsonl: str, out: str, done: Dict[str, dict]) -> Tuple[int, List[dict], List[dict]]:
+def _plan(jsonl: str, out: str, done: Dict[str, dict],
+          max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Tuple[int, List[dict], List[dict]]:
     """(lines, todo, skipped): every rank computes the same plan from the same input and folder."""
     base = os.path.dirname(os.path.abspath(jsonl))
     names = {os.path.basename(r["record"]): k for k, r in done.items()}
@@ -545,10 +622,13 @@ def _plan(jsonl: str, out: str, done: Dict[str, dict]) -> Tuple[int, List[dict],
             else:
                 first_line[key] = line_no
                 row = done.get(key)
-                if row is not None and all(os.path.isfile(os.path.join(out, row["record"] + ext))
-                                           for ext in (".safetensors", ".json")):
-                    skipped.append(item)
-                    continue
+                if row is not None and record_problem(out, row["record"]) is None:
+                    # skipped only when the image's content and every field are what the record was made from
+                    now = line_fingerprint(job, image_fingerprint(image, max_image_bytes))
+                    if now is not None and row.get("fingerprint") == now:
+                        skipped.append(item)
+                        continue
+                    item["changed"] = True
                 name = record_name(job, image, key)
                 if names.get(name, key) != key:  # a 48-bit prefix clash: the full key
                     name = f"{name[:-12]}{key}"
@@ -654,7 +734,11 @@ def _run(jsonl, out, model, capture_spec, settings, layers, heads, max_new_token
         _agreed(ranks, error)
         run_id = ranks.broadcast(uuid.uuid4().hex[:12] if lead else None)
         done = _finished(out, False, lambda msg: None)
-        lines, todo, skipped = _plan(jsonl, out, done)
+        lines, todo, skipped = _plan(jsonl, out, done, max_image_bytes)
+        changed = sum(1 for i in todo if i.get("changed"))
+        if changed and lead:
+            warn(f"{changed} line(s) extracted before are redone: their image file's content or their fields "
+                 f"changed since (or the earlier row predates content keys)")
 
         estimate, error = None, None
         if lead:
@@ -771,6 +855,7 @@ def _extract_one(get_model: Callable[[], Any], job: dict, item: dict, spec: Dict
                  max_image_bytes: int, out: str, where: str, row: Dict[str, Any]) -> Optional[str]:
     """Extract one line into ``row``; returns None, or the one-line error."""
     path = item["image"]
+    fingerprint = line_fingerprint(job, image_fingerprint(path, max_image_bytes))
     try:
         image = pipeline.open_image(path, max_image_bytes)
     except (ImageLoadError, ImageTooLargeError) as e:
@@ -789,12 +874,16 @@ def _extract_one(get_model: Callable[[], Any], job: dict, item: dict, spec: Dict
     fields = job.get("fields") or {}
     record.meta.update(image=path, line=item["line"], id=job.get("id"), key=item["key"], input=row["input"],
                        fields=fields)
+    try:  # what load() would refuse is never written as "ok" (NaN/inf attention, rows that are no distribution)
+        record.validate("the captured attention")
+    except ValueError as e:
+        return f"{where}: {_one_line(e)}"
     try:
         record.save(stem)
     except Exception as e:  # noqa: BLE001 - e.g. a full disk: this line fails, the next may not
         reason = _one_line(getattr(e, "strerror", None) or e)
         return f"{where}: cannot write the record {stem}: {type(e).__name__}: {reason}"
     row.update(status="ok", id=job.get("id"), answer=answer, record=os.path.relpath(stem, out), image=path,
-               fields=fields)
+               fields=fields, fingerprint=fingerprint)
     item["bytes"] = sum(os.path.getsize(stem + ext) for ext in (".safetensors", ".json"))
     return None

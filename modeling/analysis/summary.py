@@ -111,6 +111,32 @@ def _heatmap(record: AttentionRecord) -> Optional[Tuple[np.ndarray, Tuple[int, i
     return (total / s if s > 0 else total).astype(np.float32), (W, H)
 
 
+def _measured(v) -> Optional[float]:
+    """A share as a float, or None where the record lacks the columns to measure it (NaN)."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _all_key_columns(record: AttentionRecord) -> bool:
+    """Whether every captured LLM layer kept all key columns (``cols="all"``)."""
+    from ..attention import hook_name
+    from .attention_map import _idx
+
+    return all(_idx(record, hook_name("llm", l)).get("cols") is None for l in record.layers("llm"))
+
+
+def _has_column(record: AttentionRecord, position: int) -> bool:
+    """Whether every captured LLM layer kept the key column ``position``."""
+    from ..attention import hook_name
+    from .attention_map import _idx, _positions
+
+    for l in record.layers("llm"):
+        name = hook_name("llm", l)
+        if position not in _positions(_idx(record, name), "cols", record.tensors[name].shape[-1]):
+            return False
+    return True
+
+
 def record_stats(record: AttentionRecord) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
     """The measured columns of one record (see the module doc) and its heatmap grid (or None)."""
     from .attention_map import role_shares
@@ -124,10 +150,15 @@ def record_stats(record: AttentionRecord) -> Tuple[Dict[str, Any], Optional[np.n
                            "n_image_tokens": sum(1 for r in layout.roles if r == "image")}
     shares = role_shares(record)
     for layer, v in zip(shares.layers, shares["image"]):
-        out[f"img_share_L{layer:02d}"] = float(v)
+        out[f"img_share_L{layer:02d}"] = _measured(v)
     for role in ("image", "text", "special"):
-        out[f"{role}_share"] = float(np.mean(shares[role]))
-    out["entropy"], out["sink_share"] = answer_entropy(record), first_token_share(record)
+        out[f"{role}_share"] = _measured(np.mean(shares[role]))
+    # a record with a subset of the key columns (e.g. cols="image") cannot give a row's entropy, nor a
+    # sink share when the sink's column was not kept: those cells stay empty (not measured), never 0
+    full = _all_key_columns(record)
+    out["entropy"] = answer_entropy(record) if full else None
+    first = int(layout.padding)
+    out["sink_share"] = first_token_share(record) if full or _has_column(record, first) else None
     grid = None
     if layout.images:
         out["image_w"], out["image_h"] = (int(v) for v in layout.images[0].size)
@@ -141,11 +172,32 @@ def record_stats(record: AttentionRecord) -> Tuple[Dict[str, Any], Optional[np.n
     return out, grid
 
 
+def record_problem(out: str, record) -> Optional[str]:
+    """Why the results row's ``record`` (a path relative to the extraction folder ``out``) is not
+    a record of this run, or None: it must be relative, stay inside ``out`` (links too) and have
+    both files."""
+    if not isinstance(record, str) or not record:
+        return "has no record path"
+    norm = os.path.normpath(record)
+    if os.path.isabs(record) or norm == ".." or norm.startswith(".." + os.sep):
+        return f"the record path {record!r} is outside the run folder (expected a path relative to it)"
+    root = os.path.realpath(out)
+    for ext in (".json", ".safetensors"):
+        path = os.path.join(out, record + ext)
+        if not os.path.isfile(path):
+            return f"its record file {record + ext} is missing (lost after extraction)"
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            return f"its record file {record + ext} links outside the run folder"
+    return None
+
+
 def latest_ok_rows(out: str, warn: Optional[Callable[[str], None]] = None) -> Tuple[List[dict], int]:
-    """(the last ok row of every key whose record files exist, in input/line order; how many keys
-    ended failed)."""
+    """(the last ok row of every key whose record files are in the folder, in input/line order; how
+    many keys ended failed). An ok row whose record is missing or outside ``out`` counts as
+    failed, with a warning."""
     from .extract import results_files
 
+    warn = warn or (lambda msg: None)
     last: Dict[str, dict] = {}
     for path in results_files(out):
         for row in pipeline.read_jsonl_rows(path, warn=warn):
@@ -156,10 +208,43 @@ def latest_ok_rows(out: str, warn: Optional[Callable[[str], None]] = None) -> Tu
                 last[key] = row
             elif key not in last or last[key].get("status") != "ok":
                 last[key] = row
-    ok = [r for r in last.values() if r.get("status") == "ok"
-          and all(os.path.isfile(os.path.join(out, r["record"] + ext)) for ext in (".json", ".safetensors"))]
+    ok, failed = [], 0
+    for r in last.values():
+        problem = record_problem(out, r.get("record")) if r.get("status") == "ok" else "failed"
+        if problem is None:
+            ok.append(r)
+            continue
+        failed += 1
+        if problem != "failed":
+            warn(f"{out}: {r.get('input')} line {r.get('line')} (id {r.get('id')!r}): {problem}; counted as failed")
     ok.sort(key=lambda r: (str(r.get("input")), int(r.get("line") or 0)))
-    return ok, sum(1 for r in last.values() if r.get("status") != "ok")
+    return ok, failed
+
+
+def _reserved(name: str) -> bool:
+    return name in BASE_COLUMNS or name in STAT_COLUMNS or name == "summary_error" or name.startswith("img_share_L")
+
+
+def field_columns(all_fields) -> Dict[str, str]:
+    """{JSONL field name: its summary column}, in first-seen order: a field named like one of the
+    table's own columns gets ``field_`` in front, as many times as needed to be unique among the
+    table's columns and every other field (``record`` and ``field_record`` both stay)."""
+    keys: List[str] = []
+    for fields in all_fields:
+        for k in (fields if isinstance(fields, dict) else {}):
+            if k not in keys:
+                keys.append(k)
+    taken = {k for k in keys if not _reserved(k)}
+    out: Dict[str, str] = {}
+    for k in keys:
+        name = k
+        if _reserved(k):
+            name = "field_" + k
+            while _reserved(name) or name in taken:
+                name = "field_" + name
+            taken.add(name)
+        out[k] = name
+    return out
 
 
 def summarise(out: str, warn: Optional[Callable[[str], None]] = None, quiet: bool = True,
@@ -176,16 +261,15 @@ def summarise(out: str, warn: Optional[Callable[[str], None]] = None, quiet: boo
     if max_plot_rows is not None and len(ok) > max_plot_rows:
         pick = np.random.default_rng(seed).choice(len(ok), max_plot_rows, replace=False)
         sampled = {ok[i]["key"] for i in pick}
-    rows, heatmaps, extra, layers = [], {}, [], set()
+    rows, heatmaps, layers = [], {}, set()
+    names = field_columns(r.get("fields") for r in ok)
+    extra = list(names.values())
     for r in tqdm(ok, desc="summarising", unit="record", disable=quiet or not sys.stderr.isatty()):
         row = {"id": r.get("id"), "key": r["key"], "record": r["record"], "input": r.get("input"),
                "line": r.get("line"), "image": r.get("image")}
         fields = r.get("fields") if isinstance(r.get("fields"), dict) else {}
         for k, v in fields.items():
-            name = k if k not in BASE_COLUMNS + STAT_COLUMNS and not k.startswith("img_share_L") else f"field_{k}"
-            row[name] = v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
-            if name not in extra:
-                extra.append(name)
+            row[names[k]] = v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
         row["answer"] = r.get("answer")
         try:
             rec = AttentionRecord.load(os.path.join(out, r["record"]))

@@ -48,7 +48,6 @@ tokens): ``scripts/bench_viewer.py`` (numbers in the README).
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import os
@@ -61,6 +60,7 @@ import numpy as np
 from ..attention_record import AttentionRecord, atomic_write_text
 from ..capture import hook_name
 from . import attention_map as am
+from .html_safe import fill, page_file, text
 
 __all__ = ["MAX_DATA_BYTES", "VISION_BUDGET_BYTES", "MAX_TOKENS", "DISPLAY_SIDE", "GRID_SIDE", "EXTRA_SIDE",
            "ROLLOUT_BUDGET_BYTES", "BUDGET", "Viewer", "build_viewer", "render_viewer", "write_viewer",
@@ -521,7 +521,10 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
 
     def role_stack(w, cov):  # [..., T, 3 or 4]: image, text, special (and sink) shares
         rs = am.row_role_shares(w, cov, lay, rows)
-        cols = [rs[r] for r in roles] + ([w[..., sink_pos].sum(-1)] if sink_pos else [])
+        sink = w[..., sink_pos].sum(-1) if sink_pos else None
+        if sink_pos and not cov[sink_pos].all():  # a sink's column was not captured: not measurable
+            sink = np.full_like(sink, np.nan)
+        cols = [rs[r] for r in roles] + ([sink] if sink_pos else [])
         return np.stack(cols, -1)
 
     any_head = any((k[1] not in ("mean", "max")) for k in want)
@@ -571,7 +574,7 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
         q, s = _quantise(vec[key])
         u, f = blob.add(q, s)
         blocks[f"{key[0]}|{key[1]}"] = {"u": u, "f": f,
-                                        "sh": np.round(shares[key], 4).tolist()}
+                                        "sh": _shares_json(shares[key])}
     u8, f32 = blob.encode()
     layer_opts = ["mean"] + [str(l) for l in layers] + ["rollout"]
     head_opts = ["mean", "max"] + ([str(h) for h in head_labels] if per_head else [])
@@ -607,7 +610,7 @@ def render_viewer(viewer: Viewer, *, title: str = "Attention viewer", header_htm
                   footer_html: str = "") -> str:
     """The page as a string. ``header_html`` / ``footer_html``: trusted HTML put above and below
     the viewer (the main command puts its facts and its static plots there)."""
-    esc = html.escape
+    esc = text
     d = viewer.data
     img = (f"<img id=photo alt='the image (downsampled)' src='data:image/jpeg;base64,{viewer.image_jpeg}'>"
            if viewer.image_jpeg else "<div id=photo class=noimg>no image given: maps drawn on grey</div>")
@@ -629,13 +632,18 @@ def render_viewer(viewer: Viewer, *, title: str = "Attention viewer", header_htm
                                      "follow the resampler's patches back through the SigLIP rollout (all vision "
                                      "layers, head mean): attention_map.image_heatmap's through_vision") +
             f"\"><input id=thruvision type=checkbox{' disabled' if thru_off else ''}> through SigLIP</label>")
-    page = _PAGE
-    for key, val in (("TITLE", esc(title)), ("THRU", thru), ("HEADER", header_html), ("QA", qa), ("PHOTO", img),
-                     ("NOTES", f"<ul class=notes>{notes}</ul>" if notes else ""), ("SINKS", sink_html),
-                     ("FOOTER", footer_html), ("CSS", _CSS), ("JS", _JS), ("DATA", _script_json(d)),
-                     ("U8", viewer.u8), ("F32", viewer.f32), ("LUT", _lut())):
-        page = page.replace("{{" + key + "}}", val)
-    return page
+    return fill(page_file("page.html"), {
+        "TITLE": esc(title), "THRU": thru, "HEADER": header_html, "QA": qa, "PHOTO": img,
+        "NOTES": f"<ul class=notes>{notes}</ul>" if notes else "", "SINKS": sink_html, "FOOTER": footer_html,
+        "CSS": page_file("viewer.css"), "JS": page_file("viewer.js"), "DATA": _script_json(d), "U8": viewer.u8,
+                        "F32": viewer.f32, "LUT": _lut()})
+
+
+def _shares_json(a: np.ndarray) -> list:
+    """Role shares rounded for the page; a share the record cannot give (its key columns were not
+    captured, e.g. ``cols="image"``: NaN) is null, which JSON allows and the page shows as such."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.where(np.isfinite(a), np.round(a, 4), None).tolist()
 
 
 def _lut() -> str:
@@ -673,9 +681,10 @@ def read_viewer_data(page: str) -> Dict[str, Any]:
 def view_record(record_path: str, image: Optional[str], out: str, *, max_tokens: Optional[int] = None,
                 layers: Optional[str] = None, progress: bool = True) -> Tuple[str, Viewer]:
     """The ``view`` command: load the record at ``record_path`` (stem, ``.json`` or
-    ``.safetensors``), take its image from ``image`` (default: the path in the record's meta, when
-    it still exists) and write ``out/index.html``. Raises ``ToolError`` with one line naming
-    the problem."""
+    ``.safetensors``), draw its maps on ``image`` (only the image the user names: the path in the
+    record's meta is never opened, since a record from someone else could name a private file
+    that the page would then carry; without ``image`` the maps are drawn on grey, with a note) and
+    write ``out/index.html``. Raises ``ToolError`` with one line naming the problem."""
     from ..attention_record import RecordError
     from ..capture import parse_index_list
     from .pipeline import ToolError, open_image
@@ -686,16 +695,12 @@ def view_record(record_path: str, image: Optional[str], out: str, *, max_tokens:
         raise ToolError(str(e)) from None
     if rec.layout is None:
         raise ToolError(f"record {record_path}: has no token layout; the viewer needs one")
-    src = image or rec.meta.get("image")
-    pic = None
+    src, pic = image, None
     if src:
-        if not image and not os.path.isfile(src):
-            src = None
-        else:
-            try:
-                pic = open_image(src)
-            except (ValueError, OSError) as e:
-                raise ToolError(f"--image {src}: {e}") from None
+        try:
+            pic = open_image(src)
+        except (ValueError, OSError) as e:
+            raise ToolError(f"--image {src}: {e}") from None
     try:
         layer_list = parse_index_list(layers, "layers")
         title = "Attention viewer: " + os.path.basename(record_path.rstrip("/"))
@@ -705,316 +710,18 @@ def view_record(record_path: str, image: Optional[str], out: str, *, max_tokens:
                          max_tokens=max_tokens, progress=progress)
     except ValueError as e:
         raise ToolError(str(e)) from None
+    named = rec.meta.get("image")
+    if not image and isinstance(named, str) and named:
+        v.notes.append(f"no image given: the maps are drawn on grey (the record names {named!r}; pass --image to "
+                       f"draw on it: the record's own path is never opened)")
     return path, v
 
 
 def _facts_html(rec: AttentionRecord, image_name: Optional[str]) -> str:
-    esc = html.escape
+    esc = text
     ims = rec.layout.images
     size = f" ({ims[0].size[0]} x {ims[0].size[1]} px)" if ims else ""
     model = rec.meta.get("model") or "?"
     return (f"<p><b>Model:</b> {esc(os.path.basename(str(model).rstrip('/')) or str(model))}<br>"
             f"<b>Image:</b> {esc(image_name or 'not given')}{esc(size)}<br>"
             f"<b>Captured:</b> {esc(', '.join(rec.names()[:6]) + (' ...' if len(rec.names()) > 6 else ''))}</p>")
-
-
-_CSS = r"""
-body{font-family:sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
-.warn{background:#fff3cd;padding:.6em} code{background:#f4f4f4;padding:0 .2em} .dim{color:#777}
-#controls{display:flex;flex-wrap:wrap;gap:.4em 1.2em;align-items:center;margin:.8em 0}
-#controls label{white-space:nowrap} #stage{position:relative;display:inline-block;background:#888;line-height:0}
-#photo{display:block} .noimg{color:#fff;line-height:1.4;padding:1em}
-#overlay{position:absolute;left:0;top:0;cursor:crosshair}
-#view{display:flex;gap:1.5em;align-items:flex-start;flex-wrap:wrap} #side{flex:1;min-width:280px}
-#tokens{line-height:2;margin:.6em 0;max-height:16em;overflow-y:auto} .token{display:inline-block;line-height:1.4;
-border:1px solid #ccc;border-radius:3px;padding:.1em .3em;margin:.15em;cursor:pointer;white-space:pre;
-font-family:monospace} .token:hover{background:#eef}
-.token.sel{background:#ffd54f;border-color:#c90} #info{font-family:monospace;white-space:pre-wrap}
-.notes li{color:#8a5a00} figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #ddd}
-"""
-
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>{{TITLE}}</title>
-<style>{{CSS}}</style></head><body>
-<h1>{{TITLE}}</h1>
-{{HEADER}}{{QA}}
-<div id=controls>
-<label>map <select id=kind></select></label>
-<label>layer <select id=layer></select></label>
-<label>head <select id=head></select></label>
-<label>vision layer <select id=vlayer></select></label>
-<label>slice <select id=slice></select></label>
-<label>image token <input id=query type=number min=-1 value=-1 style="width:5em"></label>
-<label>opacity <input id=alpha type=range min=0 max=1 step=0.05 value=0.6></label>
-<label><input id=boxes type=checkbox checked> slice boxes</label>
-<label title="zero the attention-sink columns and rescale the rest (attention_map.image_heatmap's exclude_sinks)"><input
- id=nosinks type=checkbox> without sinks</label>
-{{THRU}}
-</div>
-<div id=view><div id=stage>{{PHOTO}}<canvas id=overlay></canvas></div>
-<div id=side><div><b>Tokens</b> <span class=dim id=tokdesc></span> (click one; &larr;/&rarr; step)</div>
-<div id=tokens></div><canvas id=legend width=256 height=12></canvas> <span id=legendtext class=dim></span>
-<div id=share></div><div id=info></div>{{SINKS}}{{NOTES}}</div></div>
-<noscript><p class=warn>The viewer needs JavaScript (it runs offline, in this file).</p></noscript>
-{{FOOTER}}
-<script id="viewer-data" type="application/json">{{DATA}}</script>
-<script id="viewer-u8" type="text/plain">{{U8}}</script>
-<script id="viewer-f32" type="text/plain">{{F32}}</script>
-<script id="viewer-lut" type="text/plain">{{LUT}}</script>
-<script>{{JS}}</script>
-</body></html>
-"""
-
-_JS = r"""
-"use strict";
-(function () {
-const $ = (id) => document.getElementById(id);
-function b64(id) {
-  const s = atob($(id).textContent.trim()), a = new Uint8Array(s.length);
-  for (let i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
-  return a;
-}
-const T0 = performance.now();
-const D = JSON.parse($("viewer-data").textContent);
-const U8 = b64("viewer-u8"), F32 = new Float32Array(b64("viewer-f32").buffer);
-window.viewerTimings = {script: T0, decoded: performance.now()};
-const LUT = new Uint8Array(768);
-{ const h = $("viewer-lut").textContent.trim(); for (let i = 0; i < 768; i++) LUT[i] = parseInt(h.substr(2 * i, 2), 16); }
-const W = D.image_size[0], H = D.image_size[1], DW = D.display[0], DH = D.display[1];
-const gs = D.grid_side / Math.max(DW, DH);
-const GW = Math.max(1, Math.round(DW * Math.min(1, gs))), GH = Math.max(1, Math.round(DH * Math.min(1, gs)));
-const N = D.n_image_tokens, T = D.tokens.length;
-const S = {t: 0, click: null};
-const ov = $("overlay"); ov.width = DW; ov.height = DH;
-const zoom = Math.min(2, Math.max(1, 480 / Math.max(DW, DH)));  // small images drawn larger (CSS only)
-const photo = $("photo"); photo.style.width = ov.style.width = DW * zoom + "px";
-photo.style.height = ov.style.height = DH * zoom + "px";
-const grid = document.createElement("canvas"); grid.width = GW; grid.height = GH;
-
-function opt(sel, value, text, title) {
-  const o = document.createElement("option"); o.value = value; o.textContent = text;
-  if (title) o.title = title; sel.appendChild(o); return o;
-}
-const KIND_NAMES = {llm: "LLM \u2192 image", resampler: "resampler query", vision: "SigLIP patch"};
-opt($("kind"), "llm", KIND_NAMES.llm);
-opt($("kind"), "resampler", KIND_NAMES.resampler);
-if (D.vision.layers.length) opt($("kind"), "vision", KIND_NAMES.vision);
-for (const k of Object.keys(D.extras)) opt($("kind"), "x:" + k, k);
-for (const l of D.layers) opt($("layer"), l, /^\d+$/.test(l) ? "layer " + l : l);
-for (const h of D.heads) opt($("head"), h, /^\d+$/.test(h) ? "head " + h : h);
-for (const v of D.vision.layers) opt($("vlayer"), v.layer, "layer " + v.layer);
-D.slices.forEach((s, i) => opt($("slice"), i, s.kind === "source" ? "overview" : "slice " + s.index +
-  (s.grid_pos ? " (row " + s.grid_pos[0] + ", col " + s.grid_pos[1] + ")" : "")));
-$("query").max = N - 1;
-$("tokdesc").textContent = "(" + D.token_desc + ")";
-
-const toks = $("tokens");
-D.tokens.forEach((t, i) => {
-  const s = document.createElement("span"); s.className = "token"; s.dataset.t = i;
-  s.textContent = t.text === "" ? "\u2205" : t.text; s.title = "position " + t.pos + " (row " + t.row + ")";
-  s.addEventListener("click", () => { S.t = i; draw(); }); toks.appendChild(s); toks.appendChild(document.createTextNode(" "));
-});
-
-function block(l, h) { return D.blocks[l + "|" + h]; }
-function refreshOptions() {
-  const l = $("layer").value;
-  for (const o of $("layer").options) o.disabled = !D.heads.some((h) => block(o.value, h));
-  for (const o of $("head").options) o.disabled = !block(l, o.value);
-  if (!block(l, $("head").value)) { const ok = D.heads.find((h) => block(l, h)); if (ok) $("head").value = ok; }
-  const k = $("kind").value;
-  $("vlayer").disabled = k !== "vision"; $("slice").disabled = k !== "vision";
-  $("query").disabled = k !== "resampler" && k !== "vision";
-  $("nosinks").disabled = !D.sinks || !D.sinks.length || k.startsWith("x:");
-  $("thruvision").disabled = !D.through_vision || (k !== "llm" && k !== "resampler");
-}
-function thru() {  // the LLM and resampler kinds through the SigLIP rollout
-  const k = $("kind").value;
-  return !!D.through_vision && $("thruvision").checked && (k === "llm" || k === "resampler");
-}
-function sinkScale(sh) {  // exclude_sinks: the rest of the row rescaled to the row's total
-  if (!$("nosinks").checked || sh.length < 4) return 1;
-  const tot = sh[0] + sh[1] + sh[2], rest = tot - sh[3];
-  return rest > 1e-12 ? tot / rest : 0;
-}
-function llmVec(t) {  // the token's attention on the image tokens
-  const b = block($("layer").value, $("head").value); if (!b) return null;
-  const v = new Float32Array(N), sc = F32[b.f + t] / 255 * sinkScale(b.sh[t]), o = b.u + t * N;
-  for (let i = 0; i < N; i++) v[i] = U8[o + i] * sc;
-  if ($("nosinks").checked) for (const i of D.sink_image) v[i] = 0;
-  return v;
-}
-function sliceMap(s, v, tv) {  // [h*w] patch masses of slice s for image-token weights v (tv: through SigLIP)
-  const sl = D.slices[s], P = sl.tgt[0] * sl.tgt[1], m = new Float32Array(P), e = tv ? D.through_vision[s] : sl;
-  for (let q = 0; q < sl.nq; q++) {
-    const wq = v[sl.n0 + q] * F32[e.f + q] / 255; if (!wq) continue;
-    const o = e.u + q * P;
-    for (let p = 0; p < P; p++) m[p] += wq * U8[o + p];
-  }
-  return m;
-}
-function axisW(nOut, len, lo, hi, n) {  // per output cell: [[k, share of cell k's mass], ...]
-  const step = (hi - lo) / n, px = len / nOut, out = [];
-  for (let i = 0; i < nOut; i++) {
-    const a = i * px, b = a + px, row = [];
-    const k0 = Math.max(0, Math.floor((a - lo) / step)), k1 = Math.min(n - 1, Math.ceil((b - lo) / step));
-    for (let k = k0; k <= k1; k++) {
-      const c0 = lo + k * step, ov_ = Math.min(b, c0 + step) - Math.max(a, c0);
-      if (ov_ > 0) row.push(k, ov_ / step);
-    }
-    out.push(row);
-  }
-  return out;
-}
-const AX = D.slices.map((sl) => ({
-  y: axisW(GH, H, sl.box[1], sl.box[3], sl.tgt[0]), x: axisW(GW, W, sl.box[0], sl.box[2], sl.tgt[1])}));
-function place(out, s, m) {  // add slice s's patch masses m [h*w] onto the grid (area weighting)
-  const sl = D.slices[s], h = sl.tgt[0], w = sl.tgt[1], ax = AX[s], tmp = new Float32Array(w);
-  for (let y = 0; y < GH; y++) {
-    const ry = ax.y[y]; if (!ry.length) continue;
-    tmp.fill(0);
-    for (let j = 0; j < ry.length; j += 2) { const r = ry[j], f = ry[j + 1];
-      for (let c = 0; c < w; c++) tmp[c] += f * m[r * w + c]; }
-    for (let x = 0; x < GW; x++) { const rx = ax.x[x]; let acc = 0;
-      for (let j = 0; j < rx.length; j += 2) acc += rx[j + 1] * tmp[rx[j]];
-      out[y * GW + x] += acc; }
-  }
-}
-function argmax(a) { let b = 0; for (let i = 1; i < a.length; i++) if (a[i] > a[b]) b = i; return b; }
-function sliceOf(j) { return D.slices.findIndex((s) => j >= s.n0 && j < s.n0 + s.nq); }
-function pct(x) { return (100 * x).toFixed(1) + "%"; }
-
-function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mark}
-  const k = $("kind").value, t = S.t, tok = D.tokens[t];
-  const head = "token " + JSON.stringify(tok.text) + " (position " + tok.pos + ")\n";
-  if (k.startsWith("x:")) {
-    const name = k.slice(2), e = D.extras[name][String(t)];
-    if (!e) return {map: null, info: head + "no " + name + " map for this token"};
-    const eh = e.shape[0], ew = e.shape[1], lo = F32[e.f], hi = F32[e.f + 1], out = new Float32Array(GW * GH);
-    for (let y = 0; y < GH; y++) for (let x = 0; x < GW; x++)
-      out[y * GW + x] = lo + (hi - lo) * U8[e.u + Math.min(eh - 1, Math.floor(y * eh / GH)) * ew
-                                            + Math.min(ew - 1, Math.floor(x * ew / GW))] / 255;
-    return {map: out, lo: lo, hi: hi, info: head + name + " map (" + ew + " x " + eh + " values), range " +
-            lo.toPrecision(3) + " .. " + hi.toPrecision(3)};
-  }
-  const v = llmVec(t);
-  if (!v) return {map: null, info: head + "this (layer, head) map is not embedded (see the notes)"};
-  const out = new Float32Array(GW * GH), tv = thru();
-  const TV = " and the SigLIP rollout (all vision layers, head mean, residual 0.5)";
-  if (k === "llm") {
-    let tot = 0; for (let i = 0; i < N; i++) tot += v[i];
-    for (let s = 0; s < D.slices.length; s++) place(out, s, sliceMap(s, v, tv));
-    return {map: out, info: head + "LLM attention on the image tokens, through the resampler" + (tv ? TV : "") +
-            " onto pixels (mass " + tot.toPrecision(3) + ", overview + slices added)" +
-            (tv ? "\nthrough SigLIP: where the patches the resampler read drew their content from" : "")};
-  }
-  let j = +$("query").value;
-  if (!(j >= 0 && j < N)) j = argmax(v);
-  const s = sliceOf(j), sl = D.slices[s], q = j - sl.n0, P = sl.tgt[0] * sl.tgt[1];
-  const e = new Float32Array(N); e[j] = 1;
-  const where = "image token " + j + " = " + (sl.kind === "source" ? "overview" : "slice " + sl.index) +
-    ", query " + q + " (the token gave it " + pct(v[j]) + ")";
-  if (k === "resampler") {
-    place(out, s, sliceMap(s, e, tv));
-    return {map: out, info: head + "resampler query map" + (tv ? " through SigLIP (composed with" + TV.slice(4) +
-            "; where the query's content came from)" : "") + ": " + where, slice: s, clip: sl.box};
-  }
-  const m = sliceMap(s, e, false);
-  // vision: the query patch is the clicked one (in the chosen slice) or the peak of the query map
-  const vs = +$("slice").value, vsl = D.slices[vs], h = vsl.tgt[0], w = vsl.tgt[1];
-  let pr, pc;
-  if (S.click && S.click.s === vs) { pr = S.click.r; pc = S.click.c; }
-  else { const mm = vs === s ? m : sliceMap(vs, v); const p = argmax(mm); pr = Math.floor(p / w); pc = p % w; }
-  const V = D.vision.layers.find((x) => String(x.layer) === $("vlayer").value) || D.vision.layers[0];
-  const f = D.vision.pool, bw = Math.ceil(w / f), row = Math.floor(pr / f) * bw + Math.floor(pc / f);
-  const e2 = V.slices[vs], Pv = h * w, sc = F32[e2.f + row] / 255, mv = new Float32Array(Pv);
-  for (let p = 0; p < Pv; p++) mv[p] = U8[e2.u + row * Pv + p] * sc;
-  place(out, vs, mv);
-  const bx = vsl.box, cw = (bx[2] - bx[0]) / w, ch = (bx[3] - bx[1]) / h;
-  const r0 = Math.floor(pr / f) * f, c0 = Math.floor(pc / f) * f;
-  return {map: out, slice: vs, clip: vsl.box, info: head + "SigLIP layer " + V.layer + ", " + (vsl.kind === "source" ? "overview" :
-          "slice " + vsl.index) + ": attention of patch (" + pr + ", " + pc + ")" + (f > 1 ? " pooled " + f + "x" + f : "") +
-          " over the slice's patches (head mean; click the image to pick a patch)",
-          mark: [bx[0] + c0 * cw, bx[1] + r0 * ch, Math.min(f, w - c0) * cw, Math.min(f, h - r0) * ch]};
-}
-
-const octx = ov.getContext("2d"), gctx = grid.getContext("2d"), gimg = gctx.createImageData(GW, GH);
-function draw() {
-  refreshOptions();
-  for (const el of toks.children) el.classList.toggle("sel", +el.dataset.t === S.t);
-  const cur = toks.children[S.t]; if (cur && cur.scrollIntoView) cur.scrollIntoView({block: "nearest"});
-  const r = compute(), a = +$("alpha").value;
-  octx.clearRect(0, 0, DW, DH);
-  let hi = 0, lo = 0;
-  if (r.map) {
-    if (r.hi !== undefined) { lo = r.lo; hi = r.hi; } else { for (const x of r.map) if (x > hi) hi = x; }
-    const px = gimg.data, span = hi > lo ? hi - lo : 1, cb = r.clip;
-    for (let i = 0; i < r.map.length; i++) {
-      const c = Math.max(0, Math.min(255, Math.round(255 * (r.map[i] - lo) / span)));
-      px[4 * i] = LUT[3 * c]; px[4 * i + 1] = LUT[3 * c + 1]; px[4 * i + 2] = LUT[3 * c + 2]; px[4 * i + 3] = 255;
-      if (cb) {  // one slice's map: transparent outside its box
-        const x = ((i % GW) + 0.5) * W / GW, y = (Math.floor(i / GW) + 0.5) * H / GH;
-        if (x < cb[0] || x >= cb[2] || y < cb[1] || y >= cb[3]) px[4 * i + 3] = 0;
-      }
-    }
-    gctx.putImageData(gimg, 0, 0);
-    octx.globalAlpha = a; octx.imageSmoothingEnabled = false;
-    octx.drawImage(grid, 0, 0, DW, DH); octx.globalAlpha = 1;
-  }
-  const sx = DW / W, sy = DH / H;
-  if ($("boxes").checked) {
-    D.slices.forEach((sl, i) => {
-      if (sl.kind === "source" && r.slice !== i) return;
-      octx.strokeStyle = r.slice === i ? "#00e5ff" : "rgba(255,255,255,0.9)";
-      octx.lineWidth = r.slice === i ? 2.5 : 1.5; octx.setLineDash(sl.kind === "source" ? [6, 4] : []);
-      octx.strokeRect(sl.box[0] * sx + 1, sl.box[1] * sy + 1, (sl.box[2] - sl.box[0]) * sx - 2,
-                      (sl.box[3] - sl.box[1]) * sy - 2);
-    });
-    octx.setLineDash([]);
-  }
-  if (r.mark) { octx.strokeStyle = "#00ff66"; octx.lineWidth = 2;
-    octx.strokeRect(r.mark[0] * sx, r.mark[1] * sy, Math.max(2, r.mark[2] * sx), Math.max(2, r.mark[3] * sy)); }
-  const b = block($("layer").value, $("head").value), k = $("kind").value;
-  if (b && !k.startsWith("x:")) {
-    const sh = b.sh[S.t], ex = $("nosinks").checked && sh.length > 3;
-    let img = sh[0];
-    if (ex) {  // share of the non-sink attention: the image's mass less its sink tokens', rescaled
-      const sc = F32[b.f + S.t] / 255, o = b.u + S.t * N;
-      for (const i of D.sink_image) img -= U8[o + i] * sc;
-      img *= sinkScale(sh);
-    }
-    $("share").innerHTML = "";
-    const s = document.createElement("b");
-    s.textContent = "image share " + pct(img); $("share").appendChild(s);
-    $("share").appendChild(document.createTextNode(ex ? "  (of the non-sink attention; the sinks took " +
-      pct(sh[3] / (sh[0] + sh[1] + sh[2])) + "; layer " + $("layer").value + ", head " + $("head").value + ")" :
-      "  (text " + pct(sh[1]) + ", special " + pct(sh[2]) + (sh.length > 3 ? "; on the sinks " + pct(sh[3]) : "") +
-      "; layer " + $("layer").value + ", head " + $("head").value + ")"));
-  } else $("share").textContent = "";
-  $("info").textContent = r.info;
-  $("legendtext").textContent = r.map ? (r.hi !== undefined ? lo.toPrecision(3) + " .. " + hi.toPrecision(3) :
-    "0 .. " + hi.toExponential(2) + " attention mass per map cell (" + GW + " x " + GH + " cells)") : "";
-  window.viewerDraws = (window.viewerDraws || 0) + 1;
-  if (window.viewerReady === undefined) window.viewerReady = performance.now();
-}
-{ const lg = $("legend").getContext("2d"); for (let i = 0; i < 256; i++) {
-  lg.fillStyle = "rgb(" + LUT[3 * i] + "," + LUT[3 * i + 1] + "," + LUT[3 * i + 2] + ")"; lg.fillRect(i, 0, 1, 12); } }
-for (const id of ["kind", "layer", "head", "vlayer", "slice", "query", "alpha", "boxes", "nosinks", "thruvision"])
-  $(id).addEventListener(id === "alpha" ? "input" : "change", () => { if (id === "slice") S.click = null; draw(); });
-ov.addEventListener("click", (ev) => {
-  if ($("kind").value !== "vision") return;
-  const rect = ov.getBoundingClientRect(), x = (ev.clientX - rect.left) / rect.width * W,
-        y = (ev.clientY - rect.top) / rect.height * H, vs = +$("slice").value, sl = D.slices[vs];
-  if (x < sl.box[0] || x >= sl.box[2] || y < sl.box[1] || y >= sl.box[3]) return;
-  S.click = {s: vs, r: Math.min(sl.tgt[0] - 1, Math.floor((y - sl.box[1]) / (sl.box[3] - sl.box[1]) * sl.tgt[0])),
-             c: Math.min(sl.tgt[1] - 1, Math.floor((x - sl.box[0]) / (sl.box[2] - sl.box[0]) * sl.tgt[1]))};
-  draw();
-});
-document.addEventListener("keydown", (ev) => {
-  if (ev.target.tagName === "INPUT" || ev.target.tagName === "SELECT") return;
-  if (ev.key === "ArrowRight" && S.t < T - 1) { S.t++; draw(); }
-  if (ev.key === "ArrowLeft" && S.t > 0) { S.t--; draw(); }
-});
-window.viewer = {data: D, draw: draw, state: S, compute: compute, grid: [GW, GH]};
-draw();
-})();
-"""

@@ -128,11 +128,29 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, settings: Dict[st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(os.path.join(out_dir, "latest"), checkpoint_name(step) + "\n")
-    if keep and keep > 0:
-        for old_step, path in list_checkpoints(out_dir)[:-keep]:
+    if keep and keep > 0:  # by recency (saved or resumed from), not by step: see mark_used
+        by_recency = sorted(list_checkpoints(out_dir), key=lambda sp: (_last_used(sp[1]), sp[0]))
+        for old_step, path in by_recency[:-keep]:
             if old_step != step:
                 shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _last_used(path: str) -> int:
+    """When a checkpoint was last saved or resumed from (its state.json's mtime, ns)."""
+    try:
+        return os.stat(os.path.join(path, "state.json")).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def mark_used(path: str) -> None:
+    """Record that a run resumed from the checkpoint ``path``: rotation (``keep``) then counts it as
+    recent, so the checkpoint a run went back to outlives the later ones it abandoned."""
+    try:
+        os.utime(os.path.join(path, "state.json"))
+    except OSError:
+        pass
 
 
 def update_metrics(checkpoint: str, metrics_path: str) -> None:

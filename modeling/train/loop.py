@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..attention_record import atomic_write_text
-from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, update_metrics
+from .checkpoints import find_checkpoint, load_checkpoint, mark_used, save_checkpoint, update_metrics
 from .data import DataError, Encoded
 from .forward import example_forward
 from .losses import LossConfig
@@ -129,6 +129,7 @@ def train(model, encoded: Sequence[Encoded], loss_cfg: LossConfig, cfg: TrainCon
     if resume:
         ckpt = find_checkpoint(resume)
         state = load_checkpoint(ckpt, model, optimizer)
+        mark_used(ckpt)
         start = int(state["step"])
         report(f"resumed from {ckpt} at step {start}")
         if metrics_path:

@@ -117,6 +117,11 @@ def teacher_maps(record: AttentionRecord, layers: Sequence[int], rows: Sequence[
             if cols_all is not None and cols != cols_all:
                 raise DataError(f"{where}: layers hold different key columns")
         cols_all = cols
+        mass = t.sum(-1)
+        if not bool((mass > 1e-6).all()):  # a row with no mass is no distribution: KL 0 would teach nothing
+            r = rows[int(torch.nonzero(mass <= 1e-6)[0])]
+            raise DataError(f"{where}: {name} has no attention mass on row {r}" + (" over its key columns" if cols
+                            is not None else "") + "; teacher rows must be attention distributions")
         maps.append(t)
     return torch.stack(maps), cols_all
 

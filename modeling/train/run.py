@@ -72,6 +72,12 @@ class FinetuneOptions:
             raise UsageError("--steps must be >= 0, --batch-size >= 1, --save-every >= 0")
         if self.lora is not None and (len(self.lora) > 2 or self.lora[0] < 1 or self.lora[0] != int(self.lora[0])):
             raise UsageError("--lora takes a positive integer rank and optionally alpha, e.g. --lora 8 16")
+        for flag, value in (("--warmup", self.warmup), ("--keep", self.keep), ("--attn-weight", self.attn_weight),
+                            ("--max-grad-norm", self.max_grad_norm), ("--lora-dropout", self.lora_dropout)):
+            if not value >= 0:  # a negative warm-up or weight turns the run into gradient ascent
+                raise UsageError(f"{flag} {value}: expected a number >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise UsageError(f"--lr {self.lr}: expected a learning rate > 0")
         if self.attn_loss == "teacher" and not self.teacher and not self.write_teacher:
             raise UsageError("--attn-loss teacher needs --teacher DIR (records from --write-teacher)")
 
@@ -91,6 +97,26 @@ def _stderr(message: str) -> None:
 
 def _warning(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def _changed_settings(before: dict, now: dict) -> List[str]:
+    """``"name: before there, now here"`` for each setting of ``now`` that ``before`` (a checkpoint's
+    settings) holds with another value. Older checkpoints keep the loss and training settings
+    under ``loss`` / ``train``; a setting a checkpoint does not record cannot be compared."""
+    import json
+
+    older = dict(before.get("loss") or {}, **(before.get("train") or {}))
+    out = []
+    for key, value in now.items():
+        if key in before:
+            was = before[key]
+        elif key in older:
+            was = older[key]
+        else:
+            continue
+        if json.loads(json.dumps(was)) != json.loads(json.dumps(value)):
+            out.append(f"{key}: {json.dumps(was)} there, {json.dumps(value)} now")
+    return out
 
 
 def run_finetune(opts: FinetuneOptions, report: Optional[Callable[[str], None]] = None,
@@ -119,8 +145,13 @@ def run_finetune(opts: FinetuneOptions, report: Optional[Callable[[str], None]] 
     if opts.lora is not None:
         r = int(opts.lora[0])
         lora = {"r": r, "alpha": float(opts.lora[1]) if len(opts.lora) > 1 else 2.0 * r, "dropout": opts.lora_dropout}
+    lr = opts.lr if opts.lr is not None else (1e-3 if lora is not None else 2e-4)
+    # every setting that changes what the run computes (not --steps, --save-every, --keep, --out)
     settings = {"model": opts.model or "demo", "data": opts.data or "builtin", "lora": lora,
-                "layers": layers, "attn_loss": opts.attn_loss, "attn_weight": opts.attn_weight}
+                "layers": layers, "attn_loss": opts.attn_loss, "attn_weight": opts.attn_weight, "seed": opts.seed,
+                "lr": lr, "batch_size": opts.batch_size, "warmup": opts.warmup, "max_grad_norm": opts.max_grad_norm,
+                "max_length": opts.max_length, "dtype": opts.dtype, "freeze_vision": opts.freeze_vision,
+                "teacher": os.path.abspath(opts.teacher) if opts.teacher else None}
 
     # the run folder: resume, refuse to mix runs, or start over
     resume = None
@@ -134,6 +165,10 @@ def run_finetune(opts: FinetuneOptions, report: Optional[Callable[[str], None]] 
         if state["settings"].get("lora") != lora:
             raise FinetuneError(f"{ckpt} was trained with lora={state['settings'].get('lora')}; this run has "
                                 f"lora={lora}; pass the same --lora settings to resume")
+        changed = _changed_settings(state.get("settings") or {}, settings)
+        if changed:
+            raise FinetuneError(f"{ckpt} was trained with other settings ({'; '.join(changed)}); resume with the "
+                                f"same ones, or start a new run in another --out")
         if state["step"] >= opts.steps:
             return FinetuneOutcome(message=f"{ckpt} is at step {state['step']} >= --steps {opts.steps}: nothing to do")
     elif list_checkpoints(opts.out):
@@ -162,7 +197,6 @@ def run_finetune(opts: FinetuneOptions, report: Optional[Callable[[str], None]] 
     elif opts.freeze_vision:
         for mod in (model.vpm, model.resampler):
             mod.requires_grad_(False)
-    lr = opts.lr if opts.lr is not None else (1e-3 if lora is not None else 2e-4)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report(f"{len(encoded)} examples, {n_train:,} trainable parameters, attn loss {opts.attn_loss} "
            f"(weight {opts.attn_weight}) on LLM layers {layers}, lr {lr}")

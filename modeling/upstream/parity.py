@@ -268,15 +268,22 @@ def fork_numeric(fork_dir, tiny: Dict[str, Any], weights: Dict[str, Any], data, 
     return outputs, errors
 
 
-def _max_diff(pairs) -> Tuple[float, int]:
-    worst, n = 0.0, 0
+def _max_diff(pairs) -> Tuple[float, int, int]:
+    """(largest |a - b| over the selections, blocks compared, non-finite differences). A NaN or
+    inf on either side makes its difference non-finite: counted, never lost in ``max``."""
+    import torch
+
+    worst, n, bad = 0.0, 0, 0
     for a, b, sel in pairs:
         d = (a.float() - b.float()).abs()
         d = d[sel.expand(d.shape)] if hasattr(sel, "expand") else d[sel]
         if d.numel():
-            worst = max(worst, float(d.max()))
+            finite = torch.isfinite(d)
+            bad += int((~finite).sum())
+            if bool(finite.any()):
+                worst = max(worst, float(d[finite].max()))
         n += 1
-    return worst, n
+    return worst, n, bad
 
 
 def compare_numeric(fork: Dict[str, Any], up: Dict[str, Any], data, mask, atol: float) -> Dict[str, Finding]:
@@ -306,11 +313,12 @@ def compare_numeric(fork: Dict[str, Any], up: Dict[str, Any], data, mask, atol: 
             out[name] = Finding("numeric", name, "differs", f"{bad[0][0]}: shape fork={bad[0][1][0]} "
                                 f"upstream={bad[0][1][1]}", attention=True)
             return
-        worst, n = _max_diff((fork[k], up[k], sel) for k in keys_f for sel in select(fork[k]))
-        ok = worst <= atol
+        worst, n, nonfinite = _max_diff((fork[k], up[k], sel) for k in keys_f for sel in select(fork[k]))
+        ok = worst <= atol and not nonfinite
+        what = (f"{nonfinite} value(s) NaN or inf on one side (or both) at real positions; " if nonfinite else "")
         out[name] = Finding("numeric", name, "ok" if ok else "differs",
-                            f"max |fork - upstream| {worst:.2g} (atol {atol:g}) over {n} block{'s' * (n != 1)}, "
-                            "real positions",
+                            f"{what}max |fork - upstream| {worst:.2g} (atol {atol:g}) over {n} "
+                            f"block{'s' * (n != 1)}, real positions",
                             attention=not ok)
 
     row("logits", "logits", lambda t: [real[:, :, None]])
