@@ -41,10 +41,12 @@ def load_generate_golden(case):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
-def fork_generate(case, attn="sdpa"):
+def fork_generate(case, attn="sdpa", **spec):
+    """(model, data, mask, output) of the fork's greedy generate capturing the generated rows
+    (per head, float32; ``spec`` adds or overrides CaptureSpec fields)."""
     model = load(case, attn=attn)
     data, mask = load_inputs(case)
-    spec = CaptureSpec(stages=["llm"], rows="generated", reduce="none", dtype=torch.float32)
+    spec = CaptureSpec(**dict(dict(stages=["llm"], rows="generated", reduce="none", dtype=torch.float32), **spec))
     out = model.generate(input_ids=data["input_ids"], pixel_values=data["pixel_values"], tgt_sizes=data["tgt_sizes"],
                          image_bound=data["image_bound"], attention_mask=mask, tokenizer=FakeTokenizer(),
                          do_sample=False, num_beams=1, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
@@ -113,3 +115,25 @@ def test_generated_rows_equal_upstream(case, attn):
         shifted = (got[:, :, 1:, : L + N_NEW - 1] - want[:, :, :-1, : L + N_NEW - 1]).abs().amax()
         assert shifted > NEIGHBOUR_GAP, shifted
 
+
+@pytest.mark.parametrize("case", ["two_images_batch", "text_only"])
+def test_generate_column_selections_equal_upstream_columns(case):
+    """cols as positions (one fed only later) and cols='text' (generated tokens are text) during
+    generate equal upstream's generated rows at those key positions; not-yet-fed keys are 0."""
+    data, mask = load_inputs(case)
+    B, L = data["input_ids"].shape
+    exp, _ = load_generate_golden(case)
+    picked = [0, L - 1, L + 2]  # the prompt's first and last keys, and the third new token (fed at step 3)
+    model, _, _, out = fork_generate(case, cols=picked)
+    _, _, _, text = fork_generate(case, cols="text")
+    for layer in range(model.config.num_hidden_layers):
+        name = f"llm.layers.{layer}.attn"
+        want = upstream_rows(exp, layer)
+        got = out.captured[name]
+        assert got.shape == (B, 4, N_NEW, len(picked))
+        torch.testing.assert_close(got, want[..., picked], atol=TOL, rtol=0)
+        assert (got[:, :, :3, 2] == 0).all() and (got[:, :, 3:, 2] > 0).all()
+        for b in range(B):
+            cols = text.capture_index[name]["cols"][b]
+            assert cols[-N_NEW + 1:] == list(range(L, L + N_NEW - 1)), cols  # every fed new token is a text key
+            torch.testing.assert_close(text.captured[name][b, ..., : len(cols)], want[b][..., cols], atol=TOL, rtol=0)
