@@ -150,6 +150,9 @@ def test_estimate_counts_every_stage_exactly():
     est = estimate_bytes(CaptureSpec(), dims, 2, 10, new_tokens=3, n_slices=3, patches=11, image_tokens=5)
     assert est["vision"] == 2 * 3 * 5 * 11 * 11 * f32
     assert est["resampler"] == 3 * 6 * 7 * 11 * f32
+    unsized = estimate_bytes(CaptureSpec(), dims, 2, 10, n_slices=3)  # patches default 0: nothing stored
+    assert unsized["vision"] == unsized["resampler"] == 0
+    assert estimate_bytes(CaptureSpec(cols="image"), dims, 2, 10)["llm"] == 0  # image_tokens default 0
     gen = estimate_bytes(CaptureSpec(rows="generated", cols="image"), dims, 2, 10, new_tokens=3, image_tokens=5)
     assert gen["llm"] == 3 * 2 * 4 * 3 * 5 * f32
     picked = estimate_bytes(CaptureSpec(rows=[1, 2], cols=[0, 4, 6], reduce="max", layers=[0]), dims, 2, 10)

@@ -35,7 +35,7 @@ def test_mutants_are_the_intended_edits():
     assert got[(4, "mean() -> amax()")] == "x = t.mean(1) * mask".replace("mean", "amax")
     assert got[(4, "drop '* mask'")] == "x = t.mean(1)"
     assert got[(5, "swap args t, mask")] == "return g(mask, t)[n - 1]"
-    assert got[(5, "1 -> 2")] == "return g(t, mask)[n - 2]"
+    assert got[(5, "1 -> 2 in '(t, mask)[n - 1'")] == "return g(t, mask)[n - 2]"  # names which 1 of the line
     assert got[(5, "- -> +")] == "return g(t, mask)[n + 1]"
     assert all(m.line < 8 for m in ms)  # only the named function
     assert not [m for m in ms if m.line == 3]  # error messages (raise, f-strings) are not mutated

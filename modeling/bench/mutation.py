@@ -100,9 +100,10 @@ def mutants_of(path: str, source: str, functions: Optional[Iterable[str]] = None
                         text(sub.left), f"drop '* {text(sub.right)[:30]}'")
             elif isinstance(sub, ast.Constant) and type(sub.value) is int:
                 v = sub.value
+                s = at(sub.lineno, sub.col_offset)
+                before = source[lines[sub.lineno - 1]:s][-14:].lstrip()  # which constant of the line
                 for nv in ([1] if v == 0 else [v - 1, v + 1] if v == 1 else [v + 1]):
-                    add(sub, at(sub.lineno, sub.col_offset), at(sub.end_lineno, sub.end_col_offset), str(nv),
-                        f"{v} -> {nv}")
+                    add(sub, s, at(sub.end_lineno, sub.end_col_offset), str(nv), f"{v} -> {nv} in '{before}{v}'")
             elif isinstance(sub, ast.Call):
                 f = sub.func
                 name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
