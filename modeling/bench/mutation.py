@@ -149,7 +149,7 @@ def mutants_of(path: str, source: str, functions: Optional[Iterable[str]] = None
 
 def family(m: Mutant) -> str:
     """The kind of edit (for a sample that mixes kinds): the part of ``what`` before its details."""
-    w = m.what
+    w = m.what.split(" in '")[0]  # not the quoted context of a constant
     for key in ("drop '*", "drop 'not'", "negate", "swap args", "()", " and", " or"):
         if key in w:
             return key
