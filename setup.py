@@ -64,6 +64,7 @@ setup(
             "minicpmv-attn-diff-upstream=minicpmv_attn_cli.diff_upstream:main",
             "minicpmv-attn-train-demo=minicpmv_attn_cli.train_demo:main",
             "minicpmv-attn-sweep-transformers=minicpmv_attn_cli.sweep_transformers:main",
+            "minicpmv-attn-mutation-pass=minicpmv_attn_cli.mutation_pass:main",
             "minicpmv-attn-bench-capture=minicpmv_attn_cli.bench_capture:main",
             "minicpmv-attn-bench-extract=minicpmv_attn_cli.bench_extract:main",
             "minicpmv-attn-bench-viewer=minicpmv_attn_cli.bench_viewer:main",
