@@ -119,11 +119,15 @@ def test_generated_rows_equal_upstream(case, attn):
 @pytest.mark.parametrize("case", ["two_images_batch", "text_only"])
 def test_generate_column_selections_equal_upstream_columns(case):
     """cols as positions (one fed only later) and cols='text' (generated tokens are text) during
-    generate equal upstream's generated rows at those key positions; not-yet-fed keys are 0."""
+    generate equal upstream's generated rows at those key positions; not-yet-fed keys are 0.
+    In generate, spec positions count from each sample's first real token (the same columns in any
+    batch); the index names the batch positions, ``p + padding`` of the sample."""
     data, mask = load_inputs(case)
     B, L = data["input_ids"].shape
+    pad = [int(L - mask[b].sum()) for b in range(B)]
+    shortest = L - max(pad)  # the shortest prompt, in its own numbering
     exp, _ = load_generate_golden(case)
-    picked = [0, L - 1, L + 2]  # the prompt's first and last keys, and the third new token (fed at step 3)
+    picked = [0, shortest - 1, shortest + 2]  # first and last key of the shortest prompt, its third new token
     model, _, _, out = fork_generate(case, cols=picked)
     _, _, _, text = fork_generate(case, cols="text")
     for layer in range(model.config.num_hidden_layers):
@@ -131,8 +135,12 @@ def test_generate_column_selections_equal_upstream_columns(case):
         want = upstream_rows(exp, layer)
         got = out.captured[name]
         assert got.shape == (B, 4, N_NEW, len(picked))
-        torch.testing.assert_close(got, want[..., picked], atol=TOL, rtol=0)
-        assert (got[:, :, :3, 2] == 0).all() and (got[:, :, 3:, 2] > 0).all()
+        for b in range(B):
+            batch_pos = [p + pad[b] for p in picked]
+            assert out.capture_index[name]["cols"][b] == batch_pos
+            torch.testing.assert_close(got[b], want[b][..., batch_pos], atol=TOL, rtol=0)
+            if pad[b] == max(pad):  # the shortest prompt's third new token is fed at step 3
+                assert (got[b, :, :3, 2] == 0).all() and (got[b, :, 3:, 2] > 0).all()
         for b in range(B):
             cols = text.capture_index[name]["cols"][b]
             assert cols[-N_NEW + 1:] == list(range(L, L + N_NEW - 1)), cols  # every fed new token is a text key
