@@ -48,3 +48,127 @@ def test_single_task_scenes_did_not_change():
     s = scenes(3, 5)
     assert [x.question for x in s] == [x.question for x in scenes(3, 5, "single")]
     assert all(o.color == "gray" for x in s for i, o in enumerate(x.objects) if i != x.target)
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines
+# ---------------------------------------------------------------------------------------------
+from minicpmv_attn.demo import baselines as bl  # noqa: E402
+from minicpmv_attn.demo.pointing import inside, peak  # noqa: E402
+
+
+def _saliency_rate(task, seed=1, n=200):
+    return np.mean([inside(peak(bl.saliency_map(s.image)), s.target_box) for s in scenes(seed, n, task)])
+
+
+def test_saliency_alone_solves_the_single_task_but_not_binding():
+    """The single task was trivial: a model-free colourfulness map finds its target; on binding scenes it
+    does no better than a randomly picked object."""
+    single = _saliency_rate("single")
+    assert single >= 0.95, single
+    binding = _saliency_rate("binding")
+    random_object = np.mean([bl.random_object_rate(len(s.objects)) for s in scenes(1, 200, "binding")])
+    assert binding <= random_object + 0.1, (binding, random_object)
+
+
+def test_baseline_maps_and_rows():
+    m = np.zeros((20, 30))
+    m[5, 7] = 9.0  # one bright pixel: blurred, the peak stays on it
+    assert peak(bl.box_blur(m, 2)) == (7.5, 5.5)
+    assert bl.box_blur(np.ones((4, 5)), 3) == pytest.approx(np.ones((4, 5)))
+    assert peak(bl.centre_map(30, 20)) == (15.0, 10.0)  # centroid of the four centre pixels
+    assert bl.random_object_rate(4) == 0.25
+    with pytest.raises(ValueError, match="at least one object"):
+        bl.random_object_rate(0)
+    toks = ["<|im_start|>", "user", "<image>", "x", "</image>", "<slice>", "x", "</slice>", "\n", "What", "</image>"]
+    assert bl.before_question_row(toks, n_prompt=10) == 7  # the last end marker inside the prompt
+    with pytest.raises(ValueError, match="no </image> or </slice>"):
+        bl.before_question_row(["a", "b"], 2)
+    with pytest.raises(ValueError, match="RGB"):
+        bl.saliency_map(np.zeros((4, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token Activation Map
+# ---------------------------------------------------------------------------------------------
+import torch  # noqa: E402
+
+from minicpmv_attn.analysis import attention_map as am  # noqa: E402
+from minicpmv_attn.analysis.token_activation import estimated_causal_map, rank_gaussian_filter  # noqa: E402
+
+
+def test_rank_gaussian_filter_drops_a_spike_and_keeps_a_plateau():
+    m = np.zeros((7, 7))
+    m[3, 3] = 10.0  # an isolated spike: a rank extreme in every window
+    assert rank_gaussian_filter(m).max() < 0.5
+    p = np.zeros((7, 7))
+    p[2:5, 2:5] = 1.0  # a plateau: its centre keeps its level
+    out = rank_gaussian_filter(p)
+    assert out[3, 3] == pytest.approx(1.0) and peak(out) == (3.5, 3.5)
+    assert rank_gaussian_filter(m, size=1) == pytest.approx(m)
+    with pytest.raises(ValueError, match="odd size"):
+        rank_gaussian_filter(m, size=2)
+
+
+def test_interference_removal_on_a_constructed_case():
+    """Image tokens 0..5. The answer class is truly active on token 1 only; a context token whose own class
+    lights token 4 strongly also drives the answer class there (interference), so the raw map peaks on the
+    wrong token. Interference removal (estimated causal inference) brings the peak back to token 1."""
+    V = 6
+    own_ctx = np.zeros(V)
+    own_ctx[4] = 5.0  # the context token's own map: token 4
+    raw_answer = 0.8 * own_ctx / 5.0 * 1.5  # leak: 1.2 on token 4
+    raw_answer[1] = 1.0  # the real evidence
+    acts = np.zeros((2, V + 1))
+    acts[0, :V], acts[1, :V] = raw_answer, own_ctx
+    acts[0, V] = 3.0  # the answer class is active at the context position: its weight
+    E, info = estimated_causal_map(acts, 1)
+    assert np.argmax(info["raw"]) == 4 and np.argmax(E) == 1
+    assert info["scale"] > 0 and info["weights"] == pytest.approx([1.0])
+    # no context: the raw map, min-max normalised
+    E0, _ = estimated_causal_map(acts[:1, :V], 0)
+    assert E0 == pytest.approx(raw_answer / raw_answer.max())
+    with pytest.raises(ValueError, match=r"\[1 \+ C, V \+ C\]"):
+        estimated_causal_map(acts, 3)
+
+
+def test_token_activation_through_the_lm_head_points_at_the_token_holding_the_class():
+    """End to end on a constructed layout: hidden states built so that image token 2 carries the answer
+    class's direction; ``token_activation`` must put its maximum there, and the kind is re-exported by
+    attention_map."""
+    from types import SimpleNamespace
+
+    D, vocab = 8, 10
+    lm = torch.eye(vocab, D)
+    roles = ["special", "image", "image", "image", "image", "special", "text", "text", "text"]
+    ids = [1, 0, 0, 0, 0, 2, 6, 7, 5]  # answer (last) = class 5; context texts 6 and 7
+    hidden = torch.zeros(len(ids) - 1, D)
+    hidden[3, 5] = 4.0  # image position 3 (image token index 2) carries class 5
+    hidden[1, 6] = 1.0  # the context classes light other tokens a little
+    hidden[4, 7] = 1.0
+    layout = SimpleNamespace(n_prompt=len(ids) - 1, input_ids=ids, roles=roles)
+    ta = am.token_activation(hidden, lm, layout, token=0)
+    assert ta.position == 8 and ta.token_id == 5 and ta.image_positions == [1, 2, 3, 4]
+    assert ta.context_positions == [6, 7] and int(np.argmax(ta.activation)) == 2
+    assert am.TAM_KIND == "token activation" and callable(am.token_activation_map)
+    with pytest.raises(ValueError, match="out of range"):
+        am.token_activation(hidden, lm, layout, token=3)
+
+
+def test_the_row_before_the_question_stays_near_random_object_level_on_binding():
+    """A map made before the question is read cannot know the target: on binding scenes the best
+    before-question kind stays within 0.2 (about two standard errors at n=30, and the best of six
+    kinds) of pointing at a random object; on the single task saliency alone hits the target."""
+    from minicpmv_attn.demo import load_trained_demo
+    from minicpmv_attn.demo.pointing import map_kinds, play
+
+    model, processor = load_trained_demo()
+    kinds = {k: v for k, v in map_kinds(model.config.num_hidden_layers).items()
+             if getattr(v, "row_based", False)}
+    res = play(model, processor, seed=12, n=30, kinds=kinds, task="binding")
+    b = res.baselines
+    assert set(res.before) == set(kinds) and b["before question"] == max(res.before.values())
+    assert abs(b["before question"] - b["random object"]) <= 0.2, res.summary()
+    assert b["centre"] <= 0.1 and b["saliency"] <= b["random object"] + 0.15, res.summary()
+    single = play(model, processor, seed=12, n=10, kinds={"raw mean": kinds["raw mean"]}, task="single")
+    assert single.baselines["saliency"] >= 0.95 and single.closing_line().startswith("pointing game: task single")

@@ -137,6 +137,25 @@ def _relevancy(net, processor, picture, record, max_tokens: int, log) -> Dict[in
     return dict(enumerate(maps))
 
 
+def _token_activation(net, processor, picture, record, max_tokens: int, log) -> Dict[int, Any]:
+    """{generated-token index: Token Activation Map} of the first ``max_tokens`` answer tokens (one
+    forward; ``token_activation.py``), at most ``viewer.EXTRA_SIDE`` px on the long side."""
+    from .token_activation import token_activation_maps
+    from .viewer import EXTRA_SIDE
+
+    lay = record.layout
+    n = min(len(lay.input_ids) - lay.n_prompt, max_tokens)
+    w, h = (int(v) for v in lay.images[0].size)
+    k = EXTRA_SIDE / max(w, h)
+    log(f"token activation maps of {n} tokens ...")
+    try:
+        maps = token_activation_maps(net, processor, picture, record, list(range(n)),
+                                     out_size=(max(1, round(w * k)), max(1, round(h * k))))
+    except (CaptureError, ValueError) as e:
+        raise ToolError(f"token activation: {e}") from e
+    return dict(enumerate(maps))
+
+
 @dataclass
 class Visualization:
     """What :func:`visualize` wrote."""
@@ -241,8 +260,11 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
                                                min_new_tokens=max_new_tokens if model == RANDOM_DEMO else 0)
     except CaptureError as e:
         raise ToolError(str(e)) from e
+    extra_kinds = dict(extra_kinds or {})
+    from .token_activation import TAM_KIND
+    if TAM_KIND not in extra_kinds:  # cheap (one forward): always offered in the viewer's map kinds
+        extra_kinds[TAM_KIND] = _token_activation(net, processor, picture, record, max_plot_tokens, log)
     if relevancy:
-        extra_kinds = dict(extra_kinds or {})
         extra_kinds["relevancy"] = _relevancy(net, processor, picture, record, max_plot_tokens, log)
     del picture  # the full-size image is not needed any more
     out = os.path.abspath(out)

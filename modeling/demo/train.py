@@ -15,6 +15,7 @@ of every step, held-out accuracy, wall time, CPU threads).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -252,12 +253,14 @@ def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["
                eval_every: int = 250, n_eval: int = 64, progress: bool = True,
                shape_share: Optional[float] = DEFAULTS["shape_share"], schedule_steps: Optional[int] = None,
                task: str = DEFAULTS["task"], layers: int = DEFAULTS["layers"],
-               curriculum: int = DEFAULTS["curriculum"]) -> dict:
+               curriculum: int = DEFAULTS["curriculum"], snapshots: bool = False) -> dict:
     """Train from ``seed`` and write the checkpoint folder ``out``; returns the training log.
 
     ``schedule_steps``: length of the learning-rate schedule (default ``steps``); a run with
     ``steps < schedule_steps`` stops part-way down the same schedule, and gives exactly the weights
-    that a longer run with the same seed and threads had at that step.
+    that a longer run with the same seed and threads had at that step. ``snapshots``: also write the
+    checkpoint folder ``{out}-step{N}`` at every evaluation (from an fp16 copy; the run is unchanged), the
+    folder that ``steps=N, schedule_steps=<this run's>`` would write.
     """
     from tqdm import tqdm
 
@@ -269,6 +272,8 @@ def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["
     model, processor = new_model(seed, task_config(task, layers)), build_processor(task)
     held_out = scenes(EVAL_SEED, n_eval, task)
     evals = []
+    settings = {"task": task, "layers": layers, "curriculum": curriculum, "seed": seed, "schedule_steps": schedule,
+                "shape_share": shape_share, "batch": batch, "lr": lr, "warmup": warmup, "threads": threads}
     bar = tqdm(total=steps, desc="train demo", disable=not progress)
     t0 = time.time()
 
@@ -279,6 +284,10 @@ def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["
             evals.append({"step": step + 1, "accuracy": acc, "seconds": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
             bar.write(f"step {step + 1}: loss {loss:.4f}, held-out answer accuracy {acc:.3f}")
+            if snapshots:
+                snap = copy.deepcopy(model)
+                save_folder(snap, f"{out}-step{step + 1}", dict(settings, steps=step + 1, evals=list(evals),
+                            train_seconds=round(time.time() - t0, 1)), task)
 
     losses = train_steps(model, processor, steps, batch, lr, warmup, seed, on_step, total_steps=schedule,
                          shape_share=shape_share, task=task, curriculum=curriculum)
