@@ -4,6 +4,8 @@
   type. One object needs no binding (any colour / shape read from the image answers); from two on,
   the question's attribute must pick the object. A model that reads attributes but does not bind is
   right on one object and near ``1 / n`` on ``n``.
+* ``resampler_entropy``: how many patches each resampler query reads (mean entropy of its attention
+  over the slice's patches, nats; ``ln 64 = 4.16`` is uniform over an 8 x 8 slice, 0 is one patch).
 * ``resampler_probe``: does the resampler keep an object's colour and shape *together*, in the same
   image token? For every object of square one-slice scenes, the image token whose resampler query
   puts the most attention on the object's patches is taken (its resampler output, what the LLM
@@ -34,6 +36,22 @@ def accuracy_by_objects(model, processor, seed: int = 20_000, per: int = 32) -> 
             out[(n, q)] = answer_accuracy(model, processor, [make_binding_scene(rng, n_objects=n, question=q)
                                                              for _ in range(per)])
     return out
+
+
+def resampler_entropy(model, processor, seed: int = 30_000, n_scenes: int = 16) -> float:
+    """Mean entropy (nats) of the resampler queries' attention (head mean) on square binding scenes."""
+    from ..capture import CaptureSpec
+    from .train import encode_batch
+
+    rng = random.Random(seed)
+    enc = encode_batch(processor, [make_binding_scene(rng, size=(112, 112), n_objects=4) for _ in range(n_scenes)])
+    spec = CaptureSpec(stages=("resampler",), reduce="mean", dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        a = model(enc["data"], attention_mask=enc["attention_mask"], use_cache=False,
+                  output_attentions=spec).resampler_attentions
+    a = (a.mean(1) if a.ndim == 4 else a).double()
+    return float(-(a * a.clamp_min(1e-12).log()).sum(-1).mean())
 
 
 def _object_tokens(model, processor, batch) -> Tuple[List[np.ndarray], List[Tuple[int, int]]]:
