@@ -38,6 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="binding: steps over which the most objects per scene grows from 2 to 5 (default %(default)s)")
     p.add_argument("--freeze-resampler-qk", action="store_true",
                    help="keep the resampler's queries and query/key projections at their init (local regions)")
+    p.add_argument("--freeze-resampler-keys", action="store_true",
+                   help="--freeze-resampler-qk and the key path (kv_proj, ln_kv) too")
     p.add_argument("--snapshots", action="store_true",
                    help="also write OUT-stepN at every evaluation (what --steps N --schedule-steps STEPS writes)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s; the same seed "
@@ -49,7 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          seed=args.seed, threads=args.threads, eval_every=args.eval_every,
                          shape_share=args.shape_share, schedule_steps=args.schedule_steps, task=args.task,
                          layers=args.layers, curriculum=args.curriculum, snapshots=args.snapshots,
-                         freeze_resampler_qk=args.freeze_resampler_qk)
+                         freeze_resampler_qk=args.freeze_resampler_qk,
+                         freeze_resampler_keys=args.freeze_resampler_keys)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

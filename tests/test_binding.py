@@ -184,14 +184,17 @@ def test_binding_training_scenes_curriculum_and_frozen_resampler_attention():
     cfg = task_config("binding", layers=1)
     assert cfg["vocab_size"] == 19 + 18 + len(set(BINDING_WORDS) - {"user", "assistant", "system"})
     processor = build_processor("binding")
-    for freeze in (True, False):
+    for freeze, keys in ((True, False), (False, False), (False, True)):
         model = new_model(0, cfg)
         d = model.resampler.attn.in_proj_weight.shape[1]
         q0, w0 = model.resampler.query.detach().clone(), model.resampler.attn.in_proj_weight.detach().clone()
-        train_steps(model, processor, 2, 2, 1e-3, 1, 0, task="binding", curriculum=10, freeze_resampler_qk=freeze)
+        k0 = model.resampler.kv_proj.weight.detach().clone()
+        train_steps(model, processor, 2, 2, 1e-3, 1, 0, task="binding", curriculum=10, freeze_resampler_qk=freeze,
+                    freeze_resampler_keys=keys)
         w1 = model.resampler.attn.in_proj_weight.detach()
-        assert torch.equal(model.resampler.query.detach(), q0) == freeze
-        assert torch.equal(w1[: 2 * d], w0[: 2 * d]) == freeze
+        assert torch.equal(model.resampler.query.detach(), q0) == (freeze or keys)
+        assert torch.equal(w1[: 2 * d], w0[: 2 * d]) == (freeze or keys)
+        assert torch.equal(model.resampler.kv_proj.weight.detach(), k0) == keys
         assert not torch.equal(w1[2 * d:], w0[2 * d:])  # the values always train
     with pytest.raises(ValueError, match="curriculum must be >= 0"):
         train_steps(new_model(0, cfg), processor, 1, 1, 1e-3, 1, 0, task="binding", curriculum=-1)

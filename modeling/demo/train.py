@@ -188,17 +188,33 @@ def train_scene(rng: random.Random, shape_share: Optional[float] = SHAPE_SHARE, 
             return scene
 
 
+def _frozen_resampler(model, qk: bool, keys: bool) -> List[tuple]:
+    """``[(parameter view, initial copy)]`` that ``train_steps`` restores after every step."""
+    if not (qk or keys):
+        return []
+    r = model.resampler
+    d = r.attn.in_proj_weight.shape[1]
+    views = [r.query, r.attn.in_proj_weight[: 2 * d], r.attn.in_proj_bias[: 2 * d]] + list(r.ln_q.parameters())
+    if keys:
+        views += list(r.kv_proj.parameters()) + list(r.ln_kv.parameters())
+    return [(v, v.detach().clone()) for v in views]
+
+
 def train_steps(model, processor, steps: int, batch: int, lr: float, warmup: int, seed: int,
                 on_step: Optional[Callable[[int, float], None]] = None,
                 total_steps: Optional[int] = None, shape_share: Optional[float] = SHAPE_SHARE,
-                task: str = "single", curriculum: int = 0, freeze_resampler_qk: bool = False) -> List[float]:
+                task: str = "single", curriculum: int = 0, freeze_resampler_qk: bool = False,
+                freeze_resampler_keys: bool = False) -> List[float]:
     """Run ``steps`` AdamW steps on fresh ``task`` scenes (``train_scene``) from ``random.Random(seed)``;
     returns every step's loss. ``curriculum`` (binding): steps over which the most objects per scene
     grows from 2 to ``BINDING_TRAIN_MAX`` (0: all the way from the start). ``freeze_resampler_qk``: keep
-    the resampler's queries and query / key projections at their initial values (restored after every
-    step), so each query keeps reading its own region of about 8 patches: trained freely, the
-    resampler's attention collapses onto single patches within 250 steps on binding scenes (entropy
-    2.08 -> 0.03-0.2 nats), and an object's colour and shape stop being decodable from its token.
+    the resampler's queries, query norm and query / key projections at their initial values (restored
+    after every step). Trained freely, the resampler's attention collapses onto single patches within
+    250 steps on binding scenes (entropy 2.08 -> 0.02-0.2 nats) and an object's colour stops being
+    decodable from its own token; frozen, the collapse is slower (0.52 nats at step 250, 0.39 at 500)
+    but still happens through the keys' content path (``kv_proj``, ``ln_kv``); see docs/pointing_game.md.
+    ``freeze_resampler_keys``: that and the key path's ``kv_proj`` and ``ln_kv`` as well (the values then
+    read SigLIP through a fixed random projection; only SigLIP's own features can still sharpen it).
 
     The learning rate warms up linearly over ``warmup`` steps, then decays linearly to 5% at
     ``total_steps`` (default ``steps``; pass the full run's length to replay its first steps).
@@ -212,13 +228,7 @@ def train_steps(model, processor, steps: int, batch: int, lr: float, warmup: int
         opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.05, 1.0 - s / max(1, total)))
     model.train()
     losses = []
-    frozen = {}
-    if freeze_resampler_qk:
-        d = model.resampler.attn.in_proj_weight.shape[1]
-        frozen = {"query": model.resampler.query.detach().clone(),
-                  "qk": model.resampler.attn.in_proj_weight[: 2 * d].detach().clone(),
-                  "qk_bias": model.resampler.attn.in_proj_bias[: 2 * d].detach().clone(),
-                  "ln_q": [t.detach().clone() for t in model.resampler.ln_q.parameters()]}
+    frozen = _frozen_resampler(model, freeze_resampler_qk, freeze_resampler_keys)
     check_task(task)
     if curriculum < 0:
         raise ValueError(f"curriculum must be >= 0 steps, got {curriculum}")
@@ -235,11 +245,7 @@ def train_steps(model, processor, steps: int, batch: int, lr: float, warmup: int
         sched.step()
         if frozen:
             with torch.no_grad():
-                d = frozen["qk"].shape[1]
-                model.resampler.query.copy_(frozen["query"])
-                model.resampler.attn.in_proj_weight[: 2 * d].copy_(frozen["qk"])
-                model.resampler.attn.in_proj_bias[: 2 * d].copy_(frozen["qk_bias"])
-                for t, v in zip(model.resampler.ln_q.parameters(), frozen["ln_q"]):
+                for t, v in frozen:
                     t.copy_(v)
         losses.append(float(out.loss.detach()))
         if on_step is not None:
@@ -273,7 +279,8 @@ def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["
                shape_share: Optional[float] = DEFAULTS["shape_share"], schedule_steps: Optional[int] = None,
                task: str = DEFAULTS["task"], layers: int = DEFAULTS["layers"],
                curriculum: int = DEFAULTS["curriculum"], snapshots: bool = False,
-               freeze_resampler_qk: bool = DEFAULTS["freeze_resampler_qk"]) -> dict:
+               freeze_resampler_qk: bool = DEFAULTS["freeze_resampler_qk"],
+               freeze_resampler_keys: bool = False) -> dict:
     """Train from ``seed`` and write the checkpoint folder ``out``; returns the training log.
 
     ``schedule_steps``: length of the learning-rate schedule (default ``steps``); a run with
@@ -293,7 +300,7 @@ def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["
     held_out = scenes(EVAL_SEED, n_eval, task)
     evals = []
     settings = {"task": task, "layers": layers, "curriculum": curriculum, "freeze_resampler_qk": freeze_resampler_qk,
-                "seed": seed, "schedule_steps": schedule,
+                "freeze_resampler_keys": freeze_resampler_keys, "seed": seed, "schedule_steps": schedule,
                 "shape_share": shape_share, "batch": batch, "lr": lr, "warmup": warmup, "threads": threads}
     bar = tqdm(total=steps, desc="train demo", disable=not progress)
     t0, c0 = time.time(), time.process_time()
@@ -312,11 +319,13 @@ def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["
 
     losses = train_steps(model, processor, steps, batch, lr, warmup, seed, on_step, total_steps=schedule,
                          shape_share=shape_share, task=task, curriculum=curriculum,
-                         freeze_resampler_qk=freeze_resampler_qk)
+                         freeze_resampler_qk=freeze_resampler_qk,
+                         freeze_resampler_keys=freeze_resampler_keys)
     bar.close()
     seconds = time.time() - t0
     log = {"task": task, "layers": layers, "curriculum": curriculum, "freeze_resampler_qk": freeze_resampler_qk,
-           "seed": seed, "steps": steps, "cpu_seconds": round(time.process_time() - c0, 1), "schedule_steps": schedule,
+           "freeze_resampler_keys": freeze_resampler_keys, "seed": seed, "steps": steps,
+           "cpu_seconds": round(time.process_time() - c0, 1), "schedule_steps": schedule,
            "shape_share": shape_share, "batch": batch,
            "lr": lr, "warmup": warmup, "threads": threads,
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
