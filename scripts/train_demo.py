@@ -33,6 +33,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--schedule-steps", type=int, default=None,
                    help="length of the learning-rate schedule (default: --steps); with more than --steps the run "
                         "stops part-way down it, with the weights a longer run has at that step")
+    p.add_argument("--task", choices=("single", "binding"), default=DEFAULTS["task"],
+                   help="scenes to train on (default %(default)s)")
+    p.add_argument("--layers", type=int, default=DEFAULTS["layers"], help="LLM layers (default %(default)s)")
+    p.add_argument("--curriculum", type=int, default=DEFAULTS["curriculum"],
+                   help="binding: steps over which the most objects per scene grows from 2 to 5 (default %(default)s)")
+    p.add_argument("--freeze-resampler-qk", action="store_true",
+                   help="keep the resampler's queries and query/key projections at their init (local regions)")
+    p.add_argument("--freeze-resampler-keys", action="store_true",
+                   help="--freeze-resampler-qk and the key path (kv_proj, ln_kv) too")
+    p.add_argument("--snapshots", action="store_true",
+                   help="also write OUT-stepN at every evaluation (what --steps N --schedule-steps STEPS writes)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s; the same seed "
                    "and thread count give the same weights)")
     p.add_argument("--eval-every", type=int, default=250, help="held-out accuracy every N steps (default %(default)s)")
@@ -42,7 +53,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         log = train_demo(args.out, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, threads=args.threads, eval_every=args.eval_every,
-                         shape_share=args.shape_share, schedule_steps=args.schedule_steps)
+                         shape_share=args.shape_share, schedule_steps=args.schedule_steps, task=args.task,
+                         layers=args.layers, curriculum=args.curriculum, snapshots=args.snapshots,
+                         freeze_resampler_qk=args.freeze_resampler_qk,
+                         freeze_resampler_keys=args.freeze_resampler_keys)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -331,5 +331,7 @@ def test_main_command_page_has_no_machine_paths(tmp_path):
     assert len(data["tokens"]) == 2 and "rollout|mean" in data["blocks"]
     rel = data["extras"]["relevancy"]
     assert sorted(rel) == ["0", "1"] and max(rel["0"]["shape"]) == vw.EXTRA_SIDE
+    tam = data["extras"]["token activation"]  # the Token Activation Map kind is always offered
+    assert sorted(tam) == ["0", "1"] and max(tam["0"]["shape"]) == vw.EXTRA_SIDE
     assert data["vision"]["layers"] == []  # vision_layers="none": no SigLIP kind
     assert "token_heatmaps.png" in page and "<img src='token_heatmaps.png'" not in page

@@ -1178,3 +1178,13 @@ def vision_received_map(
     h, w = (int(v) for v in layout.slices[find_slice(layout, image, slice)].tgt_size)
     a = _vision_map(record, layer, image, slice, heads, head_reduce)
     return a.mean(-2).reshape(*a.shape[:-2], h, w)
+
+
+_TAM_NAMES = ("token_activation_map", "token_activation_maps", "token_activation", "rank_gaussian_filter", "TAM_KIND")
+
+
+def __getattr__(name):  # the Token Activation Map lives in token_activation.py; re-exported lazily here
+    if name in _TAM_NAMES:
+        from . import token_activation
+        return getattr(token_activation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -119,22 +119,26 @@ def _check_slices(processor, picture, image_path: str) -> None:
             f"{(ph * pw / square) ** 2:,.0f}x a square image's work); crop it or pad it to a less extreme shape")
 
 
-def _relevancy(net, processor, picture, record, max_tokens: int, log) -> Dict[int, Any]:
-    """{generated-token index: relevancy map} of the first ``max_tokens`` answer tokens, at most
-    ``viewer.EXTRA_SIDE`` px on the long side."""
+def _token_maps(kind: str, net, processor, picture, record, max_tokens: int, log) -> Dict[int, Any]:
+    """{generated-token index: map} of the first ``max_tokens`` answer tokens, at most
+    ``viewer.EXTRA_SIDE`` px on the long side: ``kind`` ``"relevancy"`` (gradient relevancy, one
+    backward per token) or ``"token activation"`` (``token_activation.py``, one forward)."""
     from .relevancy import relevancy_maps
+    from .token_activation import token_activation_maps
     from .viewer import EXTRA_SIDE
 
+    fn, what, flag = ((relevancy_maps, "gradient relevancy", "--relevancy") if kind == "relevancy" else
+                      (token_activation_maps, "token activation maps", "token activation"))
     lay = record.layout
     n = min(len(lay.input_ids) - lay.n_prompt, max_tokens)
     w, h = (int(v) for v in lay.images[0].size)
     k = EXTRA_SIDE / max(w, h)
-    log(f"gradient relevancy of {n} tokens ...")
+    log(f"{what} of {n} tokens ...")
     try:
-        maps = relevancy_maps(net, processor, picture, record, list(range(n)),
-                              out_size=(max(1, round(w * k)), max(1, round(h * k))))
+        maps = fn(net, processor, picture, record, list(range(n)),
+                  out_size=(max(1, round(w * k)), max(1, round(h * k))))
     except (CaptureError, ValueError) as e:
-        raise ToolError(f"--relevancy: {e}") from e
+        raise ToolError(f"{flag}: {e}") from e
     return dict(enumerate(maps))
 
 
@@ -244,9 +248,12 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
                                                min_new_tokens=max_new_tokens if model == RANDOM_DEMO else 0)
     except CaptureError as e:
         raise ToolError(str(e)) from e
+    extra_kinds = dict(extra_kinds or {})
+    from .token_activation import TAM_KIND
+    if TAM_KIND not in extra_kinds:  # cheap (one forward): always offered in the viewer's map kinds
+        extra_kinds[TAM_KIND] = _token_maps(TAM_KIND, net, processor, picture, record, max_plot_tokens, log)
     if relevancy:
-        extra_kinds = dict(extra_kinds or {})
-        extra_kinds["relevancy"] = _relevancy(net, processor, picture, record, max_plot_tokens, log)
+        extra_kinds["relevancy"] = _token_maps("relevancy", net, processor, picture, record, max_plot_tokens, log)
     del picture  # the full-size image is not needed any more
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)

@@ -10,6 +10,13 @@ centre) is a *hit* when it lies inside the target object's box. The score of a k
 its hit rate over all scenes; **chance** is the mean share of the image the target box
 covers (the hit rate of a uniformly random peak).
 
+Scenes come from a *task* (``scenes.TASKS``): ``"single"`` (one coloured object among gray ones,
+what the shipped model was first trained on) or ``"binding"`` (every object coloured: the question
+must be read to find the object). Every run also scores the baselines of ``baselines.py`` on the
+same scenes (random object, model-free saliency, the model's own maps of the row before the
+question, a centre prior); the table reports each kind's hit rate minus the best baseline and
+their ratio, and the closing line names them all.
+
 Map kinds are pluggable: ``map_kinds(record)`` gives the built-in ones (LLM -> image
 attention averaged over layers and heads, each layer alone, the rollout over layers, the
 mean and the rollout followed on through the SigLIP rollout (``through_vision``), and
@@ -27,7 +34,8 @@ import torch
 
 from ..analysis import attention_map as am
 from ..capture import CaptureSpec
-from .scenes import Scene, make_scene
+from . import baselines as bl
+from .scenes import Scene, check_task, make_task_scene
 
 MAX_SCENES = 10_000
 
@@ -50,7 +58,15 @@ MapFn = Callable[[MapContext], np.ndarray]
 def _attention_kind(**kwargs) -> MapFn:
     def fn(ctx: MapContext) -> np.ndarray:
         return am.image_heatmap(ctx.record, ctx.row, **kwargs).map
+    fn.row_based = True  # a map of any row: also scored on the row before the question (a baseline)
     return fn
+
+
+def _tam_kind() -> MapFn:
+    """Token Activation Map (``analysis/token_activation.py``) of the first answer token."""
+    from ..analysis.token_activation import token_activation_map
+
+    return lambda ctx: token_activation_map(ctx.model, ctx.processor, ctx.scene.image, ctx.record, token=0)
 
 
 def _relevancy_kinds() -> Dict[str, MapFn]:
@@ -76,6 +92,7 @@ def map_kinds(n_layers: int) -> Dict[str, MapFn]:
     # the same two followed back through the SigLIP rollout (tokens -> resampler -> SigLIP -> pixels)
     kinds["mean+siglip"] = _attention_kind(layer_reduce="mean", through_vision=True)
     kinds["rollout+siglip"] = _attention_kind(layer_reduce="rollout", through_vision=True)
+    kinds["token activation"] = _tam_kind()
     kinds.update(_relevancy_kinds())
     return kinds
 
@@ -97,9 +114,20 @@ def inside(point: Tuple[float, float], box: Sequence[float]) -> bool:
     return box[0] <= x <= box[2] and box[1] <= y <= box[3]
 
 
+BASELINES = ("random object", "saliency", "before question", "centre")
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x != x else f"{x:.2f}"
+
+
 @dataclass
 class PointingResult:
-    """Per-kind hit rates, chance, answer accuracy and the per-scene rows."""
+    """Per-kind hit rates, chance, answer accuracy, the baselines and the per-scene rows.
+
+    ``baselines``: name (``BASELINES``) -> hit rate; "before question" is the best of ``before``
+    (each row-based kind's hit rate on the row before the question; NaN when no kind is row-based).
+    """
 
     hits: Dict[str, float]
     chance: float
@@ -107,22 +135,61 @@ class PointingResult:
     n: int
     seed: int
     rows: List[dict] = field(default_factory=list)
+    task: str = "single"
+    baselines: Dict[str, float] = field(default_factory=dict)
+    before: Dict[str, float] = field(default_factory=dict)
 
     @property
     def best(self) -> Tuple[str, float]:
         name = max(self.hits, key=lambda k: self.hits[k])
         return name, self.hits[name]
 
-    def summary(self) -> str:
-        """Table of kinds then the one-line verdict (``pointing game: accuracy ...``)."""
-        lines = [f"{'map kind':<15} {'hit rate':>8} {'x chance':>8}"]
-        for k, v in self.hits.items():
-            lines.append(f"{k:<15} {v:8.3f} {v / self.chance if self.chance else float('nan'):8.1f}")
+    @property
+    def best_baseline(self) -> Tuple[str, float]:
+        """(name, hit rate) of the strongest baseline (NaN ones skipped)."""
+        known = {k: v for k, v in self.baselines.items() if v == v}
+        if not known:
+            return "none", float("nan")
+        name = max(known, key=lambda k: known[k])
+        return name, known[name]
+
+    def table(self) -> List[Tuple[str, float, float, float, float]]:
+        """Rows ``(kind, hit rate, before-question hit rate (NaN: not row-based), minus best baseline,
+        ratio to best baseline)``."""
+        b = self.best_baseline[1]
+        return [(k, v, self.before.get(k, float("nan")), v - b, v / b if b else float("nan"))
+                for k, v in self.hits.items()]
+
+    def closing_line(self) -> str:
+        """``pointing game: task T, answer accuracy A; best map KIND H; baselines: random object R,
+        saliency S, before question Q, centre C; chance X (n=N, seed=S)``."""
         name, value = self.best
-        lines.append(f"pointing game: accuracy {value:.2f} ({name}), "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in self.hits.items() if k != name)
-                     + f"; chance {self.chance:.2f}, answer accuracy {self.answer_accuracy:.2f} "
-                     f"(n={self.n}, seed={self.seed})")
+        b = self.baselines
+        return (f"pointing game: task {self.task}, answer accuracy {self.answer_accuracy:.2f}; best map {name} "
+                f"{value:.2f}; baselines: " + ", ".join(f"{k} {_fmt(b.get(k, float('nan')))}" for k in BASELINES)
+                + f"; chance {self.chance:.2f} (n={self.n}, seed={self.seed})")
+
+    def summary(self) -> str:
+        """Table (kind, hit rate, before question, minus best baseline, ratio), then the closing line."""
+        bname, b = self.best_baseline
+        lines = [f"{'map kind':<18} {'hit rate':>8} {'before-q':>8} {'- best bl':>9} {'/ best bl':>9}"]
+        for k, v, q, d, r in self.table():
+            lines.append(f"{k:<18} {v:8.3f} {_fmt(q) if q == q else '-':>8} {d:+9.3f} {r:9.2f}")
+        lines.append(f"best baseline: {bname} {_fmt(b)}")
+        lines.append(self.closing_line())
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The same table in Markdown, then the closing line as code."""
+        bname, b = self.best_baseline
+        lines = ["| map kind | hit rate | before question | minus best baseline | ratio to best baseline |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+        for k, v, q, d, r in self.table():
+            lines.append(f"| {k} | {v:.3f} | {_fmt(q) if q == q else '-'} | {d:+.3f} | {r:.2f} |")
+        lines += ["", "| baseline | hit rate |", "| --- | ---: |"]
+        lines += [f"| {k} | {_fmt(self.baselines.get(k, float('nan')))} |" for k in BASELINES]
+        lines += [f"| chance (target box area) | {self.chance:.3f} |", "",
+                  f"Best baseline: {bname} {_fmt(b)}.", "", f"`{self.closing_line()}`"]
         return "\n".join(lines)
 
 
@@ -138,22 +205,36 @@ def chat_record(model, processor, scene: Scene, max_new_tokens: int = 4):
     return answer, record, n_prompt - 1
 
 
+def _hit(name: str, m, scene: Scene) -> Tuple[Tuple[float, float], bool]:
+    m = np.asarray(m)
+    W, H = scene.image.size
+    if m.shape != (H, W):
+        raise ValueError(f"map kind {name!r} returned shape {m.shape}, expected the image's ({H}, {W})")
+    p = peak(m)
+    return p, inside(p, scene.target_box)
+
+
 def play(model, processor, seed: int = 1, n: int = 40, kinds: Optional[Dict[str, MapFn]] = None,
-         progress: bool = False) -> PointingResult:
-    """The pointing game on ``n`` scenes from ``random.Random(seed)`` (see the module doc)."""
+         progress: bool = False, task: str = "single") -> PointingResult:
+    """The pointing game on ``n`` ``task`` scenes from ``random.Random(seed)``, with its baselines
+    (see the module doc)."""
     from tqdm import tqdm
 
+    check_task(task)
     if not 1 <= n <= MAX_SCENES:
         raise ValueError(f"n must be 1..{MAX_SCENES}, got {n}")
     kinds = map_kinds(model.config.num_hidden_layers) if kinds is None else kinds
     if not kinds:
         raise ValueError("no map kinds to score")
+    row_kinds = [k for k, fn in kinds.items() if getattr(fn, "row_based", False)]
     rng = random.Random(seed)
     hits = {k: 0 for k in kinds}
+    before = {k: 0 for k in row_kinds}
+    base = {"random object": 0.0, "saliency": 0, "centre": 0}
     correct, shares, rows = 0, [], []
     model.eval()
     for i in tqdm(range(n), desc="pointing game", disable=not progress):
-        scene = make_scene(rng)
+        scene = make_task_scene(rng, task)
         with torch.no_grad():
             answer, record, row = chat_record(model, processor, scene)
         ctx = MapContext(model, processor, scene, record, row, answer)
@@ -161,16 +242,30 @@ def play(model, processor, seed: int = 1, n: int = 40, kinds: Optional[Dict[str,
         correct += ok
         shares.append(scene.box_share())
         entry = {"question": scene.question, "answer": answer, "expected": scene.answer, "correct": ok,
-                 "target_box": list(scene.target_box), "size": list(scene.image.size), "peaks": {}}
+                 "target_box": list(scene.target_box), "size": list(scene.image.size), "peaks": {},
+                 "before_question": {}, "baselines": {}}
         for name, fn in kinds.items():
-            m = np.asarray(fn(ctx))
-            W, H = scene.image.size
-            if m.shape != (H, W):
-                raise ValueError(f"map kind {name!r} returned shape {m.shape}, expected the image's ({H}, {W})")
-            p = peak(m)
-            hit = inside(p, scene.target_box)
+            p, hit = _hit(name, fn(ctx), scene)
             hits[name] += hit
             entry["peaks"][name] = [round(p[0], 1), round(p[1], 1), hit]
+        if row_kinds:
+            q_ctx = MapContext(model, processor, scene, record,
+                               bl.before_question_row(record.layout.tokens, int(record.layout.n_prompt)), answer)
+            for name in row_kinds:
+                p, hit = _hit(name, kinds[name](q_ctx), scene)
+                before[name] += hit
+                entry["before_question"][name] = [round(p[0], 1), round(p[1], 1), hit]
+        W, H = scene.image.size
+        base["random object"] += bl.random_object_rate(len(scene.objects))
+        for name, m in (("saliency", bl.saliency_map(scene.image)), ("centre", bl.centre_map(W, H))):
+            p, hit = _hit(name, m, scene)
+            base[name] += hit
+            entry["baselines"][name] = [round(p[0], 1), round(p[1], 1), hit]
         rows.append(entry)
+    before_rates = {k: v / n for k, v in before.items()}
+    baselines = {"random object": base["random object"] / n, "saliency": base["saliency"] / n,
+                 "before question": max(before_rates.values()) if before_rates else float("nan"),
+                 "centre": base["centre"] / n}
     return PointingResult(hits={k: v / n for k, v in hits.items()}, chance=float(np.mean(shares)),
-                          answer_accuracy=correct / n, n=n, seed=seed, rows=rows)
+                          answer_accuracy=correct / n, n=n, seed=seed, rows=rows, task=task, baselines=baselines,
+                          before=before_rates)

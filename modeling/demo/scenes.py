@@ -14,6 +14,12 @@ object's attribute gives). With gray distractors the answer still depends on one
 which the model must find among same-sized shapes: what the pointing game checks.
 ``colored_distractors=True`` draws the harder scenes (distinct colours for every object).
 
+Binding scenes (``task="binding"``, ``make_binding_scene``): 3-5 objects, every one coloured,
+with distinct colours and distinct shapes (five of each), so the question must be read to find
+the object: ``"What color is the <shape>?"`` -> its colour, ``"What shape is the <color> object?"``
+-> its shape. A saliency filter (the most colourful blob) or a map made before the question is
+read hits the target only about as often as a randomly picked object.
+
 Scenes are square (``112 x 112``, one slice) or wide / tall (``224 x 112`` / ``112 x 224``),
 which the demo's processor (``scale_resolution=112``) cuts into a 2 x 1 / 1 x 2 grid plus
 the overview, so the sliced path is exercised. Everything is drawn from a seeded
@@ -38,6 +44,18 @@ QUESTION_SHAPE = "Which shape is {}?"
 # every word a question or answer uses (the word-level tokenizer's vocabulary is built from these)
 WORDS = sorted({w for q in (QUESTION_COLOR, QUESTION_SHAPE) for w in q.replace("?", " ").split() if w != "{}"}
                | set(COLORS) | set(SHAPES))
+
+# the binding task: five colours and five shapes, every object coloured
+BINDING_COLORS = dict(COLORS, purple=(150, 40, 200))
+BINDING_SHAPES = SHAPES + ("diamond", "cross")
+BINDING_OBJECTS = (3, 4, 5)
+BINDING_OBJ_MIN, BINDING_OBJ_MAX = 22, 32
+QUESTION_BIND_COLOR = "What color is the {}?"
+QUESTION_BIND_SHAPE = "What shape is the {} object?"
+BINDING_WORDS = sorted(set(WORDS) | {w for q in (QUESTION_BIND_COLOR, QUESTION_BIND_SHAPE)
+                                     for w in q.replace("?", " ").split() if w != "{}"}
+                       | set(BINDING_COLORS) | set(BINDING_SHAPES))
+TASKS = ("single", "binding")
 
 Box = Tuple[float, float, float, float]
 
@@ -77,8 +95,16 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb) -> None:
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=rgb)
     elif shape == "triangle":
         draw.polygon([((x0 + x1) / 2.0, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=rgb)
+    elif shape == "diamond":
+        cx, cy = (x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0
+        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=rgb)
+    elif shape == "cross":  # a plus sign, arms a third of the side thick
+        t0, t1 = x0 + (x1 - x0) / 3.0, x0 + 2 * (x1 - x0) / 3.0
+        u0, u1 = y0 + (y1 - y0) / 3.0, y0 + 2 * (y1 - y0) / 3.0
+        draw.rectangle((t0, y0, t1 - 1, y1 - 1), fill=rgb)
+        draw.rectangle((x0, u0, x1 - 1, u1 - 1), fill=rgb)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {BINDING_SHAPES}")
 
 
 def _overlaps(a: Box, b: Box, gap: float) -> bool:
@@ -120,13 +146,77 @@ def make_scene(rng: random.Random, size: Optional[Tuple[int, int]] = None, n_obj
     return Scene(image, objects, question, answer, target)
 
 
-def scenes(seed: int, n: int) -> List[Scene]:
-    """``n`` scenes from one seed (the same list every time)."""
+def _place(rng: random.Random, W: int, H: int, n: int, lo: int, hi: int) -> List[Box]:
+    """``n`` non-overlapping square boxes (side ``lo..hi``, 4 px apart) on a ``W x H`` canvas."""
+    for _ in range(100):  # a layout that jams is redrawn whole
+        boxes: List[Box] = []
+        for _ in range(n):
+            for _ in range(100):
+                s = rng.randint(lo, hi)
+                x0, y0 = rng.randint(2, W - s - 2), rng.randint(2, H - s - 2)
+                box = (float(x0), float(y0), float(x0 + s), float(y0 + s))
+                if not any(_overlaps(box, b, 4) for b in boxes):
+                    boxes.append(box)
+                    break
+            else:
+                break
+        if len(boxes) == n:
+            return boxes
+    raise RuntimeError(f"could not place {n} non-overlapping objects on a {W} x {H} canvas")
+
+
+def make_binding_scene(rng: random.Random, size: Optional[Tuple[int, int]] = None,
+                       n_objects: Optional[int] = None, question: Optional[str] = None) -> Scene:
+    """A binding scene from ``rng``: ``n_objects`` (default 3-5) objects, all coloured, distinct colours
+    and shapes; ``question`` ``"color"`` / ``"shape"`` picks the question type (default: a coin flip)."""
+    W, H = size if size is not None else rng.choice(SIZES)
+    n = n_objects if n_objects is not None else rng.choice(BINDING_OBJECTS)
+    if not 1 <= n <= len(BINDING_SHAPES):
+        raise ValueError(f"n_objects must be 1..{len(BINDING_SHAPES)}, got {n}")
+    if question not in (None, "color", "shape"):
+        raise ValueError(f"question must be 'color', 'shape' or None, got {question!r}")
+    shapes = rng.sample(BINDING_SHAPES, n)
+    colors = rng.sample(sorted(BINDING_COLORS), n)
+    boxes = _place(rng, W, H, n, BINDING_OBJ_MIN, BINDING_OBJ_MAX)
+    objects = [SceneObject(sh, c, b) for sh, c, b in zip(shapes, colors, boxes)]
+    target = rng.randrange(n)
+    image = Image.new("RGB", (W, H), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        _draw(draw, o.shape, o.box, BINDING_COLORS[o.color])
+    ask_color = rng.random() < 0.5 if question is None else question == "color"
+    if ask_color:
+        q, answer = QUESTION_BIND_COLOR.format(objects[target].shape), objects[target].color
+    else:
+        q, answer = QUESTION_BIND_SHAPE.format(objects[target].color), objects[target].shape
+    return Scene(image, objects, q, answer, target)
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return task
+
+
+def make_task_scene(rng: random.Random, task: str = "single", **kwargs) -> Scene:
+    """A scene of ``task`` (``"single"``: ``make_scene``; ``"binding"``: ``make_binding_scene``)."""
+    return (make_binding_scene if check_task(task) == "binding" else make_scene)(rng, **kwargs)
+
+
+def task_words(task: str = "single") -> List[str]:
+    """The words a task's questions and answers use (the word-level tokenizer's vocabulary)."""
+    return BINDING_WORDS if check_task(task) == "binding" else WORDS
+
+
+def scenes(seed: int, n: int, task: str = "single") -> List[Scene]:
+    """``n`` scenes of ``task`` from one seed (the same list every time)."""
     rng = random.Random(seed)
-    return [make_scene(rng) for _ in range(n)]
+    return [make_task_scene(rng, task) for _ in range(n)]
 
 
-def default_example(seed: int = 0):
-    """``(PIL image, question, answer, target_box)``: a wide (sliced) scene for the main command's default."""
-    scene = make_scene(random.Random(seed), size=(224, 112), n_objects=3)
+def default_example(seed: int = 0, task: str = "single"):
+    """``(PIL image, question, answer, target_box)``: a wide (sliced) scene for the main command's default
+    (binding: 4 objects)."""
+    n = 4 if check_task(task) == "binding" else 3
+    scene = make_task_scene(random.Random(seed), task, size=(224, 112), n_objects=n)
     return scene.image, scene.question, scene.answer, scene.target_box
