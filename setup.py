@@ -60,6 +60,7 @@ setup(
             "minicpmv-attn-extract=minicpmv_attn_cli.extract_attention:main",
             "minicpmv-attn-finetune=minicpmv_attn_cli.finetune_attention:main",
             "minicpmv-attn-pointing-game=minicpmv_attn_cli.pointing_game:main",
+            "minicpmv-attn-diagnose-binding=minicpmv_attn_cli.diagnose_binding:main",
             "minicpmv-attn-install=minicpmv_attn_cli.install_into_snapshot:main",
             "minicpmv-attn-diff-upstream=minicpmv_attn_cli.diff_upstream:main",
             "minicpmv-attn-train-demo=minicpmv_attn_cli.train_demo:main",

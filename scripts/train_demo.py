@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 # minicpmv_attn.demo.train.DEFAULTS, kept here so that --help answers without loading torch (tests/test_cli_help.py
 # holds them equal); the library is imported in main()
-DEFAULTS = {"steps": 8000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": 0, "shape_share": 0.75}
+DEFAULTS = {"steps": 8000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": 0, "shape_share": 0.75,
+            "task": "single", "layers": 2, "curriculum": 0, "freeze_resampler_qk": False}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
