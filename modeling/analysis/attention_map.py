@@ -3,8 +3,9 @@
 Everything here reads an :class:`~.attention_record.AttentionRecord` (one sample)
 and returns numpy arrays; nothing is plotted (see ``plotting.py``).
 
-This module is the public face: it re-exports the names of the four modules that own them,
-each with its own docstring on the conventions it owns:
+This module is the public face: it re-exports the names of the four modules of the ``maps``
+room (``modeling/maps/``, the layer below both ``analysis`` and ``demo``) that own them, each
+with its own docstring on the conventions it owns:
 
 * ``image_geometry.py``: the token table (LLM position -> image, slice, resampler query),
   patch boxes on the original image, placing a slice's patch map into the image.
@@ -19,20 +20,20 @@ key columns, the layout) is named in a ``ValueError``, with how to capture it.
 """
 from __future__ import annotations
 
-from .heatmap import (  # noqa: F401  (re-exported)
+from ..maps.heatmap import (  # noqa: F401  (re-exported)
     ImageHeatmap, compose_vision_rollout, image_heatmap, place_token_weights, query_patch_map,
     resampler_query_maps, vision_attention, vision_patch_map, vision_received_map,
     vision_rollout,
 )
-from .image_geometry import (  # noqa: F401  (re-exported)
+from ..maps.image_geometry import (  # noqa: F401  (re-exported)
     ImageToken, _need_layout, find_slice, image_token_table, lookup_image_token, patch_box,
     patch_boxes, place_patch_map,
 )
-from .rows import (  # noqa: F401  (re-exported; the private helpers for plotting and viewer)
+from ..maps.rows import (  # noqa: F401  (re-exported; the private helpers for plotting and viewer)
     HeadSel, LayerSel, _idx, _positions, _reduce_heads, _select_heads, _seq_len, _stage_layers,
     fed_length, llm_attention_rows, llm_rollout, prompt_length, resolve_rows, rollout,
 )
-from .shares import (  # noqa: F401  (re-exported)
+from ..maps.shares import (  # noqa: F401  (re-exported)
     SINK_FACTOR, RoleShares, Sink, SinkShares, find_sinks, format_record_summary,
     record_summary, role_shares, row_role_shares, sink_shares,
 )

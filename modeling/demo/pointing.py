@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..analysis import attention_map as am
+from ..maps import heatmap as am
 from ..capture import CaptureSpec
 from .scenes import Scene, make_scene
 
@@ -57,7 +57,7 @@ def _relevancy_kinds() -> Dict[str, MapFn]:
     """Gradient relevancy (``analysis/relevancy.py``, when present) of the first answer token, through the
     resampler's attention ("relevancy") or its own gradient rule ("relevancy grad")."""
     try:
-        from ..analysis.relevancy import relevancy_maps
+        from ..maps.relevancy import relevancy_maps
     except ImportError:
         return {}
 
