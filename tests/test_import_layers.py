@@ -166,3 +166,21 @@ def test_checker_finds_a_planted_circle_and_upward_arrow(tmp_path):
     g = import_graph(pkg)
     assert find_cycles(g) == [[f"{NAME}.analysis.a", f"{NAME}.analysis.b"]]
     assert f"{NAME}.analysis.a" in g[f"{NAME}.demo.d"]
+
+
+def test_attention_map_face_reexports_every_name_of_the_maps_it_split_into():
+    """``analysis.attention_map`` was one module; its names (private helpers too) stay importable
+    from it, as the very objects their ``maps`` module owns."""
+    import importlib
+
+    face = importlib.import_module(f"{NAME}.analysis.attention_map")
+    missing = []
+    for part in ("image_geometry", "rows", "shares", "heatmap"):
+        mod = importlib.import_module(f"{NAME}.maps.{part}")
+        tree = ast.parse((PACKAGE / "maps" / f"{part}.py").read_text(encoding="utf-8"))
+        names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]
+        assert names, part
+        missing += [f"{part}.{n}" for n in names if getattr(face, n, None) is not getattr(mod, n)]
+    assert not missing, f"not re-exported by analysis.attention_map: {missing}"
+    assert all(hasattr(face, n) for n in face.__all__)
