@@ -153,6 +153,18 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     assert not bad, "imports up a layer (" + " < ".join("/".join(r) for r in LAYERS) + "):\n" + "\n".join(bad)
 
 
+def test_extraction_summary_report_run_one_way():
+    """Extraction writes the run folder, the summary reads it, the report reads the summary: neither
+    reader imports the extraction, and the folder's file names live below all three."""
+    g = import_graph()
+    a = f"{NAME}.analysis."
+    assert a + "extract" not in g[a + "summary"] and a + "extract" not in g[a + "dataset_report"]
+    assert a + "summary" in g[a + "dataset_report"] and a + "dataset_report" not in g[a + "summary"]
+    for mod in ("extract", "summary"):
+        assert a + "results_folder" in g[a + mod], mod
+    assert not {a + m for m in ("extract", "summary", "dataset_report")} & g[a + "results_folder"]
+
+
 def test_checker_finds_a_planted_circle_and_upward_arrow(tmp_path):
     pkg = tmp_path / "modeling"
     (pkg / "demo").mkdir(parents=True)
