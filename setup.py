@@ -25,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # modeling/*.py ships as Hugging Face remote code; its subpackages are the tools and never ship
-    packages=["minicpmv_attn", "minicpmv_attn.analysis", "minicpmv_attn.bench", "minicpmv_attn.demo",
+    packages=["minicpmv_attn", "minicpmv_attn.analysis", "minicpmv_attn.bench", "minicpmv_attn.demo", "minicpmv_attn.maps",
               "minicpmv_attn.train", "minicpmv_attn.upstream", "minicpmv_attn.scripts", "minicpmv_attn.patches",
               "minicpmv_attn_cli"],
     # scripts/ twice: as minicpmv_attn.scripts (importable next to the package) and as the top-level

@@ -49,18 +49,16 @@ from . import pipeline
 from .devices import DeviceError, pick_device
 from .devices import pick as pick_device_dtype
 from .pipeline import DEFAULT_MAX_IMAGE_BYTES, ToolError
-from .summary import record_problem
+from .results_folder import RANK_RESULTS, RESULTS, record_problem, results_files
 
 __all__ = ["DEFAULT_SPEC", "DiskEstimate", "Extraction", "append_result", "estimate_disk", "extract",
            "finished_lines", "format_bytes", "job_key", "load_spec", "read_jobs", "record_name", "results_files",
            "safe_id"]
 
-RESULTS = "results.jsonl"
 RECORDS = "records"
 SETTINGS = "extract.json"
 LOCK = "extract.lock"
 STATUSES = ("succeeded", "skipped (already done)", "failed")
-RANK_RESULTS = "results.rank{rank}.jsonl"
 # sized for the real model: the LLM's head-mean rows of the generated tokens in bfloat16, plus the
 # resampler (head-mean; it maps image tokens to pixels: the top region and the mean heatmaps).
 # At MiniCPM-V-2.6's shapes (10 slices, ~710 prompt tokens, 16 new) that is about 1.9 MiB a sample
@@ -582,14 +580,6 @@ class Extraction:
                 disk += f" (estimated {format_bytes(self.estimate.total)})"
         return (f"{self.lines} lines: {counts} in {self.seconds:.1f} s{procs} ({rate:.2f} samples/s){disk}; "
                 f"results in {self.results}")
-
-
-def results_files(out: str) -> List[str]:
-    """``results.jsonl`` and the per-rank files of runs not merged yet (``results.rank<r>.jsonl``)."""
-    import glob
-
-    ranks = sorted(glob.glob(os.path.join(glob.escape(out), "results.rank*.jsonl")))
-    return [os.path.join(out, RESULTS)] + [p for p in ranks if os.path.basename(p)[12:-6].isdigit()]
 
 
 def _finished(out: str, repair: bool, warn: Callable[[str], None]) -> Dict[str, dict]:

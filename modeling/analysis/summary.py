@@ -31,6 +31,7 @@ import numpy as np
 
 from ..attention_record import AttentionRecord, atomic_write_bytes, atomic_write_text
 from . import pipeline
+from .results_folder import record_problem, results_files
 
 __all__ = ["REGION_GRID", "SummaryTable", "answer_entropy", "first_token_share", "record_stats", "summarise",
            "write_summary"]
@@ -172,31 +173,10 @@ def record_stats(record: AttentionRecord) -> Tuple[Dict[str, Any], Optional[np.n
     return out, grid
 
 
-def record_problem(out: str, record) -> Optional[str]:
-    """Why the results row's ``record`` (a path relative to the extraction folder ``out``) is not
-    a record of this run, or None: it must be relative, stay inside ``out`` (links too) and have
-    both files."""
-    if not isinstance(record, str) or not record:
-        return "has no record path"
-    norm = os.path.normpath(record)
-    if os.path.isabs(record) or norm == ".." or norm.startswith(".." + os.sep):
-        return f"the record path {record!r} is outside the run folder (expected a path relative to it)"
-    root = os.path.realpath(out)
-    for ext in (".json", ".safetensors"):
-        path = os.path.join(out, record + ext)
-        if not os.path.isfile(path):
-            return f"its record file {record + ext} is missing (lost after extraction)"
-        if os.path.commonpath([root, os.path.realpath(path)]) != root:
-            return f"its record file {record + ext} links outside the run folder"
-    return None
-
-
 def latest_ok_rows(out: str, warn: Optional[Callable[[str], None]] = None) -> Tuple[List[dict], int]:
     """(the last ok row of every key whose record files are in the folder, in input/line order; how
     many keys ended failed). An ok row whose record is missing or outside ``out`` counts as
     failed, with a warning."""
-    from .extract import results_files
-
     warn = warn or (lambda msg: None)
     last: Dict[str, dict] = {}
     for path in results_files(out):

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..analysis import attention_map as am
+from ..maps import heatmap as am
 from ..capture import CaptureSpec
 from . import baselines as bl
 from .scenes import Scene, check_task, make_task_scene
@@ -63,8 +63,8 @@ def _attention_kind(**kwargs) -> MapFn:
 
 
 def _tam_kind() -> MapFn:
-    """Token Activation Map (``analysis/token_activation.py``) of the first answer token."""
-    from ..analysis.token_activation import token_activation_map
+    """Token Activation Map (``maps/token_activation.py``) of the first answer token."""
+    from ..maps.token_activation import token_activation_map
 
     return lambda ctx: token_activation_map(ctx.model, ctx.processor, ctx.scene.image, ctx.record, token=0)
 
@@ -73,7 +73,7 @@ def _relevancy_kinds() -> Dict[str, MapFn]:
     """Gradient relevancy (``analysis/relevancy.py``, when present) of the first answer token, through the
     resampler's attention ("relevancy") or its own gradient rule ("relevancy grad")."""
     try:
-        from ..analysis.relevancy import relevancy_maps
+        from ..maps.relevancy import relevancy_maps
     except ImportError:
         return {}
 
