@@ -48,15 +48,23 @@ PLAN = {
                       "test_records_with_selected_columns_load_and_too_many_columns_are_refused",
                       "test_records_of_a_batch_without_tgt_sizes"),
                "tests/test_record_validation.py", "tests/test_chat.py", "tests/test_attention_map.py"]),
-    "modeling/analysis/attention_map.py": dict(
-        functions=["_patch_rc", "patch_box", "_axis_weights", "place_patch_map", "_select_heads", "_reduce_heads",
-                   "resolve_rows", "llm_attention_rows", "rollout", "_fed_square", "llm_rollout",
-                   "row_role_shares", "role_shares", "find_sinks", "sink_shares", "place_token_weights",
-                   "image_heatmap", "compose_vision_rollout", "vision_rollout"],
+    # the map code (analysis.attention_map is its public module; the code lives in maps/)
+    "modeling/maps/image_geometry.py": dict(
+        functions=["_patch_rc", "patch_box", "_axis_weights", "place_patch_map"], focus=[],
+        tests=[*kills("test_map_argument_checks"), "tests/test_attention_map.py"]),
+    "modeling/maps/rows.py": dict(
+        functions=["_select_heads", "_reduce_heads", "resolve_rows", "llm_attention_rows", "rollout", "_fed_square",
+                   "llm_rollout"],
         focus=["return t.mean(axis)", "return t.amax(axis)"],
-        tests=[*kills("test_map_head_mean_and_max_are_the_per_head_mean_and_max", "test_map_argument_checks",
-                      "test_sink_shares_of_a_record_without_layout"),
+        tests=[*kills("test_map_head_mean_and_max_are_the_per_head_mean_and_max", "test_map_argument_checks"),
                "tests/test_attention_map.py", "tests/test_sinks.py"]),
+    "modeling/maps/shares.py": dict(
+        functions=["row_role_shares", "role_shares", "find_sinks", "sink_shares"], focus=[],
+        tests=[*kills("test_sink_shares_of_a_record_without_layout"), "tests/test_attention_map.py",
+               "tests/test_sinks.py"]),
+    "modeling/maps/heatmap.py": dict(
+        functions=["place_token_weights", "image_heatmap", "compose_vision_rollout", "vision_rollout"], focus=[],
+        tests=[*kills("test_map_argument_checks"), "tests/test_attention_map.py", "tests/test_sinks.py"]),
     "modeling/demo/pointing.py": dict(
         functions=["peak", "inside", "PointingResult.best", "chat_record", "play"],
         focus=["n_prompt - 1", "shares.append"],
