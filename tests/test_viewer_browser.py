@@ -207,3 +207,50 @@ def test_main_command_page_loads(tmp_path, driver):
         "return document.getElementById('info').textContent")
     assert not math.isnan(float(driver.execute_script("return window.viewerReady")))
     assert severe(driver) == []
+
+
+def test_issue25_image_size_zoom_side_by_side_grid_legend_rows(page, driver):
+    """Issue 25's viewer: the image is >= 800 px and fits the window, #zoom enlarges it, #sidebyside
+    shows the original beside the overlay, the slice grid is thin lines, the legend speaks in words,
+    "image token -1" is explained and tokens are named by the API's row ("row N (predicts token X)")."""
+    rec, path = page
+    driver.set_window_size(1300, 1000)
+    driver.get(path.as_uri())
+    assert not severe(driver)
+    js = "const r = document.getElementById(arguments[0]).getBoundingClientRect(); return [r.width, r.height]"
+    w0, _ = driver.execute_script(js, "stage")
+    assert w0 >= 800, w0
+    assert driver.execute_script("return document.getElementById('view').clientWidth") >= w0
+    driver.find_element(By.ID, "zoom").send_keys("\ue014" * 4)  # arrow right: 1 -> 2
+    w1, _ = driver.execute_script(js, "stage")
+    assert w1 >= 1.9 * w0, (w0, w1)
+    assert driver.execute_script("return document.getElementById('overlay').width") >= w1  # drawn at screen resolution
+    driver.execute_script("const z = document.getElementById('zoom'); z.value = 1; z.dispatchEvent(new Event('input'))")
+    assert not driver.find_element(By.ID, "orig").is_displayed()
+    driver.find_element(By.ID, "sidebyside").click()
+    (ow, oh), (sw, sh) = driver.execute_script(js, "orig"), driver.execute_script(js, "stage")
+    assert driver.find_element(By.ID, "orig").is_displayed() and ow == sw and oh == sh
+    assert driver.find_element(By.ID, "photo-orig").tag_name == "img"
+    driver.find_element(By.ID, "sidebyside").click()
+    # the grid: thin lines change a small part of the overlay (the old boxes, 1.5 px strokes inset on both
+    # sides of each edge at image resolution, changed about 10 %)
+    frac = driver.execute_script("""
+        const o = document.getElementById('overlay'), c = o.getContext('2d'), b = document.getElementById('boxes');
+        const get = () => c.getImageData(0, 0, o.width, o.height).data;
+        b.checked = false; window.viewer.draw(); const a = get(); b.checked = true; window.viewer.draw(); const g = get();
+        let n = 0; for (let i = 0; i < a.length; i += 4) if (a[i] !== g[i] || a[i + 1] !== g[i + 1] || a[i + 3] !== g[i + 3]) n++;
+        return n / (a.length / 4)""")
+    assert 0 < frac < 0.04, frac
+    words = driver.find_element(By.ID, "legendwords").text
+    assert "share of this token's attention that lands on this area" in words
+    choose(driver, "kind", "resampler")
+    assert "resampler query" in driver.find_element(By.ID, "legendwords").text
+    assert "image token -1 = the one this token attended to most" in driver.find_element(By.ID, "info").text
+    assert "-1" in driver.find_element(By.ID, "query").find_element(By.XPATH, "..").get_attribute("title")
+    choose(driver, "kind", "llm")
+    t0 = driver.execute_script("return window.viewer.data.tokens[0]")
+    assert t0["row"] == t0["pos"] - 1
+    info = driver.execute_script("window.viewer.state.t = 0; window.viewer.draw(); "
+                                 "return document.getElementById('info').textContent")
+    assert info.startswith(f"row {t0['row']} (predicts token \"{t0['text']}\")"), info
+    assert driver.find_elements(By.CSS_SELECTOR, ".token")[0].get_attribute("title").startswith(f"row {t0['row']} ")
