@@ -254,3 +254,33 @@ def test_issue25_image_size_zoom_side_by_side_grid_legend_rows(page, driver):
                                  "return document.getElementById('info').textContent")
     assert info.startswith(f"row {t0['row']} (predicts token \"{t0['text']}\")"), info
     assert driver.find_elements(By.CSS_SELECTOR, ".token")[0].get_attribute("title").startswith(f"row {t0['row']} ")
+
+
+def test_token_view_shows_the_row_and_clicks_select(page, driver):
+    """Issue 25's token view: the selected token's row over the text tokens as backgrounds (the
+    embedded row, per layer and head), and a click on a token whose row is shown selects it."""
+    rec, path = page
+    driver.get(path.as_uri())
+    choose(driver, "layer", "1")
+    choose(driver, "head", "2")
+    data = driver.execute_script("return window.viewer.data")
+    cols = [c["pos"] for c in data["text_cols"]]
+    toks = data["tokens"]
+    w, _, _ = am.llm_attention_rows(rec, 1, [t["row"] for t in toks], heads=None, head_reduce=None)
+    spans = driver.find_elements(By.CSS_SELECTOR, "#tokview .tv")
+    assert len(spans) == len(cols)
+    for t in (0, 3):
+        got = np.array(driver.execute_script(
+            f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.tokenRow({t}))"))
+        ref = w[2, t, cols].numpy() if hasattr(w, "numpy") else w[2, t, cols]
+        assert np.abs(got - ref).max() <= ref.max() / 500 + 1e-7
+        i = int(np.argmax(ref))
+        assert f"{100 * ref[i]:.1f}%" in spans[i].get_attribute("title")
+        bg = [s.value_of_css_property("background-color") for s in spans]
+        assert bg[i] != bg[int(np.argmin(ref))]
+    assert "row " in driver.find_element(By.ID, "tokviewdesc").text
+    target = 2
+    spans[cols.index(toks[target]["row"])].click()
+    assert driver.execute_script("return window.viewer.state.t") == target
+    assert driver.find_element(By.CSS_SELECTOR, ".token.sel").get_attribute("data-t") == str(target)
+    assert not severe(driver)

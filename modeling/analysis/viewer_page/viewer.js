@@ -183,6 +183,36 @@ function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mar
           mark: [bx[0] + c0 * cw, bx[1] + r0 * ch, Math.min(f, w - c0) * cw, Math.min(f, h - r0) * ch]};
 }
 
+const tv = $("tokview");
+if (D.text_cols) D.text_cols.forEach((c, i) => {  // the token view: one span per text / special column
+  const s = document.createElement("span"); s.className = "tv"; s.dataset.i = i;
+  s.textContent = c.text === "" ? "\u2205" : c.text;
+  s.addEventListener("click", () => {  // like the image: a click picks that token's row when it is shown
+    const t = D.tokens.findIndex((x) => x.row === c.pos);
+    if (t >= 0) { S.t = t; draw(); } else $("tokviewdesc").textContent = "(" + s.title + "; its own row is not shown)";
+  });
+  tv.appendChild(s);
+});
+function tokenRow(t) {  // the token's attention over D.text_cols (null when not embedded)
+  const b = block($("layer").value, $("head").value); if (!D.text_cols || !b || !b.x) return null;
+  const K = D.text_cols.length, sc = F32[b.x.f + t] / 255, o = b.x.u + t * K, v = new Float32Array(K);
+  for (let i = 0; i < K; i++) v[i] = U8[o + i] * sc;
+  return v;
+}
+function drawTokenView() {  // the selected token's row over the text tokens, as background colour
+  if (!D.text_cols) { $("tokviewdesc").textContent = "(not available: the record lacks the LLM's text columns)"; return; }
+  const b = block($("layer").value, $("head").value), tok = D.tokens[S.t];
+  if (!b || !b.x) { $("tokviewdesc").textContent = "(this (layer, head) is not embedded)"; return; }
+  const K = D.text_cols.length, sc = F32[b.x.f + S.t] / 255, o = b.x.u + S.t * K;
+  $("tokviewdesc").textContent = "(" + rowName(tok) + ": share of its attention on each text token, layer " +
+    $("layer").value + ", head " + $("head").value + "; click a token to select its row)";
+  for (let i = 0; i < K; i++) {
+    const el = tv.children[i], c = D.text_cols[i], v = U8[o + i] * sc, a = U8[o + i] / 255;
+    el.style.background = "rgba(230,81,0," + a.toFixed(3) + ")";
+    el.classList.toggle("cur", c.pos === tok.row); el.classList.toggle("later", c.pos > tok.row);
+    el.title = "position " + c.pos + " " + JSON.stringify(c.text) + ": " + pct(v);
+  }
+}
 function legendWords(k, r) {  // what a colour means, in words
   const tv = thru() ? ", traced back through SigLIP to the pixels the resampler's patches drew from" : "";
   if (k === "llm") return "Colour: the share of this token's attention that lands on this area" + tv +
@@ -252,6 +282,7 @@ function draw() {
       "; layer " + $("layer").value + ", head " + $("head").value + ")"));
   } else $("share").textContent = "";
   $("info").textContent = r.info;
+  drawTokenView();
   $("legendtext").textContent = r.map ? (r.hi !== undefined ? lo.toPrecision(3) + " .. " + hi.toPrecision(3) :
     "0 .. " + pct(hi) + " per cell (" + GW + " x " + GH + " cells)") : "";
   $("legendwords").textContent = r.map ? legendWords(k, r) : "";
@@ -283,6 +314,6 @@ document.addEventListener("keydown", (ev) => {
   if (ev.key === "ArrowRight" && S.t < T - 1) { S.t++; draw(); }
   if (ev.key === "ArrowLeft" && S.t > 0) { S.t--; draw(); }
 });
-window.viewer = {data: D, draw: draw, state: S, compute: compute, grid: [GW, GH], layout: layout};
+window.viewer = {data: D, draw: draw, state: S, compute: compute, grid: [GW, GH], layout: layout, tokenRow: tokenRow};
 draw();
 })();
