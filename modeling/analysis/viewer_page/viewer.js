@@ -186,7 +186,7 @@ function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mar
 const tv = $("tokview");
 if (D.text_cols) D.text_cols.forEach((c, i) => {  // the token view: one span per text / special column
   const s = document.createElement("span"); s.className = "tv"; s.dataset.i = i;
-  s.textContent = c.text === "" ? "\u2205" : c.text;
+  s.textContent = c.text === "" ? "\u2205" : c.text.replace(/\n/g, "\u21b5");  // a newline as a visible mark
   s.addEventListener("click", () => {  // like the image: a click picks that token's row when it is shown
     const t = D.tokens.findIndex((x) => x.row === c.pos);
     if (t >= 0) { S.t = t; draw(); } else $("tokviewdesc").textContent = "(" + s.title + "; its own row is not shown)";
