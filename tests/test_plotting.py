@@ -233,3 +233,20 @@ def test_plots_of_a_chat_record(tmp_path, figs):
     assert texts_outside(figs[-1]) == []
     check_png(plotting.plot_head_image_share(gen, tmp_path / "h.png", rows="generated"))
     check_png(plotting.plot_sink_shares(gen, tmp_path / "s.png", rows="last"))
+
+
+def test_attention_matrix_labels_tokens_when_image_runs_are_long(tmp_path, figs):
+    """Issue 25: a matrix with more positions than ``max_labels`` still names its text and special
+    tokens (position and token), with each run of image tokens labelled once."""
+    lay = build_layout([((300, 200), (3, 2), (4, 6), (5, 5))], n_text=12, n_gen=3)
+    full = build_record(lay, n_layers=1, heads=2, seed=2)
+    n = len(lay.tokens)
+    assert n > 64
+    plotting.plot_attention_matrix(full, tmp_path / "m.png", 0)
+    fig = figs[-1]
+    xl = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    text_pos = [p for p in range(n) if lay.roles[p] != "image"]
+    named = [f"{p} {plotting._label(lay.tokens[p], 10)}" for p in text_pos]
+    assert [x for x in xl if not x.startswith("image ")] == named
+    assert any(x.startswith("image ") and ".." in x for x in xl)
+    assert texts_outside(fig) == []

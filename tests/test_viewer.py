@@ -228,7 +228,7 @@ def test_budget_leaves_out_groups_then_tokens():
     rec = small_record(n_layers=4, n_heads=6, n_gen=20)
     full = vw.build_viewer(rec, None)
     assert len(full.data["blocks"]) == 6 + 7 + 5 + 24 and full.notes == []
-    N, T = full.data["n_image_tokens"], 20
+    N, T = full.data["n_image_tokens"] + len(full.data["text_cols"]) + 4, 20  # image + text columns, 2 scales
     fixed = full.data_bytes - len(full.data["blocks"]) * T * (N + 4)
     tight = fixed + 10 * T * (N + 4)  # room for group 1 (6 maps) but not group 2 (7)
     v = vw.build_viewer(rec, None, max_data_bytes=tight)
@@ -335,3 +335,41 @@ def test_main_command_page_has_no_machine_paths(tmp_path):
     assert sorted(tam) == ["0", "1"] and max(tam["0"]["shape"]) == vw.EXTRA_SIDE
     assert data["vision"]["layers"] == []  # vision_layers="none": no SigLIP kind
     assert "token_heatmaps.png" in page and "<img src='token_heatmaps.png'" not in page
+
+
+@pytest.mark.parametrize("key", ["1|mean", "0|3", "2|max", "mean|mean"])
+def test_token_view_rows_decode_to_the_llm_rows(built, key):
+    """Issue 25's token view: each block embeds the token's row over the text / special columns."""
+    rec, v, path, data, _ = built
+    lay = rec.layout
+    cols = [c["pos"] for c in data["text_cols"]]
+    assert cols == [p for p in range(len(lay.tokens)) if lay.roles[p] != "image"]
+    assert [c["text"] for c in data["text_cols"]] == [vw.token_text(lay.tokens[p]) for p in cols]
+    rows = [t["row"] for t in data["tokens"]]
+    layer, head = key.split("|")
+    layers = range(3) if layer == "mean" else [int(layer)]
+    ref = 0
+    for l in layers:
+        w, cov, _ = am.llm_attention_rows(rec, l, rows, heads=None, head_reduce=None)
+        w = w.astype(np.float64)
+        ref = ref + (w.mean(0) if head == "mean" else w.max(0) if head == "max" else w[int(head)])
+    ref = ref[:, cols] / len(layers)
+    b = data["blocks"][key]["x"]
+    got = decode_rows(data, b["u"], b["f"], len(rows), len(cols))
+    assert np.abs(got - ref).max() <= ref.max(-1, keepdims=True).max() / 500 + 1e-9
+    assert ref.max() > 0.01
+
+
+def test_token_view_needs_the_text_columns():
+    rec = small_record()
+    lay = rec.layout
+    img = [p for p in range(len(lay.tokens)) if lay.roles[p] == "image"]
+    tensors, index = dict(rec.tensors), {k: dict(x) for k, x in rec.index.items()}
+    for name in [k for k in tensors if k.startswith("llm.")]:
+        tensors[name] = tensors[name][:, :, img].contiguous()
+        index[name]["cols"] = img
+    only_img = type(rec)(tensors=tensors, index=index, layout=lay, meta=dict(rec.meta))
+    v = vw.build_viewer(only_img, synthetic_image((300, 200)))
+    assert v.data["text_cols"] is None and not any("x" in b for b in v.data["blocks"].values())
+    assert any(n.startswith("token view unavailable") for n in v.notes)
+    assert vw.build_viewer(rec, None).data["text_cols"] is not None

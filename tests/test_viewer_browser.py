@@ -207,3 +207,80 @@ def test_main_command_page_loads(tmp_path, driver):
         "return document.getElementById('info').textContent")
     assert not math.isnan(float(driver.execute_script("return window.viewerReady")))
     assert severe(driver) == []
+
+
+def test_issue25_image_size_zoom_side_by_side_grid_legend_rows(page, driver):
+    """Issue 25's viewer: the image is >= 800 px and fits the window, #zoom enlarges it, #sidebyside
+    shows the original beside the overlay, the slice grid is thin lines, the legend speaks in words,
+    "image token -1" is explained and tokens are named by the API's row ("row N (predicts token X)")."""
+    rec, path = page
+    driver.set_window_size(1300, 1000)
+    driver.get(path.as_uri())
+    assert not severe(driver)
+    js = "const r = document.getElementById(arguments[0]).getBoundingClientRect(); return [r.width, r.height]"
+    w0, _ = driver.execute_script(js, "stage")
+    assert w0 >= 800, w0
+    assert driver.execute_script("return document.getElementById('view').clientWidth") >= w0
+    driver.find_element(By.ID, "zoom").send_keys("\ue014" * 4)  # arrow right: 1 -> 2
+    w1, _ = driver.execute_script(js, "stage")
+    assert w1 >= 1.9 * w0, (w0, w1)
+    assert driver.execute_script("return document.getElementById('overlay').width") >= w1  # drawn at screen resolution
+    driver.execute_script("const z = document.getElementById('zoom'); z.value = 1; z.dispatchEvent(new Event('input'))")
+    assert not driver.find_element(By.ID, "orig").is_displayed()
+    driver.find_element(By.ID, "sidebyside").click()
+    (ow, oh), (sw, sh) = driver.execute_script(js, "orig"), driver.execute_script(js, "stage")
+    assert driver.find_element(By.ID, "orig").is_displayed() and ow == sw and oh == sh
+    assert driver.find_element(By.ID, "photo-orig").tag_name == "img"
+    driver.find_element(By.ID, "sidebyside").click()
+    # the grid: thin lines change a small part of the overlay (the old boxes, 1.5 px strokes inset on both
+    # sides of each edge at image resolution, changed about 10 %)
+    frac = driver.execute_script("""
+        const o = document.getElementById('overlay'), c = o.getContext('2d'), b = document.getElementById('boxes');
+        const get = () => c.getImageData(0, 0, o.width, o.height).data;
+        b.checked = false; window.viewer.draw(); const a = get(); b.checked = true; window.viewer.draw(); const g = get();
+        let n = 0; for (let i = 0; i < a.length; i += 4) if (a[i] !== g[i] || a[i + 1] !== g[i + 1] || a[i + 3] !== g[i + 3]) n++;
+        return n / (a.length / 4)""")
+    assert 0 < frac < 0.04, frac
+    words = driver.find_element(By.ID, "legendwords").text
+    assert "share of this token's attention that lands on this area" in words
+    choose(driver, "kind", "resampler")
+    assert "resampler query" in driver.find_element(By.ID, "legendwords").text
+    assert "image token -1 = the one this token attended to most" in driver.find_element(By.ID, "info").text
+    assert "-1" in driver.find_element(By.ID, "query").find_element(By.XPATH, "..").get_attribute("title")
+    choose(driver, "kind", "llm")
+    t0 = driver.execute_script("return window.viewer.data.tokens[0]")
+    assert t0["row"] == t0["pos"] - 1
+    info = driver.execute_script("window.viewer.state.t = 0; window.viewer.draw(); "
+                                 "return document.getElementById('info').textContent")
+    assert info.startswith(f"row {t0['row']} (predicts token \"{t0['text']}\")"), info
+    assert driver.find_elements(By.CSS_SELECTOR, ".token")[0].get_attribute("title").startswith(f"row {t0['row']} ")
+
+
+def test_token_view_shows_the_row_and_clicks_select(page, driver):
+    """Issue 25's token view: the selected token's row over the text tokens as backgrounds (the
+    embedded row, per layer and head), and a click on a token whose row is shown selects it."""
+    rec, path = page
+    driver.get(path.as_uri())
+    choose(driver, "layer", "1")
+    choose(driver, "head", "2")
+    data = driver.execute_script("return window.viewer.data")
+    cols = [c["pos"] for c in data["text_cols"]]
+    toks = data["tokens"]
+    w, _, _ = am.llm_attention_rows(rec, 1, [t["row"] for t in toks], heads=None, head_reduce=None)
+    spans = driver.find_elements(By.CSS_SELECTOR, "#tokview .tv")
+    assert len(spans) == len(cols)
+    for t in (0, 3):
+        got = np.array(driver.execute_script(
+            f"window.viewer.state.t = {t}; window.viewer.draw(); return Array.from(window.viewer.tokenRow({t}))"))
+        ref = w[2, t, cols].numpy() if hasattr(w, "numpy") else w[2, t, cols]
+        assert np.abs(got - ref).max() <= ref.max() / 500 + 1e-7
+        i = int(np.argmax(ref))
+        assert f"{100 * ref[i]:.1f}%" in spans[i].get_attribute("title")
+        bg = [s.value_of_css_property("background-color") for s in spans]
+        assert bg[i] != bg[int(np.argmin(ref))]
+    assert "row " in driver.find_element(By.ID, "tokviewdesc").text
+    target = 2
+    spans[cols.index(toks[target]["row"])].click()
+    assert driver.execute_script("return window.viewer.state.t") == target
+    assert driver.find_element(By.CSS_SELECTOR, ".token.sel").get_attribute("data-t") == str(target)
+    assert not severe(driver)

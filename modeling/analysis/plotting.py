@@ -537,10 +537,28 @@ def plot_attention_matrix(
     def ticks(ps):
         return [f"{_label(toks[p] if p < len(toks) else None, 10)}" for p in ps]
 
+    def compact(ps):  # too many to label each: the text / special tokens by name, each image run once
+        at, names, i = [], [], 0
+        while i < len(ps):
+            if ps[i] < len(roles) and roles[ps[i]] == "image":
+                j = i
+                while j + 1 < len(ps) and ps[j + 1] < len(roles) and roles[ps[j + 1]] == "image":
+                    j += 1
+                at.append((i + j) / 2)
+                names.append(f"image {ps[i]}..{ps[j]}")
+                i = j + 1
+            else:
+                at.append(i)
+                names.append(f"{ps[i]} {_label(toks[ps[i]] if ps[i] < len(toks) else None, 10)}")
+                i += 1
+        return (at, names) if len(at) <= max_labels else None
+
     def set_ticks(axis, ps, rotation):
         setter = axis.set_xticks if axis is ax else axis.set_yticks
         if len(ps) <= max_labels:
             setter(range(len(ps)), ticks(ps), rotation=rotation, fontsize=6)
+        elif compact(ps) is not None:
+            setter(*compact(ps), rotation=rotation, fontsize=6)
         else:
             step = math.ceil(len(ps) / 16)
             setter(range(0, len(ps), step), [str(ps[i]) for i in range(0, len(ps), step)], fontsize=7)
@@ -549,8 +567,8 @@ def plot_attention_matrix(
     ax.set_yticks([])
     set_ticks(ax, cols, 90)
     set_ticks(left, rows, 0)
-    ax.set_xlabel("key token" + ("" if len(cols) <= max_labels else " position"))
-    left.set_ylabel("query token" + ("" if len(rows) <= max_labels else " position"))
+    ax.set_xlabel("key token" + ("" if len(cols) <= max_labels or compact(cols) else " position"))
+    left.set_ylabel("query token (row)" + ("" if len(rows) <= max_labels or compact(rows) else " position"))
     cb = fig.colorbar(im, ax=ax, shrink=0.85, extend="max" if clipped else "neither")
     cb.ax.tick_params(labelsize=7)
     cb.set_label("attention probability" + (" (log)" if log_scale else "")

@@ -25,8 +25,12 @@ data is embedded compactly and decoded in the page (vanilla JS, canvas):
 
 The reader clicks a generated token (``.token``) and picks the map kind (``#kind``), LLM layer
 (``#layer``: each layer, mean, rollout) and head (``#head``: each head, mean, max), optionally
-through SigLIP (``#thruvision``); the page outlines the slices' boxes and shows the token's
-attention shares (image / text / special).
+through SigLIP (``#thruvision``); the page draws the slice grid as thin lines (``#boxes``), zooms
+(``#zoom``), shows the original beside the overlay (``#sidebyside``), says what a colour means
+(``#legendwords``) and shows the token's attention shares (image / text / special). Tokens are named
+by the API's query row: "row N (predicts token X)". The token view (``#tokview``, BertViz-like) shows
+the token's row over the text / special columns (``text_cols``; each LLM block's ``x`` rows, also in
+the budget below), when the record captured those columns; else a note says so.
 
 Budget (bounded memory, time and file size): the embedded data is at most ``MAX_DATA_BYTES``
 (16 MiB before base64, which adds a third: a page of at most about 22 MiB). LLM blocks go in by
@@ -479,16 +483,19 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
         notes.append("per-head maps left out: the captured layers keep different heads")
     else:
         notes.append(f"per-head maps unavailable: the record's heads were reduced ({head_labels[0]}) at capture")
+    # the token view's columns: every non-image position (text and special tokens), in each block
+    txt_pos = np.array([p for p in range(L) if p < len(lay.roles) and lay.roles[p] != "image"], dtype=np.int64)
+    K = len(txt_pos)
     budget = int(max_data_bytes) - blob.n_u8 - 4 * blob.n_f32
-    per_block = T * N + T * 4
+    per_block = T * (N + K + 8)
     if per_block * len(groups[0][1]) > budget:
-        fit = budget // ((N + 4) * len(groups[0][1]))
+        fit = budget // ((N + K + 8) * len(groups[0][1]))
         if fit < 1:
             raise ValueError(f"viewer budget: {len(groups[0][1])} layer maps of {N} image tokens do not fit "
                              f"{max_data_bytes:,} bytes even for one token; pass fewer layers")
         notes.append(f"only the first {fit} of {T} tokens fit the data budget ({max_data_bytes / 2**20:g} MiB)")
         tokens, rows, T = tokens[:fit], rows[:fit], fit
-        per_block = T * N + T * 4
+        per_block = T * (N + K + 8)
     chosen, used = [], 0
     for gname, blocks in groups:
         need = per_block * len(blocks)
@@ -497,7 +504,7 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
             used += need
         else:
             notes.append(f"left out to stay within the data budget: {gname} ({len(blocks)} maps x {T} tokens x "
-                         f"{N} image tokens = {need / 2**20:.1f} MiB)")
+                         f"{N} image + {K} text tokens = {need / 2**20:.1f} MiB)")
     want = set(chosen)
     sink_pos = _sink_positions(record, sinks, rows, layers)
 
@@ -508,15 +515,19 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
     acc = {}
     sink_acc = np.zeros(len(sink_pos or ()))
 
-    def put(key, wts_img, sh):
+    txt_vec: Dict[Tuple[str, str], np.ndarray] = {}
+    txt_ok = [bool(txt_pos.size)]
+
+    def put(key, full, sh):  # full: [T, L] rows over all positions
         if key in want:
-            vec[key] = wts_img
+            vec[key] = full[:, img_pos]
+            txt_vec[key] = full[:, txt_pos]
             shares[key] = sh
 
-    def add(key, img, sh):
+    def add(key, full, sh):
         if key in want:
             a = acc.setdefault(key, [0.0, 0.0])
-            a[0] = a[0] + img
+            a[0] = a[0] + full
             a[1] = a[1] + sh
 
     def role_stack(w, cov):  # [..., T, 3 or 4]: image, text, special (and sink) shares
@@ -536,20 +547,21 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
                              f"(positions {miss[0]}..{miss[-1]}); capture cols including image tokens")
         if w.shape[-1] != L:
             raise ValueError(f"{hook_name('llm', l)}: rows span {w.shape[-1]} positions, expected {L}")
+        txt_ok[0] = txt_ok[0] and bool(cov[txt_pos].all())
         for hn in hr:
             if (str(l), hn) not in want and ("mean", hn) not in want:
                 continue
             red = w.mean(0) if hn == "mean" else w.max(0)
-            img, sh = red[:, img_pos], role_stack(red, cov)
-            put((str(l), hn), img, sh)
-            add(("mean", hn), img, sh)
+            sh = role_stack(red, cov)
+            put((str(l), hn), red, sh)
+            add(("mean", hn), red, sh)
             if hn == "mean" and sink_pos:
                 sink_acc += red[:, sink_pos].mean(0)
         if per_head and any_head:
-            img_h, sh_h = w[:, :, img_pos], role_stack(w, cov)
+            sh_h = role_stack(w, cov)
             for i, h in enumerate(head_labels):
-                put((str(l), str(h)), img_h[i], sh_h[i])
-                add(("mean", str(h)), img_h[i], sh_h[i])
+                put((str(l), str(h)), w[i], sh_h[i])
+                add(("mean", str(h)), w[i], sh_h[i])
         del w
     for key, (img, sh) in acc.items():
         put(key, img / len(layers), sh / len(layers))
@@ -566,15 +578,18 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
                              f"of {L} positions")
         # a chat record's last token is never fed: the rollout covers the positions before it
         R = np.pad(R[rows], ((0, 0), (0, L - R.shape[1])))
-        put(("rollout", hn), R[:, img_pos], role_stack(R, np.ones(L, dtype=bool)))
+        put(("rollout", hn), R, role_stack(R, np.ones(L, dtype=bool)))
         del R
     chosen = [k for k in chosen if k in vec]
     blocks = {}
     for key in chosen:
         q, s = _quantise(vec[key])
         u, f = blob.add(q, s)
-        blocks[f"{key[0]}|{key[1]}"] = {"u": u, "f": f,
-                                        "sh": _shares_json(shares[key])}
+        blocks[f"{key[0]}|{key[1]}"] = {"u": u, "f": f, "sh": _shares_json(shares[key])}
+        if txt_ok[0]:  # the token view: the row over the text / special columns
+            blocks[f"{key[0]}|{key[1]}"]["x"] = dict(zip(("u", "f"), blob.add(*_quantise(txt_vec[key]))))
+    if not txt_ok[0]:
+        notes.append("token view unavailable: the record lacks the LLM's text columns (capture cols='all')")
     u8, f32 = blob.encode()
     layer_opts = ["mean"] + [str(l) for l in layers] + ["rollout"]
     head_opts = ["mean", "max"] + ([str(h) for h in head_labels] if per_head else [])
@@ -586,6 +601,7 @@ def build_viewer(record: AttentionRecord, image=None, *, image_index: int = 0, p
         "image_size": [W, H], "display": list(_display_size((W, H), DISPLAY_SIDE)), "grid_side": GRID_SIDE,
         "tokens": [{"pos": p, "row": r, "text": token_text(lay.tokens[p])} for p, r in tokens],
         "token_desc": token_desc, "n_image_tokens": N, "slices": res_meta,
+        "text_cols": ([{"pos": int(p), "text": token_text(lay.tokens[p])} for p in txt_pos] if txt_ok[0] else None),
         "layers": layer_opts, "heads": head_opts, "blocks": blocks,
         "vision": {"pool": pool, "layers": vis_meta}, "through_vision": thru_meta,
         "extras": extra_meta, "sinks": sink_list, "notes": notes,

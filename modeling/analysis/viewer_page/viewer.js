@@ -17,10 +17,18 @@ const gs = D.grid_side / Math.max(DW, DH);
 const GW = Math.max(1, Math.round(DW * Math.min(1, gs))), GH = Math.max(1, Math.round(DH * Math.min(1, gs)));
 const N = D.n_image_tokens, T = D.tokens.length;
 const S = {t: 0, click: null};
-const ov = $("overlay"); ov.width = DW; ov.height = DH;
-const zoom = Math.min(2, Math.max(1, 480 / Math.max(DW, DH)));  // small images drawn larger (CSS only)
-const photo = $("photo"); photo.style.width = ov.style.width = DW * zoom + "px";
-photo.style.height = ov.style.height = DH * zoom + "px";
+const ov = $("overlay"), photo = $("photo");
+const orig = photo.cloneNode(true); orig.id = "photo-orig"; $("orig").appendChild(orig);
+const BASE = Math.max(800, Math.min(DW, 1200));  // the image's width at zoom 1 (css px), less when the window is narrower
+function layout() {  // pane size from the window, the zoom and the side-by-side toggle; the overlay at screen resolution
+  const z = +$("zoom").value, sbs = $("sidebyside").checked, avail = $("view").clientWidth || BASE;
+  $("orig").style.display = sbs ? "" : "none";
+  const w = Math.max(50, Math.floor(Math.min(BASE, sbs ? (avail - 8) / 2 : avail) * z)), h = Math.round(w * DH / DW);
+  for (const p of [$("orig"), $("stage")]) { p.style.width = w + "px"; p.style.height = h + "px"; }
+  const dpr = window.devicePixelRatio || 1;
+  ov.width = Math.round(w * dpr); ov.height = Math.round(h * dpr);
+}
+layout();
 const grid = document.createElement("canvas"); grid.width = GW; grid.height = GH;
 
 function opt(sel, value, text, title) {
@@ -43,10 +51,13 @@ $("tokdesc").textContent = "(" + D.token_desc + ")";
 const toks = $("tokens");
 D.tokens.forEach((t, i) => {
   const s = document.createElement("span"); s.className = "token"; s.dataset.t = i;
-  s.textContent = t.text === "" ? "\u2205" : t.text; s.title = "position " + t.pos + " (row " + t.row + ")";
+  s.textContent = t.text === "" ? "\u2205" : t.text; s.title = rowName(t);
   s.addEventListener("click", () => { S.t = i; draw(); }); toks.appendChild(s); toks.appendChild(document.createTextNode(" "));
 });
 
+function rowName(t) {  // the API's convention: query row N of the attention matrix, which predicts the token at N + 1
+  return "row " + t.row + (t.pos === t.row ? " (its own token " : " (predicts token ") + JSON.stringify(t.text) + ")";
+}
 function block(l, h) { return D.blocks[l + "|" + h]; }
 function refreshOptions() {
   const l = $("layer").value;
@@ -120,7 +131,7 @@ function pct(x) { return x === null ? "not captured" : (100 * x).toFixed(1) + "%
 
 function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mark}
   const k = $("kind").value, t = S.t, tok = D.tokens[t];
-  const head = "token " + JSON.stringify(tok.text) + " (position " + tok.pos + ")\n";
+  const head = rowName(tok) + "\n";
   if (k.startsWith("x:")) {
     const name = k.slice(2), e = D.extras[name][String(t)];
     if (!e) return {map: null, info: head + "no " + name + " map for this token"};
@@ -142,15 +153,15 @@ function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mar
             " onto pixels (mass " + tot.toPrecision(3) + ", overview + slices added)" +
             (tv ? "\nthrough SigLIP: where the patches the resampler read drew their content from" : "")};
   }
-  let j = +$("query").value;
-  if (!(j >= 0 && j < N)) j = argmax(v);
+  let j = +$("query").value; const most = !(j >= 0 && j < N);
+  if (most) j = argmax(v);
   const s = sliceOf(j), sl = D.slices[s], q = j - sl.n0, P = sl.tgt[0] * sl.tgt[1];
   const e = new Float32Array(N); e[j] = 1;
-  const where = "image token " + j + " = " + (sl.kind === "source" ? "overview" : "slice " + sl.index) +
+  const where = (most ? "image token -1 = the one this token attended to most: " : "") + "image token " + j + " = " + (sl.kind === "source" ? "overview" : "slice " + sl.index) +
     ", query " + q + " (the token gave it " + pct(v[j]) + ")";
   if (k === "resampler") {
     place(out, s, sliceMap(s, e, tv));
-    return {map: out, info: head + "resampler query map" + (tv ? " through SigLIP (composed with" + TV.slice(4) +
+    return {map: out, q: j, info: head + "resampler query map" + (tv ? " through SigLIP (composed with" + TV.slice(4) +
             "; where the query's content came from)" : "") + ": " + where, slice: s, clip: sl.box};
   }
   const m = sliceMap(s, e, false);
@@ -166,19 +177,58 @@ function compute() {  // -> {map: Float32Array(GW*GH) or null, lo, hi, info, mar
   place(out, vs, mv);
   const bx = vsl.box, cw = (bx[2] - bx[0]) / w, ch = (bx[3] - bx[1]) / h;
   const r0 = Math.floor(pr / f) * f, c0 = Math.floor(pc / f) * f;
-  return {map: out, slice: vs, clip: vsl.box, info: head + "SigLIP layer " + V.layer + ", " + (vsl.kind === "source" ? "overview" :
+  return {map: out, slice: vs, clip: vsl.box, patch: [pr, pc], info: head + "SigLIP layer " + V.layer + ", " + (vsl.kind === "source" ? "overview" :
           "slice " + vsl.index) + ": attention of patch (" + pr + ", " + pc + ")" + (f > 1 ? " pooled " + f + "x" + f : "") +
           " over the slice's patches (head mean; click the image to pick a patch)",
           mark: [bx[0] + c0 * cw, bx[1] + r0 * ch, Math.min(f, w - c0) * cw, Math.min(f, h - r0) * ch]};
 }
 
+const tv = $("tokview");
+if (D.text_cols) D.text_cols.forEach((c, i) => {  // the token view: one span per text / special column
+  const s = document.createElement("span"); s.className = "tv"; s.dataset.i = i;
+  s.textContent = c.text === "" ? "\u2205" : c.text.replace(/\n/g, "\u21b5");  // a newline as a visible mark
+  s.addEventListener("click", () => {  // like the image: a click picks that token's row when it is shown
+    const t = D.tokens.findIndex((x) => x.row === c.pos);
+    if (t >= 0) { S.t = t; draw(); } else $("tokviewdesc").textContent = "(" + s.title + "; its own row is not shown)";
+  });
+  tv.appendChild(s);
+});
+function tokenRow(t) {  // the token's attention over D.text_cols (null when not embedded)
+  const b = block($("layer").value, $("head").value); if (!D.text_cols || !b || !b.x) return null;
+  const K = D.text_cols.length, sc = F32[b.x.f + t] / 255, o = b.x.u + t * K, v = new Float32Array(K);
+  for (let i = 0; i < K; i++) v[i] = U8[o + i] * sc;
+  return v;
+}
+function drawTokenView() {  // the selected token's row over the text tokens, as background colour
+  if (!D.text_cols) { $("tokviewdesc").textContent = "(not available: the record lacks the LLM's text columns)"; return; }
+  const b = block($("layer").value, $("head").value), tok = D.tokens[S.t];
+  if (!b || !b.x) { $("tokviewdesc").textContent = "(this (layer, head) is not embedded)"; return; }
+  const K = D.text_cols.length, sc = F32[b.x.f + S.t] / 255, o = b.x.u + S.t * K;
+  $("tokviewdesc").textContent = "(" + rowName(tok) + ": share of its attention on each text token, layer " +
+    $("layer").value + ", head " + $("head").value + "; click a token to select its row)";
+  for (let i = 0; i < K; i++) {
+    const el = tv.children[i], c = D.text_cols[i], v = U8[o + i] * sc, a = U8[o + i] / 255;
+    el.style.background = "rgba(230,81,0," + a.toFixed(3) + ")";
+    el.classList.toggle("cur", c.pos === tok.row); el.classList.toggle("later", c.pos > tok.row);
+    el.title = "position " + c.pos + " " + JSON.stringify(c.text) + ": " + pct(v);
+  }
+}
+function legendWords(k, r) {  // what a colour means, in words
+  const tv = thru() ? ", traced back through SigLIP to the pixels the resampler's patches drew from" : "";
+  if (k === "llm") return "Colour: the share of this token's attention that lands on this area" + tv +
+    " (the cells add up to the image share below).";
+  if (k === "resampler") return "Colour: the share of image token " + r.q + "'s attention (resampler query " +
+    "over the slice's SigLIP patches) that lands on this area" + tv + ".";
+  if (k === "vision") return "Colour: the share of the green patch's attention (SigLIP, head mean) that lands on this area.";
+  return "Colour: the " + k.slice(2) + " value of this area (its own scale, not an attention share).";
+}
 const octx = ov.getContext("2d"), gctx = grid.getContext("2d"), gimg = gctx.createImageData(GW, GH);
 function draw() {
   refreshOptions();
   for (const el of toks.children) el.classList.toggle("sel", +el.dataset.t === S.t);
   const cur = toks.children[S.t]; if (cur && cur.scrollIntoView) cur.scrollIntoView({block: "nearest"});
   const r = compute(), a = +$("alpha").value;
-  octx.clearRect(0, 0, DW, DH);
+  const OW = ov.width, OH = ov.height; octx.clearRect(0, 0, OW, OH);
   let hi = 0, lo = 0;
   if (r.map) {
     if (r.hi !== undefined) { lo = r.lo; hi = r.hi; } else { for (const x of r.map) if (x > hi) hi = x; }
@@ -193,20 +243,26 @@ function draw() {
     }
     gctx.putImageData(gimg, 0, 0);
     octx.globalAlpha = a; octx.imageSmoothingEnabled = false;
-    octx.drawImage(grid, 0, 0, DW, DH); octx.globalAlpha = 1;
+    octx.drawImage(grid, 0, 0, OW, OH); octx.globalAlpha = 1;
   }
-  const sx = DW / W, sy = DH / H;
-  if ($("boxes").checked) {
+  const sx = OW / W, sy = OH / H, px1 = window.devicePixelRatio || 1;
+  if ($("boxes").checked) {  // the slice grid as thin lines on the slice edges (a shared edge drawn once)
+    const seg = new Set();
     D.slices.forEach((sl, i) => {
       if (sl.kind === "source" && r.slice !== i) return;
-      octx.strokeStyle = r.slice === i ? "#00e5ff" : "rgba(255,255,255,0.9)";
-      octx.lineWidth = r.slice === i ? 2.5 : 1.5; octx.setLineDash(sl.kind === "source" ? [6, 4] : []);
-      octx.strokeRect(sl.box[0] * sx + 1, sl.box[1] * sy + 1, (sl.box[2] - sl.box[0]) * sx - 2,
-                      (sl.box[3] - sl.box[1]) * sy - 2);
+      const x0 = Math.round(sl.box[0] * sx) + 0.5, y0 = Math.round(sl.box[1] * sy) + 0.5,
+            x1 = Math.round(sl.box[2] * sx) - 0.5, y1 = Math.round(sl.box[3] * sy) - 0.5;
+      octx.strokeStyle = r.slice === i ? "#00e5ff" : "rgba(255,255,255,0.75)";
+      octx.lineWidth = px1; octx.setLineDash(sl.kind === "source" ? [6 * px1, 4 * px1] : []);
+      for (const [a, b, c, d] of [[x0, y0, x1, y0], [x1, y0, x1, y1], [x0, y1, x1, y1], [x0, y0, x0, y1]]) {
+        const key = [a, b, c, d].map(Math.round).join(",");
+        if (r.slice !== i && seg.has(key)) continue;
+        seg.add(key); octx.beginPath(); octx.moveTo(a, b); octx.lineTo(c, d); octx.stroke();
+      }
     });
     octx.setLineDash([]);
   }
-  if (r.mark) { octx.strokeStyle = "#00ff66"; octx.lineWidth = 2;
+  if (r.mark) { octx.strokeStyle = "#00ff66"; octx.lineWidth = 2 * px1;
     octx.strokeRect(r.mark[0] * sx, r.mark[1] * sy, Math.max(2, r.mark[2] * sx), Math.max(2, r.mark[3] * sy)); }
   const b = block($("layer").value, $("head").value), k = $("kind").value;
   if (b && !k.startsWith("x:")) {
@@ -226,15 +282,24 @@ function draw() {
       "; layer " + $("layer").value + ", head " + $("head").value + ")"));
   } else $("share").textContent = "";
   $("info").textContent = r.info;
+  drawTokenView();
   $("legendtext").textContent = r.map ? (r.hi !== undefined ? lo.toPrecision(3) + " .. " + hi.toPrecision(3) :
-    "0 .. " + hi.toExponential(2) + " attention mass per map cell (" + GW + " x " + GH + " cells)") : "";
+    "0 .. " + pct(hi) + " per cell (" + GW + " x " + GH + " cells)") : "";
+  $("legendwords").textContent = r.map ? legendWords(k, r) : "";
   window.viewerDraws = (window.viewerDraws || 0) + 1;
   if (window.viewerReady === undefined) window.viewerReady = performance.now();
 }
 { const lg = $("legend").getContext("2d"); for (let i = 0; i < 256; i++) {
   lg.fillStyle = "rgb(" + LUT[3 * i] + "," + LUT[3 * i + 1] + "," + LUT[3 * i + 2] + ")"; lg.fillRect(i, 0, 1, 12); } }
-for (const id of ["kind", "layer", "head", "vlayer", "slice", "query", "alpha", "boxes", "nosinks", "thruvision"])
-  $(id).addEventListener(id === "alpha" ? "input" : "change", () => { if (id === "slice") S.click = null; draw(); });
+for (const id of ["kind", "layer", "head", "vlayer", "slice", "query", "alpha", "boxes", "nosinks", "thruvision", "zoom",
+                  "sidebyside"])
+  $(id).addEventListener(id === "alpha" || id === "zoom" ? "input" : "change", () => {
+    if (id === "slice") S.click = null; if (id === "zoom" || id === "sidebyside") layout(); draw(); });
+window.addEventListener("resize", () => { layout(); draw(); });
+$("imgwrap").addEventListener("wheel", (ev) => {  // Ctrl + wheel zooms
+  if (!ev.ctrlKey) return; ev.preventDefault();
+  const z = $("zoom"); z.value = Math.min(4, Math.max(1, +z.value + (ev.deltaY < 0 ? 0.25 : -0.25))); layout(); draw();
+}, {passive: false});
 ov.addEventListener("click", (ev) => {
   if ($("kind").value !== "vision") return;
   const rect = ov.getBoundingClientRect(), x = (ev.clientX - rect.left) / rect.width * W,
@@ -249,6 +314,6 @@ document.addEventListener("keydown", (ev) => {
   if (ev.key === "ArrowRight" && S.t < T - 1) { S.t++; draw(); }
   if (ev.key === "ArrowLeft" && S.t > 0) { S.t--; draw(); }
 });
-window.viewer = {data: D, draw: draw, state: S, compute: compute, grid: [GW, GH]};
+window.viewer = {data: D, draw: draw, state: S, compute: compute, grid: [GW, GH], layout: layout, tokenRow: tokenRow};
 draw();
 })();
