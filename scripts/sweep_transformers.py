@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-venvs", action="store_true",
                    help="delete each release's venv (~1.3 GB) once its tests are done, so the sweep needs "
                         "the disk of one venv, not one per release (CI); the next run rebuilds them")
+    p.add_argument("--one-venv-per-torch", action="store_true",
+                   help="install each transformers release in turn into one venv per torch release instead of "
+                        "a fresh venv per pair (a CUDA build of torch takes minutes and ~6 GB to install)")
     p.add_argument("--json", type=Path, default=None,
                    help="add the runs to this sweep record (docs/compatibility.json); a run of the same "
                         "transformers and torch is replaced")
@@ -82,9 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.jobs < 1:
         print("error: --jobs must be at least 1", file=sys.stderr)
         return 2
-    if args.pin and args.drop_venvs:
-        print("error: --pin reads each release's snapshot from its venv: it cannot be used with --drop-venvs",
-              file=sys.stderr)
+    if args.pin and (args.drop_venvs or args.one_venv_per_torch):
+        print("error: --pin reads each release's snapshot from its own venv: it cannot be used with --drop-venvs "
+              "or --one-venv-per-torch", file=sys.stderr)
         return 2
     if args.table:
         try:
@@ -128,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"sweeping transformers {', '.join(versions)} x torch {', '.join(torches)} in {args.workdir}",
           file=sys.stderr)
     outcomes = ts.sweep(versions, args.workdir, args.repo, jobs=args.jobs, drop_venvs=args.drop_venvs,
-                        torches=torches)
+                        torches=torches, share_torch=args.one_venv_per_torch)
     print(ts.markdown_table(outcomes))
     for o in outcomes:
         if o.status == "error":

@@ -126,7 +126,7 @@ def test_drop_venv_frees_the_disk_whatever_the_outcome(tmp_path, monkeypatch, dr
     """CI ran out of disk with a venv left behind per release: --drop-venvs deletes each one."""
     seen = []
 
-    def fake_build(version, workdir, repo, log_file, torch):
+    def fake_build(version, workdir, repo, log_file, torch, share_torch=False):
         venv = workdir / ts.venv_name(version, torch)
         (venv / "lib").mkdir(parents=True)
         (venv / "lib" / "big").write_bytes(b"x" * 1000)
@@ -194,3 +194,46 @@ def test_record_backs_the_declared_ranges():
     wanted = {(lo[0], m) for m in range(lo[1], hi[1] + 1)} if lo[0] == hi[0] else set()
     assert wanted and wanted <= torch_minors, f"torch minors not verified on transformers {tf['newest']}: " \
                                              f"{sorted(wanted - torch_minors)}"
+
+
+def test_readme_ci_and_sweep_install_the_same_torch_and_state_the_declared_ranges():
+    """README's first commands, .ci/run and the sweep's default torch are one release, inside the
+    verified range; README's Compatibility section states the ranges setup.py declares."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    first_commands = readme.split("```bash", 1)[1].split("```", 1)[0]
+    pins = set(re.findall(r"pip install (?:-q )?torch==([0-9.]+)", first_commands))
+    assert pins == {ts.DEFAULT_TORCH}, pins
+    assert set(re.findall(r"pip install (?:-q )?torch==([0-9.]+)", ci)) == {ts.DEFAULT_TORCH}
+    lo, hi = ts.verified_range(package="torch")["min"], ts.verified_range(package="torch")["cap"]
+    assert ts.release(lo) <= ts.release(ts.DEFAULT_TORCH) < ts.release(hi)
+    section = readme.split("## Compatibility\n", 1)[1].split("\n## ", 1)[0]
+    assert f"`transformers>={mq.TRANSFORMERS_MIN},<{mq.TRANSFORMERS_CAP}`" in section
+    assert f"`torch>={mq.TORCH_MIN},<{mq.TORCH_CAP}`" in section
+    assert "docs/compatibility.md" in section
+
+
+def test_one_venv_per_torch_installs_each_transformers_into_it(tmp_path, monkeypatch):
+    """--one-venv-per-torch: torch is installed once; each release is installed over the last."""
+    seen = []
+
+    def fake_run(cmd, log_file, env=None, timeout=0):
+        seen.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            python = ts.venv_python(Path(cmd[3]))
+            python.parent.mkdir(parents=True)
+            python.write_text("")
+        return 0
+
+    monkeypatch.setattr(ts, "_run", fake_run)
+    log = tmp_path / "log"
+    first = ts.build_env("4.40.0", tmp_path, REPO, log, torch="2.15.0", share_torch=True)
+    n_first = len(seen)
+    second = ts.build_env("5.25.0", tmp_path, REPO, log, torch="2.15.0", share_torch=True)
+    assert first == second == tmp_path / "torch-2.15.0"
+    assert any(c[1:3] == ["-m", "venv"] for c in seen[:n_first])
+    assert not any(c[1:3] == ["-m", "venv"] for c in seen[n_first:])  # the torch venv is reused
+    assert any("transformers==5.25.0" in c for c in seen[n_first:])
+    own = ts.build_env("5.25.0", tmp_path, REPO, log, torch="2.15.0")  # without sharing: a venv of its own
+    assert own == tmp_path / "tf-5.25.0-torch-2.15.0"
+    assert cli.main(["--versions", "5.25.0", "--pin", "p.json", "--one-venv-per-torch"]) == 2

@@ -145,6 +145,12 @@ def venv_name(version: str, torch: str = DEFAULT_TORCH) -> str:
     return f"tf-{version}-torch-{torch}"
 
 
+def venv_dir(workdir: Path, version: str, torch: str = DEFAULT_TORCH, share_torch: bool = False) -> Path:
+    """The venv of a pair: its own, or with ``share_torch`` one per torch release that each
+    transformers release is installed into in turn (a CUDA build of torch is ~6 GB to install)."""
+    return workdir / (f"torch-{torch}" if share_torch else venv_name(version, torch))
+
+
 def _run(cmd: Sequence[str], log_file: Path, env=None, timeout: int = 1800) -> int:
     with open(log_file, "a", encoding="utf-8") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -167,32 +173,31 @@ def pip_env() -> Dict[str, str]:
     return dict(os.environ, PIP_CONSTRAINT=os.devnull, PIP_NO_CACHE_DIR="1")
 
 
-def build_env(version: str, workdir: Path, repo: Path, log_file: Path, torch: str = DEFAULT_TORCH) -> Path:
+def build_env(version: str, workdir: Path, repo: Path, log_file: Path, torch: str = DEFAULT_TORCH,
+              share_torch: bool = False) -> Path:
     """A venv with torch==torch, transformers==version, the test tools and the fork (editable, no deps).
 
     Reused when it already holds those releases (the fork is installed again: ``repo`` may be
     another checkout). The fork is installed without its dependencies so a release above
     setup.py's caps can be tried (the canaries). torch comes from the package index as it is
     served: a CPU build where one is (2.13.0+cpu here), else the CUDA build, which runs on the CPU.
+    With ``share_torch`` the venv is the torch release's (:func:`venv_dir`) and transformers==version
+    (with the versions of its dependencies it asks for) is installed into it over the previous one.
     """
-    venv = workdir / venv_name(version, torch)
+    venv = venv_dir(workdir, version, torch, share_torch)
     python = venv_python(venv)
     marker = venv / ".minicpmv-attn-sweep"
     fork = [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(repo)]
-    wanted = f"{version} {torch}"
+    libraries = [str(python), "-m", "pip", "install", "-q", f"torch=={torch}", f"transformers=={version}",
+                 "safetensors", "einops", "numpy", "matplotlib", "pillow", "tqdm", *TEST_REQUIREMENTS]
+    wanted = f"torch {torch}" if share_torch else f"{version} {torch}"
     if marker.is_file() and marker.read_text().strip() == wanted and python.is_file():
-        if _run(fork, log_file) != 0:
-            raise RuntimeError(f"installing the fork from {repo} failed (see {log_file})")
-        return venv
-    if venv.exists():
-        shutil.rmtree(venv)
-    steps = [
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", f"torch=={torch}"],
-        [str(python), "-m", "pip", "install", "-q", f"torch=={torch}", f"transformers=={version}", "safetensors",
-         "einops", "numpy", "matplotlib", "pillow", "tqdm", *TEST_REQUIREMENTS],
-        fork,
-    ]
+        steps = [libraries, fork] if share_torch else [fork]
+    else:
+        if venv.exists():
+            shutil.rmtree(venv)
+        steps = [[sys.executable, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "-q", f"torch=={torch}"], libraries, fork]
     for cmd in steps:
         if _run(cmd, log_file, env=pip_env()) != 0:
             raise RuntimeError(f"`{' '.join(cmd[2:6])} ...` failed (see {log_file})")
@@ -240,7 +245,8 @@ def parse_junit(path: Path) -> Tuple[int, int, int, List[str]]:
 
 
 def run_release(version: str, workdir: Path, repo: Path, marker: str = "compat", threads: int = 1,
-                log: Log = _stderr, drop_venv: bool = False, torch: str = DEFAULT_TORCH) -> Outcome:
+                log: Log = _stderr, drop_venv: bool = False, torch: str = DEFAULT_TORCH,
+                share_torch: bool = False) -> Outcome:
     """Build (or reuse) the venv for transformers ``version`` and ``torch`` and run the ``marker``
     tests and the differ there.
 
@@ -251,17 +257,17 @@ def run_release(version: str, workdir: Path, repo: Path, marker: str = "compat",
     """
     name = venv_name(version, torch)
     try:
-        o = _run_release(version, torch, workdir, Path(repo), marker, threads, log)
+        o = _run_release(version, torch, workdir, Path(repo), marker, threads, log, share_torch)
     finally:
         if drop_venv:
-            for path in (workdir / name, workdir / f"{name}.tmp"):
+            for path in (venv_dir(workdir, version, torch, share_torch), workdir / f"{name}.tmp"):
                 shutil.rmtree(path, ignore_errors=True)
     o.date, o.commit = time.strftime("%Y-%m-%d", time.gmtime()), commit_of(repo)
     return o
 
 
 def _run_release(version: str, torch: str, workdir: Path, repo: Path, marker: str, threads: int,
-                 log: Log) -> Outcome:
+                 log: Log, share_torch: bool = False) -> Outcome:
     workdir.mkdir(parents=True, exist_ok=True)
     name = venv_name(version, torch)
     log_file = workdir / f"{name}.log"
@@ -269,7 +275,7 @@ def _run_release(version: str, torch: str, workdir: Path, repo: Path, marker: st
     start = time.time()
     log(f"transformers {version}, torch {torch}: building the venv ...")
     try:
-        venv = build_env(version, workdir, repo, log_file, torch=torch)
+        venv = build_env(version, workdir, repo, log_file, torch=torch, share_torch=share_torch)
         installed, py = probe(str(venv_python(venv)), version, torch)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         return Outcome(version, "error", detail=str(e), seconds=time.time() - start, torch=torch)
@@ -298,10 +304,19 @@ def _run_release(version: str, torch: str, workdir: Path, repo: Path, marker: st
 
 
 def sweep(versions: Sequence[str], workdir: Path, repo: Path, jobs: int = 1, log: Log = _stderr,
-          drop_venvs: bool = False, torches: Sequence[str] = (DEFAULT_TORCH,)) -> List[Outcome]:
+          drop_venvs: bool = False, torches: Sequence[str] = (DEFAULT_TORCH,), share_torch: bool = False
+          ) -> List[Outcome]:
     """Run :func:`run_release` for each of ``versions`` with each of ``torches`` on the checkout
-    ``repo``, ``jobs`` at once."""
+    ``repo``, ``jobs`` at once (with ``share_torch``: one torch at a time, its releases in turn in
+    its venv, deleted after the last with ``drop_venvs``)."""
     repo = Path(repo)
+    if share_torch:
+        outcomes = []
+        for t in torches:
+            for i, v in enumerate(versions):
+                outcomes.append(run_release(v, workdir, repo, log=log, torch=t, share_torch=True,
+                                            drop_venv=drop_venvs and i == len(versions) - 1))
+        return sorted(outcomes, key=lambda o: (release(o.version), release(o.torch)))
     pairs = [(v, t) for t in torches for v in versions]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(lambda p: run_release(p[0], workdir, repo, log=log, drop_venv=drop_venvs,
