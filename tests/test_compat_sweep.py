@@ -237,3 +237,24 @@ def test_one_venv_per_torch_installs_each_transformers_into_it(tmp_path, monkeyp
     own = ts.build_env("5.25.0", tmp_path, REPO, log, torch="2.15.0")  # without sharing: a venv of its own
     assert own == tmp_path / "tf-5.25.0-torch-2.15.0"
     assert cli.main(["--versions", "5.25.0", "--pin", "p.json", "--one-venv-per-torch"]) == 2
+
+
+def test_torch_canary_tries_a_new_torch_with_the_newest_verified_transformers(tmp_path, monkeypatch):
+    asked = []
+
+    def fake_release(version, workdir, repo, log=None, drop_venv=False, torch=ts.DEFAULT_TORCH, **kw):
+        asked.append((version, torch, drop_venv))
+        return ts.Outcome(version, "FAIL", 63, 1, failures=["tests/test_golden.py::x: RuntimeError: boom"],
+                          torch=torch)
+
+    monkeypatch.setattr(ts, "run_release", fake_release)
+    monkeypatch.setattr(ts, "index_versions", lambda package="transformers", **kw: {
+        "torch": ["2.16.1", "2.16.0", "2.15.0"], "transformers": ["5.25.0"]}[package])
+    rc, line = ts.canary(tmp_path, REPO, package="torch", drop_venv=True)
+    assert asked == [(mq.TRANSFORMERS_NEWEST_VERIFIED, "2.16.1", True)]
+    assert rc == 1 and "\n" not in line
+    assert line.startswith(f"CANARY FAILED: torch 2.16.1 (above the verified {mq.TORCH_MIN}.."
+                           f"{mq.TORCH_NEWEST_VERIFIED}, cap <{mq.TORCH_CAP}; with transformers "
+                           f"{mq.TRANSFORMERS_NEWEST_VERIFIED}) breaks 1 of 64")
+    assert ts.canary(tmp_path, REPO, package="transformers")[0] == 0  # nothing above the transformers cap
+    assert len(asked) == 1
