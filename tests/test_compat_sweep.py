@@ -182,18 +182,19 @@ def test_doc_table_is_the_rendering_of_the_committed_sweep_record():
 
 
 def test_record_backs_the_declared_ranges():
-    """The newest verified and the minimum transformers and torch each passed, measured together."""
+    """The ends of the declared ranges passed, measured together, and every torch minor from
+    TORCH_MIN's to the newest verified passed on the newest verified transformers."""
     runs = {(o.version, o.torch): o for o in ts.load_record(RECORD)}
     tf, torch_ = ts.verified_range(), ts.verified_range(package="torch")
-    for pair in ((tf["newest"], torch_["newest"]), (tf["newest"], torch_["min"]), (tf["min"], ts.DEFAULT_TORCH),
+    for pair in ((tf["newest"], torch_["newest"]), (tf["min"], torch_["newest"]), (tf["min"], ts.DEFAULT_TORCH),
                  (tf["newest"], ts.DEFAULT_TORCH)):
         assert pair in runs and runs[pair].status == "pass", f"transformers {pair[0]} + torch {pair[1]} not verified"
         assert runs[pair].date and runs[pair].commit and runs[pair].installed
     torch_minors = {ts.release(t)[:2] for v, t in runs if v == tf["newest"] and runs[v, t].status == "pass"}
     lo, hi = ts.release(torch_["min"])[:2], ts.release(torch_["newest"])[:2]
     wanted = {(lo[0], m) for m in range(lo[1], hi[1] + 1)} if lo[0] == hi[0] else set()
-    assert wanted and wanted <= torch_minors, f"torch minors not verified on transformers {tf['newest']}: " \
-                                             f"{sorted(wanted - torch_minors)}"
+    assert wanted and wanted <= torch_minors, (f"torch minors not verified on transformers {tf['newest']}: "
+                                               f"{sorted(wanted - torch_minors)}")
 
 
 def test_readme_ci_and_sweep_install_the_same_torch_and_state_the_declared_ranges():
@@ -225,15 +226,25 @@ def test_one_venv_per_torch_installs_each_transformers_into_it(tmp_path, monkeyp
             python.write_text("")
         return 0
 
+    held = [["filelock", "torch"]]  # what the venv holds: torch alone, then what each release adds
+
+    def fake_list(python):
+        return list(held[-1])
+
     monkeypatch.setattr(ts, "_run", fake_run)
+    monkeypatch.setattr(ts, "installed_packages", fake_list)
     log = tmp_path / "log"
-    first = ts.build_env("4.40.0", tmp_path, REPO, log, torch="2.15.0", share_torch=True)
+    first = ts.build_env("5.25.0", tmp_path, REPO, log, torch="2.15.0", share_torch=True)
     n_first = len(seen)
-    second = ts.build_env("5.25.0", tmp_path, REPO, log, torch="2.15.0", share_torch=True)
+    held.append(["filelock", "kernels", "minicpmv-attn", "torch", "transformers"])
+    second = ts.build_env("5.0.0", tmp_path, REPO, log, torch="2.15.0", share_torch=True)
     assert first == second == tmp_path / "torch-2.15.0"
     assert any(c[1:3] == ["-m", "venv"] for c in seen[:n_first])
-    assert not any(c[1:3] == ["-m", "venv"] for c in seen[n_first:])  # the torch venv is reused
-    assert any("transformers==5.25.0" in c for c in seen[n_first:])
+    later = seen[n_first:]
+    assert not any(c[1:3] == ["-m", "venv"] for c in later)  # the torch venv is reused
+    # what 5.25.0 brought (kernels broke 5.0.0's import) goes before 5.0.0 comes in; torch stays
+    assert later[0][3:] == ["uninstall", "-q", "-y", "kernels", "minicpmv-attn", "transformers"]
+    assert any("transformers==5.0.0" in c for c in later[1:])
     own = ts.build_env("5.25.0", tmp_path, REPO, log, torch="2.15.0")  # without sharing: a venv of its own
     assert own == tmp_path / "tf-5.25.0-torch-2.15.0"
     assert cli.main(["--versions", "5.25.0", "--pin", "p.json", "--one-venv-per-torch"]) == 2

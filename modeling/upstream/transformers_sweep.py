@@ -181,8 +181,10 @@ def build_env(version: str, workdir: Path, repo: Path, log_file: Path, torch: st
     another checkout). The fork is installed without its dependencies so a release above
     setup.py's caps can be tried (the canaries). torch comes from the package index as it is
     served: a CPU build where one is (2.13.0+cpu here), else the CUDA build, which runs on the CPU.
-    With ``share_torch`` the venv is the torch release's (:func:`venv_dir`) and transformers==version
-    (with the versions of its dependencies it asks for) is installed into it over the previous one.
+    With ``share_torch`` the venv is the torch release's (:func:`venv_dir`): what the previous
+    release installed is removed down to the packages the venv held with torch alone (a package one
+    release pulls in and an older one only imports if present, such as ``kernels``, broke
+    transformers 5.0.0), then transformers==version goes in.
     """
     venv = venv_dir(workdir, version, torch, share_torch)
     python = venv_python(venv)
@@ -191,18 +193,35 @@ def build_env(version: str, workdir: Path, repo: Path, log_file: Path, torch: st
     libraries = [str(python), "-m", "pip", "install", "-q", f"torch=={torch}", f"transformers=={version}",
                  "safetensors", "einops", "numpy", "matplotlib", "pillow", "tqdm", *TEST_REQUIREMENTS]
     wanted = f"torch {torch}" if share_torch else f"{version} {torch}"
+    base = venv / ".torch-only"
     if marker.is_file() and marker.read_text().strip() == wanted and python.is_file():
-        steps = [libraries, fork] if share_torch else [fork]
+        steps = [fork]
+        if share_torch:
+            extra = sorted(set(installed_packages(python)) - set(base.read_text().split()))
+            steps = ([[str(python), "-m", "pip", "uninstall", "-q", "-y", *extra]] if extra else []) + [libraries, fork]
     else:
         if venv.exists():
             shutil.rmtree(venv)
         steps = [[sys.executable, "-m", "venv", str(venv)],
                  [str(python), "-m", "pip", "install", "-q", f"torch=={torch}"], libraries, fork]
     for cmd in steps:
+        if cmd is libraries and share_torch and not base.is_file():
+            base.write_text("\n".join(installed_packages(python)) + "\n")
         if _run(cmd, log_file, env=pip_env()) != 0:
             raise RuntimeError(f"`{' '.join(cmd[2:6])} ...` failed (see {log_file})")
     marker.write_text(wanted + "\n")
     return venv
+
+
+def installed_packages(python: Path) -> List[str]:
+    """The distribution names a venv holds (normalised: lower case, ``-``)."""
+    proc = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
+                          capture_output=True, text=True, timeout=600, env=pip_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip list in {python} failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+    names = {re.sub(r"[-_.]+", "-", line.split("==")[0].split(" @ ")[0]).lower()
+             for line in proc.stdout.splitlines() if line.strip() and not line.startswith("#")}
+    return sorted(names - {"pip", "setuptools", "wheel"})
 
 
 PROBE = ("import sys, torch, transformers; cuda = torch.version.cuda; "
