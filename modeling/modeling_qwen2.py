@@ -33,7 +33,8 @@ from .checkpoint import execution_device
 #: releases it is verified with (``scripts/sweep_transformers.py`` measures them and writes
 #: docs/compatibility.md). setup.py reads the MIN / CAP lines and declares
 #: ``transformers>=TRANSFORMERS_MIN,<TRANSFORMERS_CAP`` and ``torch>=TORCH_MIN,<TORCH_CAP``.
-#: TORCH_MIN is what transformers 5.x needs: below torch 2.6 it disables its torch support.
+#: TORCH_MIN: what transformers 5.x needs (below torch 2.6 it turns its torch support off);
+#: every torch minor from it up passed the sweep.
 TRANSFORMERS_MIN = "4.40.0"
 TRANSFORMERS_CAP = "5.26"
 TRANSFORMERS_NEWEST_VERIFIED = "5.25.0"
