@@ -5,13 +5,15 @@ from pathlib import Path
 from setuptools import setup
 
 
-def verified_transformers() -> str:
-    """``transformers>=MIN,<CAP`` from modeling/modeling_qwen2.py, the one place the range is kept."""
+def verified_range(package: str) -> str:
+    """``PACKAGE>=MIN,<CAP`` from modeling/modeling_qwen2.py, the one place the verified ranges are kept
+    (``package``: "transformers" or "torch")."""
     source = (Path(__file__).resolve().parent / "modeling" / "modeling_qwen2.py").read_text(encoding="utf-8")
-    found = dict(re.findall(r'^(TRANSFORMERS_MIN|TRANSFORMERS_CAP) = "([0-9.]+)"$', source, re.M))
-    if set(found) != {"TRANSFORMERS_MIN", "TRANSFORMERS_CAP"}:
-        raise RuntimeError("modeling/modeling_qwen2.py: TRANSFORMERS_MIN / TRANSFORMERS_CAP not found")
-    return f"transformers>={found['TRANSFORMERS_MIN']},<{found['TRANSFORMERS_CAP']}"
+    prefix = package.upper()
+    found = dict(re.findall(rf'^{prefix}_(MIN|CAP) = "([0-9.]+)"$', source, re.M))
+    if set(found) != {"MIN", "CAP"}:
+        raise RuntimeError(f"modeling/modeling_qwen2.py: {prefix}_MIN / {prefix}_CAP not found")
+    return f"{package}>={found['MIN']},<{found['CAP']}"
 
 
 setup(
@@ -37,8 +39,8 @@ setup(
                   "minicpmv_attn.analysis": ["viewer_page/*.html", "viewer_page/*.js", "viewer_page/*.css"],
                   "minicpmv_attn.patches": ["*.json", "*.md", "notes/*.md"]},
     install_requires=[
-        "torch>=2.1",
-        verified_transformers(),  # the releases the generation path is verified on
+        verified_range("torch"),  # the torch releases the compatibility tests pass on
+        verified_range("transformers"),  # the releases the generation path is verified on
         "safetensors",
         "einops",
         "numpy",

@@ -29,12 +29,18 @@ from .attention import AttnMask, attend, checkpoint_call, parse_hook_name
 from .capture import AttentionCapture, CaptureError, CaptureSpec, attached, attached_capture, hook_name
 from .checkpoint import execution_device
 
-#: The transformers releases whose generation loop the fork is verified on (every 5.x minor
-#: in between too; ``scripts/sweep_transformers.py`` writes the README's table). setup.py
-#: reads these two lines and declares ``transformers>=TRANSFORMERS_MIN,<TRANSFORMERS_CAP``.
+#: The transformers releases whose generation loop the fork is verified on, and the torch
+#: releases it is verified with (``scripts/sweep_transformers.py`` measures them and writes
+#: docs/compatibility.md). setup.py reads the MIN / CAP lines and declares
+#: ``transformers>=TRANSFORMERS_MIN,<TRANSFORMERS_CAP`` and ``torch>=TORCH_MIN,<TORCH_CAP``.
+#: TORCH_MIN: what transformers 5.x needs (below torch 2.6 it turns its torch support off);
+#: every torch minor from it up passed the sweep.
 TRANSFORMERS_MIN = "4.40.0"
-TRANSFORMERS_CAP = "5.25"
-TRANSFORMERS_NEWEST_VERIFIED = "5.24.0"
+TRANSFORMERS_CAP = "5.26"
+TRANSFORMERS_NEWEST_VERIFIED = "5.25.0"
+TORCH_MIN = "2.6.0"
+TORCH_CAP = "2.16"
+TORCH_NEWEST_VERIFIED = "2.15.0"
 
 #: What transformers calls the KV cache in model inputs and outputs: ``cache`` from 5.24 on,
 #: ``past_key_values`` before. The fork accepts both names and writes the current one.

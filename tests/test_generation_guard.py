@@ -183,13 +183,15 @@ def test_forward_takes_the_cache_under_either_name():
     assert mq.CACHE_FIELD in type(a).__dataclass_fields__
 
 
-def test_installed_requirement_is_the_verified_range():
-    """setup.py declares transformers>=MIN,<CAP from the constants the runtime messages use."""
-    reqs = [r for r in importlib.metadata.requires("minicpmv-attn") or [] if r.startswith("transformers")]
+@pytest.mark.parametrize("package", ["transformers", "torch"])
+def test_installed_requirement_is_the_verified_range(package):
+    """setup.py declares PACKAGE>=MIN,<CAP from the constants in modeling_qwen2.py."""
+    lo, hi, newest = (getattr(mq, f"{package.upper()}_{k}") for k in ("MIN", "CAP", "NEWEST_VERIFIED"))
+    reqs = [r for r in importlib.metadata.requires("minicpmv-attn") or [] if re.match(rf"{package}\b", r)]
     assert len(reqs) == 1
-    assert f">={mq.TRANSFORMERS_MIN}" in reqs[0] and f"<{mq.TRANSFORMERS_CAP}" in reqs[0], reqs
-    newest = tuple(int(x) for x in mq.TRANSFORMERS_NEWEST_VERIFIED.split("."))
-    cap = tuple(int(x) for x in mq.TRANSFORMERS_CAP.split("."))
+    assert f">={lo}" in reqs[0] and f"<{hi}" in reqs[0], reqs
+    newest = tuple(int(x) for x in newest.split("."))
+    cap = tuple(int(x) for x in hi.split("."))
     assert cap == (newest[0], newest[1] + 1), "the cap is the next minor after the newest verified release"
 
 

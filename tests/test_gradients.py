@@ -5,6 +5,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from golden import case_dir, load_inputs
 from minicpmv_attn import MiniCPMV
+from minicpmv_attn.train.model import enable_checkpointing
 
 TOL = 1e-4
 
@@ -69,7 +70,7 @@ def test_gradient_checkpointing_same_gradients():
     for checkpointing in (False, True):
         model = MiniCPMV.from_pretrained(str(case_dir("single_image"))).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)  # the API the installed transformers does not deprecate
             assert model.llm.model.gradient_checkpointing and model.vpm.encoder.gradient_checkpointing
         data, mask = load_inputs("single_image")
         labels = data["input_ids"].masked_fill(mask == 0, -100)

@@ -5,6 +5,14 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Sequence
 
+import transformers
+
+from ..modeling_qwen2 import _release
+
+#: transformers 5.23 added ``activation_checkpointing_enable`` and deprecated
+#: ``gradient_checkpointing_enable`` (it warns, to be removed in v6): the name to call.
+ACTIVATION_CHECKPOINTING_API = _release(transformers.__version__) >= (5, 23)
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -54,7 +62,7 @@ def load_model(model_path: Optional[str] = None, device: Optional[str] = None, d
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation (gradient) checkpointing of the LLM and vision layers."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+    if ACTIVATION_CHECKPOINTING_API:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
