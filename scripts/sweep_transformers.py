@@ -30,6 +30,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+# minicpmv_attn.upstream.transformers_sweep.DEFAULT_TORCH, kept here so that --help answers without loading
+# the library (tests/test_cli_help.py holds them equal)
+DEFAULT_TORCH = "2.13.0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--versions", nargs="+", metavar="V", default=None,
                    help="releases to test (default: 4.40.0, the newest 4.x, the newest patch of every 5.x minor "
                         "on the package index)")
-    p.add_argument("--torch", nargs="+", metavar="T", default=[ts.DEFAULT_TORCH],
+    p.add_argument("--torch", nargs="+", metavar="T", default=[DEFAULT_TORCH],
                    help="torch releases to test each transformers release with ('all': the newest patch of every "
                         "torch minor from TORCH_MIN on the package index)")
     p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "minicpmv-attn" / "sweep",

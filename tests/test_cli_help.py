@@ -70,3 +70,7 @@ def test_other_help_constants_are_the_library_values():
     assert train_demo.DEFAULTS == TRAIN_DEFAULTS
     assert install_into_snapshot.BACKUP_DIRNAME == BACKUP_DIRNAME
     assert diff_upstream.UPSTREAM_REPO_ID == UPSTREAM_REPO_ID
+    from minicpmv_attn.scripts import sweep_transformers
+    from minicpmv_attn.upstream.transformers_sweep import DEFAULT_TORCH
+
+    assert sweep_transformers.DEFAULT_TORCH == DEFAULT_TORCH
