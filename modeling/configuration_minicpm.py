@@ -9,8 +9,9 @@ from transformers import PretrainedConfig, Qwen2Config
 from transformers.utils import logging
 
 # fork: configuration_minicpm.MiniCPMVConfig -- transformers 4.4x copies only the direct relative
-# imports of a remote-code file, and modeling_navit_siglip below needs attention.py
+# imports of a remote-code file, and modeling_navit_siglip below needs attention.py (and it kernel_check.py)
 from .attention import AttnMask  # noqa: F401
+from .kernel_check import flash_ok  # noqa: F401
 from .modeling_navit_siglip import SiglipVisionConfig
 
 logger = logging.get_logger(__name__)

@@ -97,3 +97,44 @@ def test_kernel_check_ships_flat_and_imports_only_torch_and_the_stdlib():
     assert "kernel_check.py" in remote_code_files()
     for user in ("attention.py", "capture.py"):
         assert "kernel_check" in get_relative_imports(str(PACKAGE / user)), user
+
+
+def _direct_relative_imports(path: Path):
+    """What transformers 4.4x copies beside a remote-code file: the modules it imports relatively
+    (``from .x import``/``import .x`` lines anywhere in the file, the rule of 4.40's dynamic_module_utils)."""
+    text = path.read_text(encoding="utf-8")
+    return set(re.findall(r"^\s*from\s+\.(\w+)\s+import", text, re.M)) | set(
+        re.findall(r"^\s*import\s+\.(\w+)\s*$", text, re.M))
+
+
+def _closure(src: Path, start):
+    seen, todo = set(), list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NOT_NEEDED_AS_REMOTE_CODE:
+            continue
+        seen.add(name)
+        todo += _direct_relative_imports(src / f"{name}.py")
+    return seen
+
+
+@pytest.mark.parametrize("entries", [("configuration_minicpm", "modeling_minicpmv"), ("processing_minicpmv",),
+                                     ("image_processing_minicpmv",), ("tokenization_minicpmv_fast",)])
+def test_remote_code_loads_where_only_direct_imports_are_copied(entries):
+    """transformers 4.4x copies a remote-code entry file and its *direct* relative imports only (not
+    theirs), and AutoModel loads the config's file and the model's file into one folder: every shipped
+    module those need, at any depth, must be a direct import of an entry file, or loading dies with
+    'No module named transformers_modules.<folder>.<module>' (kernel_check.py once did)."""
+    src = Path(modeling_minicpmv.__file__).parent
+    copied = set(entries).union(*(_direct_relative_imports(src / f"{e}.py") for e in entries))
+    needed = _closure(src, entries)
+    assert needed <= copied, f"needed but never copied by transformers 4.4x: {sorted(needed - copied)}"
+
+
+#: lazy imports that remote code never runs or survives without, and why
+NOT_NEEDED_AS_REMOTE_CODE = {
+    "capture_triton": "imported inside capture's kernel choice; an ImportError there means the torch path "
+                      "(the fused kernel is an optional speed-up, never needed for a right answer)",
+    "configuration_minicpm": "processing_minicpmv imports it only in register_processing, which the installed "
+                             "package runs, never remote code (the model group lists it as an entry itself)",
+}
