@@ -78,11 +78,12 @@ def report_folder(tmp_path_factory):
     Image.new("RGB", (64, 48), (200, 40, 40)).save(folder / "a.png")
     jobs = [{"image": "a.png", "prompt": "What is it?", "id": HOSTILE, "label": HOSTILE},
             {"image": "a.png", "prompt": "Colour?", "id": "two", "label": "$\\frac{$"},
-            {"image": "a.png", "prompt": "Where?", "id": "three", "label": "<b>bold</b>"}]
+            {"image": "a.png", "prompt": "Where?", "id": "three", "label": "<b>bold</b>"},
+            {"image": "a.png", "prompt": "Up?", "id": "../../x", "label": "dots"}]
     (folder / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     out = folder / "out"
     done = extract(str(folder / "jobs.jsonl"), str(out), max_new_tokens=3, quiet=True, summary=False)
-    assert done.counts["succeeded"] == 3
+    assert done.counts["succeeded"] == 4
     results = out / "results.jsonl"
     rows = [json.loads(x) for x in results.read_text().splitlines()]
     for ext in (".json", ".safetensors"):
@@ -103,6 +104,30 @@ def test_report_links_are_files_and_labels_are_text(report_folder):
         from urllib.parse import unquote
 
         assert (report_folder / unquote(link)).is_file(), link
+
+
+def test_report_outlier_pages_stay_in_the_folder_and_escape_names(report_folder):
+    """The outliers' viewer pages (issue 25) are named from the record's file name reduced to safe
+    characters: the javascript: record and the id ``../../x`` give files inside ``out/viewer/``,
+    linked relatively; the names are text on the pages; nothing is written outside ``out``."""
+    from urllib.parse import unquote
+
+    page = (report_folder / "report.html").read_text()
+    links = [p.split('"')[0] for p in page.split('class=viewer href="')[1:]]
+    assert len(set(links)) == 4 and all(x.startswith("./viewer/") for x in links), links
+    assert "./viewer/javascript_window.__pwned_4_void_0_.html" in links
+    pages = sorted((report_folder / "viewer").iterdir())
+    assert [p.name for p in pages] == sorted(Path(unquote(x)).name for x in set(links))
+    folder = report_folder.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "jobs.jsonl", "out"]  # nothing beside out
+    for p in pages:
+        html = p.read_text()
+        assert "<img src=x" not in html and "<script>window" not in html and "href=\"javascript:" not in html
+        assert html.count("<script") == 5 and html.count("data:image/jpeg;base64,") == 1  # a.png, named in the JSONL
+        for href in [h.split('"')[0] for h in html.split('href="')[1:]]:
+            assert (p.parent / unquote(href)).resolve().is_file(), href
+    dots = next(p for p in pages if "x-" in p.name and p.name.startswith("_"))
+    assert "<b>Record:</b> ../../x<br>" in dots.read_text()  # the id as text, not as a path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +176,21 @@ def test_hostile_viewer_in_chromium(viewer_page, driver):
 
 @browser
 def test_hostile_report_in_chromium(report_folder, driver):
+    from selenium.webdriver.common.by import By
+
     driver.get((report_folder / "report.html").as_uri())
     _no_handler_no_request(driver)
     protocols = driver.execute_script("return [...document.links].map(a => a.protocol)")
     assert protocols and set(protocols) == {"file:"}, protocols
     assert driver.execute_script("return document.querySelectorAll('script, iframe, [onerror]').length") == 0
+    # an outlier opens its viewer page: it draws offline, its links are files, no handler runs
+    hostile = driver.find_element(By.CSS_SELECTOR, "a.viewer[href*='javascript_']")
+    hostile.click()
+    assert driver.current_url.endswith("/out/viewer/javascript_window.__pwned_4_void_0_.html")
+    assert driver.execute_script("return typeof window.viewerReady") == "number"
+    assert driver.execute_script("return document.getElementById('photo').tagName") == "IMG"
+    _no_handler_no_request(driver)
+    protocols = driver.execute_script("return [...document.links].map(a => a.protocol)")
+    assert protocols and set(protocols) == {"file:"}, protocols
+    driver.back()
+    assert driver.current_url.endswith("/out/report.html")

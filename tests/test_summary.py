@@ -186,3 +186,70 @@ def test_a_record_that_cannot_be_measured_keeps_its_row(extracted, tmp_path):
     bad = next(r for r in table.rows if r["id"] == "two")
     assert "no LLM attention" in bad["summary_error"] and "summary_error" in table.columns
     assert all("summary_error" not in r for r in table.rows if r["id"] != "two")
+
+
+def _viewer_links(page):
+    """The report's outlier links to viewer pages, in order (href values)."""
+    return [p.split('"')[0] for p in page.split('class=viewer href="')[1:]]
+
+
+def test_report_outliers_open_viewer_pages_with_the_records_maps(extracted, tmp_path):
+    """Issue 25: each outlier opens the record's viewer page (``viewer/<name>.html``, beside the
+    report) holding that record's maps, on its image when the recorded path still holds it; a record
+    whose image is gone still gets its page, saying so, and keeps its JSON link. Pages of earlier
+    outliers are removed."""
+    from minicpmv_attn.analysis import viewer as vw
+    from minicpmv_attn.analysis.dataset_report import build_report
+
+    out = copy_of(extracted, tmp_path)
+    results = out / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    for r in rows:
+        if r.get("id") == "three":
+            r["image"] = str(tmp_path / "gone.png")  # its image is no longer where the extraction saw it
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "viewer").mkdir(exist_ok=True)
+    (out / "viewer" / "stale.html").write_text("an earlier outlier")
+    build_report(str(out))
+    page = (out / "report.html").read_text()
+    links = _viewer_links(page)
+    assert len(links) == 6 and len(set(links)) == 3, links  # 3 records, in both tables
+    assert sorted(p.name for p in (out / "viewer").iterdir()) == sorted({Path(x).name for x in links})
+    by_id = {r["id"]: r for r in read_summary(out)}
+    for rid, r in by_id.items():
+        name = Path(r["record"]).name
+        link = f"./viewer/{name}.html"
+        assert link in links
+        html = (out / link).read_text()
+        assert f'href="./{r["record"]}.json">json</a>' in page  # the raw record stays linked
+        # the record's own maps: the page's data equals the viewer built from the record here
+        want = vw.build_viewer(AttentionRecord.load(str(out / r["record"])), None)
+        got = vw.read_viewer_data(html)
+        assert got["blocks"] == want.data["blocks"] and got["slices"] == want.data["slices"]
+        assert np.array_equal(got["u8"], np.frombuffer(__import__("base64").b64decode(want.u8), np.uint8))
+        assert f'href="../{r["record"]}.json"' in html and 'href="../report.html"' in html
+        if rid == "three":
+            assert "data:image/jpeg" not in html
+            assert "image not embedded: gone.png is missing" in html
+        else:
+            assert html.count("data:image/jpeg;base64,") == 1 and "image not embedded" not in html
+    assert "image not embedded: gone.png is missing" in page  # the report says it too
+
+
+def test_outlier_pages_refuse_a_viewer_folder_that_leads_elsewhere(extracted, tmp_path):
+    """A ``viewer`` entry that is a link (to a folder outside the run) gets no page written through
+    it: the outliers link their JSON with a note, and nothing appears outside ``out``."""
+    from minicpmv_attn.analysis.dataset_report import build_report
+
+    out = copy_of(extracted, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(out / "viewer")  # the pages the extraction's own report wrote
+    (out / "viewer").symlink_to(elsewhere, target_is_directory=True)
+    warned = []
+    build_report(str(out), warn=warned.append)
+    page = (out / "report.html").read_text()
+    assert list(elsewhere.iterdir()) == []
+    assert _viewer_links(page) == [] and "is not a folder of the run" in page
+    assert any("no viewer pages written" in w for w in warned)
+    assert 'href="./records/one-' in page  # the JSON links stay

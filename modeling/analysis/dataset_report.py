@@ -9,7 +9,9 @@ but relative links to the records):
   bands);
 * with a group column (``group_by``, default ``label`` when the lines have one): the mean image
   share per layer of each group and the difference (two groups: A - B; more: group - all);
-* outliers: the records with the lowest and highest image share, linked to their files;
+* outliers: the records with the lowest and highest image share, each linked to its viewer page
+  (``viewer/<name>.html``, written by :func:`~.outlier_pages.write_outlier_pages`: the maps on the
+  record's image when the path the extraction recorded still holds it) and to its raw JSON;
 * the mean answer heatmap per group over the images of the most common size.
 
 Bounded: at most :data:`MAX_PLOT_ROWS` rows are plotted and keep a heatmap in memory (a seeded
@@ -20,16 +22,17 @@ import io
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..attention_record import atomic_write_text
 from .html_safe import plot_text, relative_href, text
+from .outlier_pages import OutlierPage, write_outlier_pages
 from .pipeline import ToolError
 from .summary import SummaryTable, summarise, write_summary
 
-__all__ = ["MAX_PLOT_ROWS", "BuiltReport", "build_report", "render_report"]
+__all__ = ["MAX_PLOT_ROWS", "BuiltReport", "build_report", "outlier_rows", "render_report"]
 
 MAX_PLOT_ROWS = 20000
 MAX_GROUPS = 8
@@ -146,33 +149,51 @@ def _heatmap_plot(table: SummaryTable, groups: Dict[str, List[dict]]) -> str:
             f"to 1 before averaging.</p>" + _png(fig))
 
 
-def _record_link(row: dict) -> str:
-    """The record's name, linked to its JSON when its path is a relative one inside the folder
-    (never a URL: ``javascript:...`` is a file name here)."""
+def _record_link(row: dict, pages: Optional[Dict[str, OutlierPage]] = None) -> str:
+    """The record's name, linked to its viewer page (``viewer/<name>.html``, when ``pages`` has one)
+    and to its raw JSON, each only as a relative path inside the folder (never a URL:
+    ``javascript:...`` is a file name here)."""
     name = text(str(row.get("id") or row["key"][:12]))
     href = relative_href(str(row.get("record")) + ".json")
-    return f'<a href="{href}">{name}</a>' if href else name
+    page = (pages or {}).get(row["key"])
+    if page is None or page.href is None:
+        cell = f'<a href="{href}">{name}</a>' if href else name
+    else:
+        cell = f'<a class=viewer href="{page.href}">{name}</a>' + (f' (<a href="{href}">json</a>)' if href else "")
+    if page is not None and page.note:
+        cell += f"<br><span class=dim>{text(page.note)}</span>"
+    return cell
 
 
-def _outliers(rows: List[dict]) -> str:
+def outlier_rows(rows: List[dict]) -> Tuple[List[dict], List[dict]]:
+    """(the :data:`OUTLIERS` rows with the lowest image share, lowest first; the highest, highest
+    first) among the rows with a finite image share."""
     have = [r for r in rows if r.get("image_share") is not None and np.isfinite(r["image_share"])]
-    if not have:
-        return "<p>No image shares measured.</p>"
     have.sort(key=lambda r: r["image_share"])
+    return have[:OUTLIERS], have[::-1][:OUTLIERS]
+
+
+def _outliers(rows: List[dict], pages: Optional[Dict[str, OutlierPage]] = None) -> str:
+    low, high = outlier_rows(rows)
+    if not low:
+        return "<p>No image shares measured.</p>"
     esc = text
 
     def table(title, part):
         body = "".join(
-            f"<tr><td>{_record_link(r)}</td>"
+            f"<tr><td>{_record_link(r, pages)}</td>"
             f"<td>{r['image_share']:.3f}</td><td>{esc(str(r.get('answer'))[:80])}</td></tr>" for r in part)
         return f"<h3>{title}</h3><table><tr><th>record</th><th>image share</th><th>answer</th></tr>{body}</table>"
 
-    return table("Lowest image share", have[:OUTLIERS]) + table("Highest image share", have[::-1][:OUTLIERS])
+    intro = ("<p>Each record opens its viewer page (<code>viewer/</code>, the maps drawn on the record's image); "
+             "<i>json</i> is the raw record.</p>" if pages else "")
+    return intro + table("Lowest image share", low) + table("Highest image share", high)
 
 
 def render_report(table: SummaryTable, group_by: Optional[str] = None, title: str = "extraction",
-                  summary_name: str = "summary.parquet") -> str:
-    """The page as a string (see the module doc)."""
+                  summary_name: str = "summary.parquet", pages: Optional[Dict[str, OutlierPage]] = None) -> str:
+    """The page as a string (see the module doc). ``pages``: the outliers' viewer pages
+    (:func:`~.outlier_pages.write_outlier_pages`); without them the outliers link their JSON."""
     esc = text
     rows = [r for r in table.rows if "summary_error" not in r]
     parts = [f"<p>{len(table.rows)} records in <code>{esc(summary_name)}</code>"
@@ -200,12 +221,12 @@ def render_report(table: SummaryTable, group_by: Optional[str] = None, title: st
             groups = {"all": plotted}
         parts.append("<h2>Mean answer heatmap" + (f" by {esc(group_by)}" if group_by else "") + "</h2>"
                      + _heatmap_plot(SummaryTable(plotted, table.columns, table.heatmaps), groups or {"all": plotted}))
-        parts.append("<h2>Outliers</h2>" + _outliers(plotted))
+        parts.append("<h2>Outliers</h2>" + _outliers(plotted, pages))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>minicpmv-attn: {esc(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}} img{{max-width:100%}}
 table{{border-collapse:collapse;font-size:90%}} td,th{{border:1px solid #ddd;padding:2px 6px}}
-.warn{{background:#fff3cd;padding:.6em}} code{{background:#f4f4f4}}</style></head><body>
+.warn{{background:#fff3cd;padding:.6em}} .dim{{color:#777}} code{{background:#f4f4f4}}</style></head><body>
 <h1>Attention over the dataset: {esc(title)}</h1>
 {''.join(parts)}
 </body></html>
@@ -225,8 +246,14 @@ def build_report(out: str, group_by: Optional[str] = None, warn: Optional[Callab
     if group_by and table.rows and group_by not in table.columns:
         raise ToolError(f"--group-by {group_by}: no such column; the summary has {', '.join(table.columns)}")
     summary_path = write_summary(out, table, say=say or warn)
+    pages = None
+    plotted = [r for r in table.rows if "summary_error" not in r
+               and (table.sampled is None or r["key"] in table.sampled)]
+    low, high = outlier_rows(plotted)
+    if low:
+        pages = write_outlier_pages(out, low + high, warn=warn)
     page = render_report(table, group_by, title=os.path.basename(os.path.abspath(out)),
-                         summary_name=os.path.basename(summary_path))
+                         summary_name=os.path.basename(summary_path), pages=pages)
     report_path = os.path.join(out, "report.html")
     atomic_write_text(report_path, page)
     return BuiltReport(summary_path, report_path, len(table.rows))
