@@ -250,3 +250,52 @@ def test_attention_matrix_labels_tokens_when_image_runs_are_long(tmp_path, figs)
     assert [x for x in xl if not x.startswith("image ")] == named
     assert any(x.startswith("image ") and ".." in x for x in xl)
     assert texts_outside(fig) == []
+
+
+# ------------------------------------------------------------------------------------------ heat overlay
+def test_overlay_keeps_the_image_where_the_map_is_zero():
+    """Issue 25 ("the heat colours hide the object"): the overlay's opacity follows the map, so
+    where the map is 0 the pixels are the image's own, and where it peaks they are tinted."""
+    from minicpmv_attn.analysis.heat_overlay import heat_alpha, overlay_rgb
+
+    img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    heat = np.zeros((10, 15))
+    heat[:, 8:] = np.linspace(0.1, 1.0, 7)[None, :]  # 0 on the left half, rising to a peak at the right edge
+    heat[4, 14] = 3.0
+    out = overlay_rgb(img, heat, vmax=3.0, a_max=0.6)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.array_equal(out[:, :32], img[:, :32])  # cells 0..7 of 15 over 60 px: x < 32
+    assert np.abs(out[16:20, 56:60].astype(int) - img[16:20, 56:60]).max() > 10  # the peak cell is tinted
+    a = heat_alpha(heat, 3.0, 0.6)
+    assert a[:, :8].max() == 0 and a[4, 14] == pytest.approx(0.6) and 0 < a[0, 8] < a[0, 14] < 0.6
+    want = np.rint(img[16, 56] * 0.4 + np.array(__import__("matplotlib").colormaps["inferno"](1.0)[:3]) * 255 * 0.6)
+    assert np.array_equal(out[16, 56], want)
+    with pytest.raises(ValueError, match="opacity from 0 to 1"):
+        heat_alpha(heat, 1.0, 1.5)
+
+
+def test_token_heatmap_panels_show_the_image_where_the_map_is_zero(rec, photo, tmp_path, figs, monkeypatch):
+    """The PNG's panels blend per pixel: a map that is 0 on its left half leaves those pixels of the
+    drawn image exactly as they are (no flat 0.6 tint), and tints them where it peaks."""
+    import dataclasses
+
+    from minicpmv_attn.analysis import attention_map as am
+
+    real = am.image_heatmap
+
+    def constructed(*a, **k):
+        hm = real(*a, **k)
+        m = np.zeros_like(hm.map)
+        w = m.shape[1]
+        m[:, w // 2:] = np.linspace(0.0, 1.0, w - w // 2)[None, :]
+        return dataclasses.replace(hm, map=m)
+
+    monkeypatch.setattr(am, "image_heatmap", constructed)
+    plotting.plot_token_heatmaps(rec, tmp_path / "z.png", photo, positions=[-1])
+    panel = [ax for ax in figs[-1].axes if ax.images and ax.get_label() != "<colorbar>"][0]
+    drawn = np.asarray(panel.images[-1].get_array())
+    assert len(panel.images) == 1 and drawn.ndim == 3  # one RGB layer: the blend, no flat heat layer on top
+    shown = plotting._load_image(photo, drawn.shape[1::-1])
+    w = drawn.shape[1]
+    assert np.array_equal(drawn[:, : w // 2], shown[:, : w // 2])
+    assert np.abs(drawn[:, -2:].astype(int) - shown[:, -2:]).max() > 10

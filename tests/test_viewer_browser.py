@@ -284,3 +284,58 @@ def test_token_view_shows_the_row_and_clicks_select(page, driver):
     assert driver.execute_script("return window.viewer.state.t") == target
     assert driver.find_element(By.CSS_SELECTOR, ".token.sel").get_attribute("data-t") == str(target)
     assert not severe(driver)
+
+
+def test_overlay_lets_the_image_show_where_the_map_is_zero(tmp_path, driver):
+    """Issue 25 ("the heat colours hide the object"): the overlay's opacity follows the map (the
+    opacity control is its value at the peak). On a constructed map that is 0 on the left half, the
+    overlay pane shows the image's own pixels there, as the original beside it does (side by side);
+    where the map peaks the pixels differ. Without an image the colours stay opaque."""
+    from PIL import Image
+
+    rec = synthetic_record(n_layers=1, n_heads=2, n_gen=2, grid=None, size=(300, 200), src_tgt=(4, 6),
+                           slice_tgt=(4, 6), queries=4, res_heads=1, vis_heads=1, vis_layers=(), rows="all",
+                           n_text=3, seed=2)
+    m = np.zeros((20, 30))
+    m[:, 15:] = np.linspace(0.05, 1.0, 15)[None, :]
+    path = tmp_path / "index.html"
+    vw.write_viewer(rec, synthetic_image((300, 200)), str(path), extra_kinds={"constructed": {0: m, 1: m}})
+    driver.set_window_size(1300, 1000)
+    driver.get(path.as_uri())
+    choose(driver, "kind", "x:constructed")
+    driver.execute_script("document.getElementById('boxes').checked = false; window.viewer.draw()")
+    driver.find_element(By.ID, "sidebyside").click()
+    alpha = driver.execute_script("""
+        const o = document.getElementById('overlay'), d = o.getContext('2d').getImageData(0, 0, o.width, o.height).data;
+        const left = [], right = [];
+        for (let y = 0; y < o.height; y += 7) for (let x = 0; x < o.width; x += 3) {
+          const a = d[4 * (y * o.width + x) + 3];
+          if (x < 0.45 * o.width) left.push(a); else if (x > 0.97 * o.width) right.push(a); }
+        return [Math.max(...left), Math.min(...right), Math.max(...right)]""")
+    assert alpha[0] == 0 and alpha[1] > 0 and alpha[2] == round(255 * 0.6), alpha  # the control's 0.6 at the peak
+
+    def pane(element_id):
+        import io
+
+        png = driver.find_element(By.ID, element_id).screenshot_as_png
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+
+    over, orig = pane("stage"), pane("orig")
+    assert over.shape == orig.shape
+    w = over.shape[1]
+    assert np.abs(over[:, : int(0.45 * w)] - orig[:, : int(0.45 * w)]).max() <= 1  # the image, unchanged
+    assert np.abs(over[:, int(0.97 * w):] - orig[:, int(0.97 * w):]).max() > 20  # tinted where the map peaks
+    driver.execute_script("const a = document.getElementById('alpha'); a.value = 1; a.dispatchEvent(new Event('input'))")
+    top = driver.execute_script("""const o = document.getElementById('overlay');
+        return o.getContext('2d').getImageData(o.width - 2, o.height >> 1, 1, 1).data[3]""")
+    assert top == 255
+    # without an image: the map in its plain colours (the control sets one opacity for all)
+    bare = tmp_path / "bare.html"
+    vw.write_viewer(rec, None, str(bare), extra_kinds={"constructed": {0: m, 1: m}})
+    driver.get(bare.as_uri())
+    choose(driver, "kind", "x:constructed")
+    driver.execute_script("document.getElementById('boxes').checked = false; window.viewer.draw()")
+    left = driver.execute_script("""const o = document.getElementById('overlay');
+        return o.getContext('2d').getImageData(2, o.height >> 1, 1, 1).data[3]""")
+    assert left == round(255 * 0.6)
+    assert severe(driver) == []

@@ -3,6 +3,8 @@
 Every function draws one figure, writes it atomically (temporary file in the
 target folder, then rename) and returns the path written. Figures carry a title
 saying what is shown and a colour bar or legend saying what the colours mean.
+Heatmaps over an image are blended pixel by pixel (``heat_overlay``): the image shows
+unchanged where the map is 0 and is tinted up to ``alpha`` where the map peaks.
 Pixel size = ``figsize`` (inches) x ``dpi``; pass both to get an exact size.
 
 matplotlib is imported inside the functions: importing this module (or the
@@ -34,6 +36,7 @@ from ..attention_record import AttentionRecord, atomic_write_bytes
 from ..capture import ROLE_CODES, ROLES, hook_name
 from ..image_processing_minicpmv import load_image, to_rgb
 from . import attention_map as am
+from .heat_overlay import draw_heat
 
 __all__ = [
     "display_image", "plot_token_heatmaps", "plot_head_image_share", "plot_attention_matrix",
@@ -267,7 +270,8 @@ def plot_token_heatmaps(
     ("pos -> 'tok'") or its own token, and its image-attention share.
 
     ``image`` (PIL image, path or array; the original or a smaller copy such as
-    :func:`display_image`'s) is drawn under the maps when given.
+    :func:`display_image`'s) is drawn under the maps when given; ``alpha`` is the maps' opacity
+    where they peak, falling to 0 (the image unchanged) where they are 0.
     ``positions``: rows as :func:`attention_map.resolve_rows` reads them (absolute, negative
     from the end of the prompt, ``"generated"``, ``"last"``).
     Colours: attention mass per displayed pixel (see ``attention_map.image_heatmap``); by
@@ -312,11 +316,8 @@ def plot_token_heatmaps(
     ext = (0, disp[0], disp[1], 0)
     last = None
     for ax, hm in zip(axes, maps):
-        if pil is not None:
-            ax.imshow(pil, extent=ext)
         top = vmax if shared_scale else float(hm.map.max())
-        last = ax.imshow(hm.map, extent=ext, cmap=cmap, vmin=0.0, vmax=top if top > 0 else 1.0,
-                         alpha=alpha if pil is not None else 1.0, interpolation="nearest")
+        last = draw_heat(ax, pil, hm.map, top, alpha, cmap, ext)
         n_prompt = int(layout.n_prompt) if layout.n_prompt else L
         if n_prompt - 1 <= hm.position < L - 1:  # this row produced the next (generated) token
             title = f"{hm.position} -> '{_label(layout.tokens[hm.position + 1])}'"
@@ -646,7 +647,7 @@ def plot_resampler_queries(
 ) -> str:
     """Grid of the resampler's query maps over one slice's patch grid (heads mean),
     drawn over that slice's crop of ``image`` (the original image or a smaller copy such as
-    :func:`display_image`'s) when given.
+    :func:`display_image`'s) when given (opacity ``alpha`` where a map peaks, 0 where it is 0).
 
     The image is reduced to at most 1024 px before it is cropped, and each panel draws the
     crop and its map at most ``sqrt(8 Mpx / panels)`` px a side (see the module doc). With
@@ -693,10 +694,7 @@ def plot_resampler_queries(
     im = None
     ext = (0, pw_px, ph_px, 0)
     for ax, q, m in zip(axes, queries, drawn):
-        if crop is not None:
-            ax.imshow(crop, extent=ext)
-        im = ax.imshow(m, extent=ext, cmap=cmap, vmin=0.0, vmax=vmax,
-                       alpha=alpha if crop is not None else 1.0, interpolation="nearest")
+        im = draw_heat(ax, crop, m, vmax, alpha, cmap, ext)
         ax.set_title(f"q{q}", fontsize=7, pad=2)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -732,7 +730,8 @@ def plot_vision_received(
 
     ``layer``: a captured vision layer id (negative counts from the last captured one) or
     ``"rollout"``. Each slice's map is normalised to a mean of 1, so 1 = average attention.
-    ``image`` may be the original or a smaller copy (:func:`display_image`); everything is
+    ``image`` may be the original or a smaller copy (:func:`display_image`), drawn under the maps
+    (opacity ``alpha`` where they peak, 0 where they are 0); everything is
     drawn at most ``max_side`` (<= 1024) px on the long side.
     """
     _check_max_side(max_side)
@@ -766,10 +765,7 @@ def plot_vision_received(
     ext = (0, disp[0], disp[1], 0)
     im = None
     for ax, key in zip(axes, show):
-        if pil is not None:
-            ax.imshow(pil, extent=ext)
-        im = ax.imshow(panels[key], extent=ext, cmap=cmap, vmin=0.0, vmax=vmax,
-                       alpha=alpha if pil is not None else 1.0, interpolation="nearest")
+        im = draw_heat(ax, pil, panels[key], vmax, alpha, cmap, ext)
         ax.set_title(key, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -26,7 +26,9 @@ data is embedded compactly and decoded in the page (vanilla JS, canvas):
 The reader clicks a generated token (``.token``) and picks the map kind (``#kind``), LLM layer
 (``#layer``: each layer, mean, rollout) and head (``#head``: each head, mean, max), optionally
 through SigLIP (``#thruvision``); the page draws the slice grid as thin lines (``#boxes``), zooms
-(``#zoom``), shows the original beside the overlay (``#sidebyside``), says what a colour means
+(``#zoom``), shows the original beside the overlay (``#sidebyside``), blends the heat by value
+(``#alpha`` is the opacity where the map peaks; where it is 0 the image shows unchanged, as in
+``heat_overlay``), says what a colour means
 (``#legendwords``) and shows the token's attention shares (image / text / special). Tokens are named
 by the API's query row: "row N (predicts token X)". The token view (``#tokview``, BertViz-like) shows
 the token's row over the text / special columns (``text_cols``; each LLM block's ``x`` rows, also in

@@ -17,7 +17,7 @@ const gs = D.grid_side / Math.max(DW, DH);
 const GW = Math.max(1, Math.round(DW * Math.min(1, gs))), GH = Math.max(1, Math.round(DH * Math.min(1, gs)));
 const N = D.n_image_tokens, T = D.tokens.length;
 const S = {t: 0, click: null};
-const ov = $("overlay"), photo = $("photo");
+const ov = $("overlay"), photo = $("photo"), HAS_IMAGE = photo.tagName === "IMG";
 const orig = photo.cloneNode(true); orig.id = "photo-orig"; $("orig").appendChild(orig);
 const BASE = Math.max(800, Math.min(DW, 1200));  // the image's width at zoom 1 (css px), less when the window is narrower
 function layout() {  // pane size from the window, the zoom and the side-by-side toggle; the overlay at screen resolution
@@ -233,16 +233,17 @@ function draw() {
   if (r.map) {
     if (r.hi !== undefined) { lo = r.lo; hi = r.hi; } else { for (const x of r.map) if (x > hi) hi = x; }
     const px = gimg.data, span = hi > lo ? hi - lo : 1, cb = r.clip;
-    for (let i = 0; i < r.map.length; i++) {
-      const c = Math.max(0, Math.min(255, Math.round(255 * (r.map[i] - lo) / span)));
-      px[4 * i] = LUT[3 * c]; px[4 * i + 1] = LUT[3 * c + 1]; px[4 * i + 2] = LUT[3 * c + 2]; px[4 * i + 3] = 255;
+    for (let i = 0; i < r.map.length; i++) {  // heat_overlay.py's rule: opacity a * heat (0 where the map is 0)
+      const v = Math.max(0, Math.min(1, (r.map[i] - lo) / span)), c = Math.round(255 * v);
+      px[4 * i] = LUT[3 * c]; px[4 * i + 1] = LUT[3 * c + 1]; px[4 * i + 2] = LUT[3 * c + 2];
+      px[4 * i + 3] = HAS_IMAGE ? Math.round(255 * a * v) : 255;
       if (cb) {  // one slice's map: transparent outside its box
         const x = ((i % GW) + 0.5) * W / GW, y = (Math.floor(i / GW) + 0.5) * H / GH;
         if (x < cb[0] || x >= cb[2] || y < cb[1] || y >= cb[3]) px[4 * i + 3] = 0;
       }
     }
     gctx.putImageData(gimg, 0, 0);
-    octx.globalAlpha = a; octx.imageSmoothingEnabled = false;
+    octx.globalAlpha = HAS_IMAGE ? 1 : a; octx.imageSmoothingEnabled = false;
     octx.drawImage(grid, 0, 0, OW, OH); octx.globalAlpha = 1;
   }
   const sx = OW / W, sy = OH / H, px1 = window.devicePixelRatio || 1;
@@ -285,12 +286,17 @@ function draw() {
   drawTokenView();
   $("legendtext").textContent = r.map ? (r.hi !== undefined ? lo.toPrecision(3) + " .. " + hi.toPrecision(3) :
     "0 .. " + pct(hi) + " per cell (" + GW + " x " + GH + " cells)") : "";
-  $("legendwords").textContent = r.map ? legendWords(k, r) : "";
+  $("legendwords").textContent = r.map ? legendWords(k, r) + (HAS_IMAGE ? " The tint grows with the value: where it " +
+    "is low the image shows through unchanged." : "") : "";
+  drawLegend(a);
   window.viewerDraws = (window.viewerDraws || 0) + 1;
   if (window.viewerReady === undefined) window.viewerReady = performance.now();
 }
-{ const lg = $("legend").getContext("2d"); for (let i = 0; i < 256; i++) {
-  lg.fillStyle = "rgb(" + LUT[3 * i] + "," + LUT[3 * i + 1] + "," + LUT[3 * i + 2] + ")"; lg.fillRect(i, 0, 1, 12); } }
+function drawLegend(a) {  // the colours as drawn: over the image, more see-through the lower the value
+  const lg = $("legend").getContext("2d"); lg.clearRect(0, 0, 256, 12);
+  for (let i = 0; i < 256; i++) {
+    lg.fillStyle = "rgba(" + LUT[3 * i] + "," + LUT[3 * i + 1] + "," + LUT[3 * i + 2] + "," + (HAS_IMAGE ? a * i / 255 : 1) + ")";
+    lg.fillRect(i, 0, 1, 12); } }
 for (const id of ["kind", "layer", "head", "vlayer", "slice", "query", "alpha", "boxes", "nosinks", "thruvision", "zoom",
                   "sidebyside"])
   $(id).addEventListener(id === "alpha" || id === "zoom" ? "input" : "change", () => {
