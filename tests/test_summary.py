@@ -253,3 +253,20 @@ def test_outlier_pages_refuse_a_viewer_folder_that_leads_elsewhere(extracted, tm
     assert _viewer_links(page) == [] and "is not a folder of the run" in page
     assert any("no viewer pages written" in w for w in warned)
     assert 'href="./records/one-' in page  # the JSON links stay
+
+
+def test_outlier_pages_are_bounded_and_a_page_that_cannot_be_built_leaves_the_json_link(extracted, tmp_path,
+                                                                                        monkeypatch):
+    """Each page gets PAGE_DATA_BYTES of map data; a record whose maps do not fit (or cannot be viewed)
+    gets no page but a note and a warning, keeps its JSON link, and the report is still written."""
+    from minicpmv_attn.analysis import outlier_pages
+    from minicpmv_attn.analysis.dataset_report import build_report
+
+    out = copy_of(extracted, tmp_path)
+    monkeypatch.setattr(outlier_pages, "PAGE_DATA_BYTES", 1000)
+    warned = []
+    build_report(str(out), warn=warned.append)
+    page = (out / "report.html").read_text()
+    assert _viewer_links(page) == [] and list((out / "viewer").iterdir()) == []  # the old pages went too
+    assert page.count("no viewer page: viewer budget") == 6 and len(warned) == 3
+    assert 'href="./records/one-' in page

@@ -3,7 +3,9 @@
 :func:`write_outlier_pages` writes, for each outlier row of ``report.html`` (only those: at most
 ``2 x dataset_report.OUTLIERS`` pages), the interactive viewer (``viewer.write_viewer``, the same
 page as ``visualize`` / ``view``) of that record, atomically, in the folder ``viewer/`` beside the
-report, and removes the pages of earlier outliers there (the folder belongs to the report).
+report, and removes the pages of earlier outliers there (the folder belongs to the report). Each
+page embeds at most ``PAGE_DATA_BYTES`` (6 MiB) of map data, so the pages stay under about 160 MiB
+in all; with extraction's default spec (head-mean rows of the answer) a page is far smaller.
 
 The image: an extraction's images are the ones its user named in the dataset's JSONL, so a page
 embeds the record's image, found at the path the extraction recorded (``results.jsonl``'s
@@ -24,9 +26,11 @@ from typing import Callable, Dict, Iterable, Optional
 from ..attention_record import AttentionRecord, RecordError
 from .html_safe import relative_href, text
 
-__all__ = ["VIEWER_DIR", "OutlierPage", "page_file_name", "write_outlier_pages"]
+__all__ = ["PAGE_DATA_BYTES", "VIEWER_DIR", "OutlierPage", "page_file_name", "write_outlier_pages"]
 
 VIEWER_DIR = "viewer"
+PAGE_DATA_BYTES = 6 * 2**20  # each page's map data (the viewer's budget, less than its 16 MiB): at most
+# 20 pages of about 8 MiB; what does not fit is left out and listed on the page, as in the viewer
 _NAME_LIMIT = 80
 
 
@@ -99,7 +103,7 @@ def _one_page(out: str, row: dict, path: str) -> Optional[str]:
     json_href = relative_href(str(row["record"]) + ".json")
     title = "Attention viewer: " + str(row.get("id") or row.get("key", "")[:12])
     write_viewer(rec, pic, path, title=title, header_html=_header(row, json_href, note),
-                 prompt=rec.meta.get("prompt"), answer=row.get("answer"))
+                 prompt=rec.meta.get("prompt"), answer=row.get("answer"), max_data_bytes=PAGE_DATA_BYTES)
     return note
 
 
@@ -118,7 +122,7 @@ def write_outlier_pages(out: str, rows: Iterable[dict],
         return {r["key"]: OutlierPage(None, why) for r in rows}
     os.makedirs(folder, exist_ok=True)
     pages: Dict[str, OutlierPage] = {}
-    names = set()
+    names, written = set(), set()
     for row in rows:
         if row["key"] in pages:
             continue
@@ -136,9 +140,10 @@ def write_outlier_pages(out: str, rows: Iterable[dict],
             warn(f"report: {row.get('record')}: {why}")
             pages[row["key"]] = OutlierPage(None, why)
             continue
+        written.add(name)
         pages[row["key"]] = OutlierPage(relative_href(f"{VIEWER_DIR}/{name}"), note)
     for old in os.listdir(folder):
         full = os.path.join(folder, old)
-        if old.endswith(".html") and old not in names and (os.path.islink(full) or os.path.isfile(full)):
+        if old.endswith(".html") and old not in written and (os.path.islink(full) or os.path.isfile(full)):
             os.unlink(full)
     return pages
