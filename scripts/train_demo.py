@@ -43,6 +43,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="keep the resampler's queries and query/key projections at their init (local regions)")
     p.add_argument("--freeze-resampler-keys", action="store_true",
                    help="--freeze-resampler-qk and the key path (kv_proj, ln_kv) too")
+    p.add_argument("--single-steps", type=int, default=0,
+                   help="binding: first steps on one-object scenes only, before the curriculum (default %(default)s)")
+    p.add_argument("--vision-lr", type=float, default=None,
+                   help="peak learning rate of the SigLIP tower (default: --lr)")
     p.add_argument("--snapshots", action="store_true",
                    help="also write OUT-stepN at every evaluation (what --steps N --schedule-steps STEPS writes)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s; the same seed "
@@ -57,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          shape_share=args.shape_share, schedule_steps=args.schedule_steps, task=args.task,
                          layers=args.layers, curriculum=args.curriculum, snapshots=args.snapshots,
                          freeze_resampler_qk=args.freeze_resampler_qk,
-                         freeze_resampler_keys=args.freeze_resampler_keys)
+                         freeze_resampler_keys=args.freeze_resampler_keys, single_steps=args.single_steps,
+                         vision_lr=args.vision_lr)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

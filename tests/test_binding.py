@@ -196,8 +196,34 @@ def test_binding_training_scenes_curriculum_and_frozen_resampler_attention():
         assert torch.equal(w1[: 2 * d], w0[: 2 * d]) == (freeze or keys)
         assert torch.equal(model.resampler.kv_proj.weight.detach(), k0) == keys
         assert not torch.equal(w1[2 * d:], w0[2 * d:])  # the values always train
-    with pytest.raises(ValueError, match="curriculum must be >= 0"):
+    with pytest.raises(ValueError, match="curriculum and single_steps must be >= 0"):
         train_steps(new_model(0, cfg), processor, 1, 1, 1e-3, 1, 0, task="binding", curriculum=-1)
+
+
+def test_binding_schedule_one_object_phase_then_curriculum():
+    from minicpmv_attn.demo.train import BINDING_TRAIN_MAX, max_objects_at
+
+    caps = [max_objects_at(s, single_steps=10, curriculum=30) for s in range(50)]
+    assert caps[:10] == [1] * 10 and caps[10] == 2 and caps[39] == BINDING_TRAIN_MAX - 1
+    assert caps[40:] == [BINDING_TRAIN_MAX] * 10 and caps == sorted(caps)
+    assert [max_objects_at(s) for s in range(3)] == [BINDING_TRAIN_MAX] * 3
+
+
+def test_vision_lr_moves_only_the_siglip_tower_at_its_own_rate():
+    from minicpmv_attn.demo.train import build_processor, new_model, task_config, train_steps
+
+    cfg, processor = task_config("binding", layers=1), build_processor("binding")
+    moved = {}
+    for vision_lr in (None, 1e-12):
+        model = new_model(0, cfg)
+        v0, l0 = model.vpm.embeddings.patch_embedding.weight.detach().clone(), model.llm.lm_head.weight.detach().clone()
+        train_steps(model, processor, 2, 2, 1e-3, 1, 0, task="binding", vision_lr=vision_lr)
+        moved[vision_lr] = (float((model.vpm.embeddings.patch_embedding.weight.detach() - v0).abs().max()),
+                            float((model.llm.lm_head.weight.detach() - l0).abs().max()))
+    assert moved[None][0] > 1e-4 and moved[1e-12][0] < 1e-8  # the tower at its own rate
+    assert moved[1e-12][1] > 1e-4  # the rest at lr
+    with pytest.raises(ValueError, match="vision_lr must be > 0"):
+        train_steps(new_model(0, cfg), processor, 1, 1, 1e-3, 1, 0, task="binding", vision_lr=0.0)
 
 
 def test_resampler_probe_reads_colour_from_each_objects_own_token():

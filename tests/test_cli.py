@@ -11,15 +11,19 @@ from minicpmv_attn import AttentionRecord
 @pytest.mark.compat
 def test_visualize_default_is_the_trained_demo_on_a_known_scene(tmp_path, capsys):
     """The no-argument run: the trained demo answers the generated scene's question right, the page
-    shows the known answer, and the answer token's map peaks on the target object."""
+    shows the known answer, the answer token's map peaks on the target object, and the page's
+    "question steers" section scores the answer row against the row before the question with the
+    same maps a reader can recompute from the record."""
     from minicpmv_attn.analysis.attention_map import image_heatmap
+    from minicpmv_attn.demo import trained_demo_task
+    from minicpmv_attn.demo.baselines import before_question_row
     from minicpmv_attn.demo.pointing import inside, peak
     from minicpmv_attn.demo.scenes import default_example
     from minicpmv_attn.scripts.visualize_attention import main
 
     out = tmp_path / "attention_out"
     assert main(["--out", str(out), "--quiet"]) == 0
-    _, question, answer, box = default_example(0)
+    _, question, answer, box = default_example(0, trained_demo_task())
     rec = AttentionRecord.load(str(out / "record"))
     assert rec.meta["expected_answer"] == answer and rec.meta["target_box"] == [float(v) for v in box]
     html = (out / "index.html").read_text()
@@ -27,6 +31,18 @@ def test_visualize_default_is_the_trained_demo_on_a_known_scene(tmp_path, capsys
     assert "random weights" not in html and (out / "scene.png").is_file()
     hm = image_heatmap(rec, "last")  # the row that predicted the answer word
     assert hm.map.shape == (112, 224) and inside(peak(hm.map), box), (peak(hm.map), box)
+    # the steer section: its numbers are the record's own maps at the two rows
+    assert "Does the question steer the attention?" in html and "data:image/png;base64," in html
+    lay = rec.layout
+    q_row = before_question_row(lay.tokens, int(lay.n_prompt))
+    assert q_row < int(lay.n_prompt) - 1 and lay.tokens[q_row] in ("</image>", "</slice>")
+    pointing = rec.meta["pointing"]
+    for row, got in ((int(lay.n_prompt) - 1, pointing["peaks"]["raw mean"]),
+                     (q_row, pointing["before_question"]["raw mean"])):
+        m = image_heatmap(rec, row, layer_reduce="mean").map
+        assert got[2] == inside(peak(m), box) and got[:2] == [round(v, 1) for v in peak(m)]
+    assert f"(row {q_row} in the viewer)" in html
+    assert set(pointing["baselines"]) == {"random object", "saliency", "centre"}
 
 
 @pytest.mark.compat

@@ -67,14 +67,15 @@ def plots_html(plots: Sequence[Tuple[str, str]]) -> str:
 
 
 def render_index(prompt: str, answer: str, image_path: str, plots: Sequence[Tuple[str, str]], is_demo,
-                 model_name: Optional[str], record: AttentionRecord, viewer=None, expected: Optional[str] = None) -> str:
+                 model_name: Optional[str], record: AttentionRecord, viewer=None, expected: Optional[str] = None,
+                 extra_html: str = "") -> str:
     """The page as a string: the interactive viewer (``viewer``, a :class:`~.viewer.Viewer`; built
     from ``record`` when None, without an image) with the facts above and ``plots`` ((path, caption)
-    pairs, listed by base name) below."""
+    pairs, listed by base name) below; ``extra_html`` (trusted) goes between the facts and the viewer."""
     from .viewer import build_viewer, render_viewer
 
     if viewer is None:
         viewer = build_viewer(record, None, prompt=prompt, answer=answer)
     return render_viewer(viewer, title="minicpmv-attn: attention maps",
-                         header_html=facts_html(image_path, is_demo, model_name, record, expected, answer),
+                         header_html=facts_html(image_path, is_demo, model_name, record, expected, answer) + extra_html,
                          footer_html=plots_html(plots))

@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..attention_record import AttentionRecord, atomic_write_bytes, atomic_write_text
 from ..capture import CaptureError, parse_index_list
-from ..demo import demo_image_path, trained_demo_folder
-from ..demo.scenes import default_example
+from ..demo import demo_image_path, trained_demo_folder, trained_demo_task
+from ..demo.scenes import default_scene
 from ..image_processing_minicpmv import DEFAULT_MAX_IMAGE_PIXELS
 from . import pipeline
 from . import plotting as pl
@@ -183,7 +183,8 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
     import torch
     from tqdm.auto import tqdm
 
-    example = default_example(seed) if image is None and model is None else None
+    scene = default_scene(seed, trained_demo_task()) if image is None and model is None else None
+    example = None if scene is None else (scene.image, scene.question, scene.answer, scene.target_box)
     if example is not None and prompt is None:
         prompt = example[1]
     prompt = check_prompt(prompt)
@@ -254,6 +255,16 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
         extra_kinds[TAM_KIND] = _token_maps(TAM_KIND, net, processor, picture, record, max_plot_tokens, log)
     if relevancy:
         extra_kinds["relevancy"] = _token_maps("relevancy", net, processor, picture, record, max_plot_tokens, log)
+    steer = ""
+    if example is not None and prompt == example[1]:  # the generated scene and its own question: the target is known
+        from .question_steer import scene_entry, steer_html, steer_png
+        from ..demo.baselines import before_question_row
+
+        log("scoring this scene's pointing game (answer row vs the row before the question) ...")
+        entry = dict(scene_entry(net, processor, scene, record, answer), task=trained_demo_task())
+        q_row = before_question_row(record.layout.tokens, int(record.layout.n_prompt))
+        steer = steer_html(entry, steer_png(scene, record), before_row=q_row)
+        record.meta["pointing"] = {k: entry[k] for k in ("peaks", "before_question", "baselines")}
     del picture  # the full-size image is not needed any more
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -296,7 +307,7 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
         raise ToolError(f"viewer: {e}") from e
     page = render_index(prompt, answer, image_path, written, "trained" if trained_demo else is_demo,
                         None if model == RANDOM_DEMO else model, record,
-                        viewer=viewer, expected=example[2] if example is not None else None)
+                        viewer=viewer, expected=example[2] if example is not None else None, extra_html=steer)
     atomic_write_text(os.path.join(out, "index.html"), page)
     return Visualization(answer=answer, out=out, plots=written, record=record, is_demo=is_demo,
                          seconds=time.time() - t0)

@@ -26,6 +26,24 @@ def trained_demo_folder() -> str:
     return path
 
 
+def trained_demo_task(folder=None) -> str:
+    """The scene task (``scenes.TASKS``) the trained demo was trained on, from its ``train_log.json``
+    (``"single"`` when the log does not name one)."""
+    import json
+
+    from .scenes import check_task
+
+    path = os.path.join(trained_demo_folder() if folder is None else str(folder), "train_log.json")
+    try:
+        with open(path) as f:
+            task = json.load(f).get("task", "single")
+    except FileNotFoundError:
+        return "single"
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable training log ({e}); expected the JSON train_demo.py writes") from e
+    return check_task(task)
+
+
 def load_trained_demo(folder=None, dtype=None):
     """``(model, processor)`` of the trained demo (default: the shipped folder), eval mode, float32 by default."""
     import torch
@@ -43,4 +61,5 @@ def load_trained_demo(folder=None, dtype=None):
 __all__ = [
     "DEMO_CONFIG", "DEMO_PREPROCESSOR", "DEMO_SEED", "build_demo_checkpoint", "build_demo_model",
     "default_demo_folder", "demo_image_path", "demo_tokenizer_path", "load_trained_demo", "trained_demo_folder",
+    "trained_demo_task",
 ]

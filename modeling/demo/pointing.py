@@ -214,6 +214,32 @@ def _hit(name: str, m, scene: Scene) -> Tuple[Tuple[float, float], bool]:
     return p, inside(p, scene.target_box)
 
 
+def score_scene(kinds: Dict[str, MapFn], ctx: MapContext) -> dict:
+    """One scene's pointing-game entry: the answer, whether it is right, each kind's peak ``[x, y, hit]`` on the
+    answer row (``peaks``) and, for row-based kinds, on the row before the question (``before_question``), and
+    the baselines (``saliency`` and ``centre``: ``[x, y, hit]``; ``random object``: its expected hit rate)."""
+    scene = ctx.scene
+    entry = {"question": scene.question, "answer": ctx.answer, "expected": scene.answer,
+             "correct": ctx.answer.strip() == scene.answer, "target_box": list(scene.target_box),
+             "size": list(scene.image.size), "peaks": {}, "before_question": {}, "baselines": {}}
+    for name, fn in kinds.items():
+        p, hit = _hit(name, fn(ctx), scene)
+        entry["peaks"][name] = [round(p[0], 1), round(p[1], 1), hit]
+    row_kinds = [k for k, fn in kinds.items() if getattr(fn, "row_based", False)]
+    if row_kinds:
+        q_ctx = MapContext(ctx.model, ctx.processor, scene, ctx.record,
+                           bl.before_question_row(ctx.record.layout.tokens, int(ctx.record.layout.n_prompt)), ctx.answer)
+        for name in row_kinds:
+            p, hit = _hit(name, kinds[name](q_ctx), scene)
+            entry["before_question"][name] = [round(p[0], 1), round(p[1], 1), hit]
+    W, H = scene.image.size
+    entry["baselines"]["random object"] = bl.random_object_rate(len(scene.objects))
+    for name, m in (("saliency", bl.saliency_map(scene.image)), ("centre", bl.centre_map(W, H))):
+        p, hit = _hit(name, m, scene)
+        entry["baselines"][name] = [round(p[0], 1), round(p[1], 1), hit]
+    return entry
+
+
 def play(model, processor, seed: int = 1, n: int = 40, kinds: Optional[Dict[str, MapFn]] = None,
          progress: bool = False, task: str = "single") -> PointingResult:
     """The pointing game on ``n`` ``task`` scenes from ``random.Random(seed)``, with its baselines
@@ -237,30 +263,16 @@ def play(model, processor, seed: int = 1, n: int = 40, kinds: Optional[Dict[str,
         scene = make_task_scene(rng, task)
         with torch.no_grad():
             answer, record, row = chat_record(model, processor, scene)
-        ctx = MapContext(model, processor, scene, record, row, answer)
-        ok = answer.strip() == scene.answer
-        correct += ok
+        entry = score_scene(kinds, MapContext(model, processor, scene, record, row, answer))
+        correct += entry["correct"]
         shares.append(scene.box_share())
-        entry = {"question": scene.question, "answer": answer, "expected": scene.answer, "correct": ok,
-                 "target_box": list(scene.target_box), "size": list(scene.image.size), "peaks": {},
-                 "before_question": {}, "baselines": {}}
-        for name, fn in kinds.items():
-            p, hit = _hit(name, fn(ctx), scene)
-            hits[name] += hit
-            entry["peaks"][name] = [round(p[0], 1), round(p[1], 1), hit]
-        if row_kinds:
-            q_ctx = MapContext(model, processor, scene, record,
-                               bl.before_question_row(record.layout.tokens, int(record.layout.n_prompt)), answer)
-            for name in row_kinds:
-                p, hit = _hit(name, kinds[name](q_ctx), scene)
-                before[name] += hit
-                entry["before_question"][name] = [round(p[0], 1), round(p[1], 1), hit]
-        W, H = scene.image.size
-        base["random object"] += bl.random_object_rate(len(scene.objects))
-        for name, m in (("saliency", bl.saliency_map(scene.image)), ("centre", bl.centre_map(W, H))):
-            p, hit = _hit(name, m, scene)
-            base[name] += hit
-            entry["baselines"][name] = [round(p[0], 1), round(p[1], 1), hit]
+        for name in kinds:
+            hits[name] += entry["peaks"][name][2]
+        for name in row_kinds:
+            before[name] += entry["before_question"][name][2]
+        base["random object"] += entry["baselines"]["random object"]
+        for name in ("saliency", "centre"):
+            base[name] += entry["baselines"][name][2]
         rows.append(entry)
     before_rates = {k: v / n for k, v in before.items()}
     baselines = {"random object": base["random object"] / n, "saliency": base["saliency"] / n,

@@ -50,6 +50,8 @@ BINDING_COLORS = dict(COLORS, purple=(150, 40, 200))
 BINDING_SHAPES = SHAPES + ("diamond", "cross")
 BINDING_OBJECTS = (3, 4, 5)
 BINDING_OBJ_MIN, BINDING_OBJ_MAX = 22, 32
+BINDING_OUTLINE = 2  # px of black border on binding objects (see make_binding_scene)
+OUTLINE = (20, 20, 20)
 QUESTION_BIND_COLOR = "What color is the {}?"
 QUESTION_BIND_SHAPE = "What shape is the {} object?"
 BINDING_WORDS = sorted(set(WORDS) | {w for q in (QUESTION_BIND_COLOR, QUESTION_BIND_SHAPE)
@@ -87,22 +89,25 @@ class Scene:
         return (x1 - x0) * (y1 - y0) / float(self.image.size[0] * self.image.size[1])
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb) -> None:
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb, outline: int = 0) -> None:
+    """Fill ``shape`` in ``box`` with ``rgb``; ``outline`` > 0 adds a black border that many pixels wide."""
     x0, y0, x1, y1 = box
+    line = {"outline": OUTLINE, "width": outline} if outline > 0 else {}
     if shape == "circle":
-        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=rgb)
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=rgb, **line)
     elif shape == "square":
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=rgb)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=rgb, **line)
     elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2.0, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=rgb)
+        draw.polygon([((x0 + x1) / 2.0, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=rgb, **line)
     elif shape == "diamond":
         cx, cy = (x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0
-        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=rgb)
-    elif shape == "cross":  # a plus sign, arms a third of the side thick
-        t0, t1 = x0 + (x1 - x0) / 3.0, x0 + 2 * (x1 - x0) / 3.0
-        u0, u1 = y0 + (y1 - y0) / 3.0, y0 + 2 * (y1 - y0) / 3.0
-        draw.rectangle((t0, y0, t1 - 1, y1 - 1), fill=rgb)
-        draw.rectangle((x0, u0, x1 - 1, u1 - 1), fill=rgb)
+        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=rgb, **line)
+    elif shape == "cross":  # a plus sign, arms a third of the side thick, drawn as one outline
+        xa, xb = x0 + (x1 - x0) / 3.0, x0 + 2 * (x1 - x0) / 3.0 - 1
+        ya, yb = y0 + (y1 - y0) / 3.0, y0 + 2 * (y1 - y0) / 3.0 - 1
+        r, b = x1 - 1, y1 - 1
+        draw.polygon([(xa, y0), (xb, y0), (xb, ya), (r, ya), (r, yb), (xb, yb), (xb, b), (xa, b), (xa, yb),
+                      (x0, yb), (x0, ya), (xa, ya)], fill=rgb, **line)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {BINDING_SHAPES}")
 
@@ -183,7 +188,7 @@ def make_binding_scene(rng: random.Random, size: Optional[Tuple[int, int]] = Non
     image = Image.new("RGB", (W, H), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for o in objects:
-        _draw(draw, o.shape, o.box, BINDING_COLORS[o.color])
+        _draw(draw, o.shape, o.box, BINDING_COLORS[o.color], BINDING_OUTLINE)
     ask_color = rng.random() < 0.5 if question is None else question == "color"
     if ask_color:
         q, answer = QUESTION_BIND_COLOR.format(objects[target].shape), objects[target].color
@@ -214,9 +219,14 @@ def scenes(seed: int, n: int, task: str = "single") -> List[Scene]:
     return [make_task_scene(rng, task) for _ in range(n)]
 
 
-def default_example(seed: int = 0, task: str = "single"):
-    """``(PIL image, question, answer, target_box)``: a wide (sliced) scene for the main command's default
-    (binding: 4 objects)."""
+def default_scene(seed: int = 0, task: str = "single") -> Scene:
+    """The main command's default scene: a wide (sliced) ``task`` scene from ``random.Random(seed)``
+    (3 objects for ``"single"``, 4 for ``"binding"``)."""
     n = 4 if check_task(task) == "binding" else 3
-    scene = make_task_scene(random.Random(seed), task, size=(224, 112), n_objects=n)
+    return make_task_scene(random.Random(seed), task, size=(224, 112), n_objects=n)
+
+
+def default_example(seed: int = 0, task: str = "single"):
+    """``(PIL image, question, answer, target_box)`` of ``default_scene(seed, task)``."""
+    scene = default_scene(seed, task)
     return scene.image, scene.question, scene.answer, scene.target_box
