@@ -3,6 +3,7 @@ resampler's attention entropy, and linear probes of each object's colour / shape
 token (``minicpmv_attn.demo.diagnose``).
 
     python scripts/diagnose_binding.py [--model FOLDER] [--per N] [--scenes N]
+    python scripts/diagnose_binding.py --lr-probe 2e-3 --lr-probe 5e-4   # can SigLIP learn shapes at that lr?
 
 ``--model init:LAYERS`` probes the untrained binding model (seed 0) instead of a checkpoint.
 Exit code 0 when it ran, 2 on bad input.
@@ -21,7 +22,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--per", type=int, default=24, help="scenes per (object count, question type) (default %(default)s)")
     p.add_argument("--scenes", type=int, default=96, help="square 4-object scenes for the probes (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--lr-probe", type=float, action="append", default=None, metavar="LR",
+                   help="instead: train the untrained SigLIP tower + resampler + a linear shape classifier on "
+                        "one-object scenes at LR (repeatable) and print its accuracy every 100 steps")
+    p.add_argument("--probe-steps", type=int, default=600, help="--lr-probe steps of 32 scenes (default %(default)s)")
     args = p.parse_args(argv)
+    if args.lr_probe is not None:
+        if any(not lr > 0 for lr in args.lr_probe) or args.probe_steps < 1:
+            print(f"error: --lr-probe must be > 0 and --probe-steps >= 1, got {args.lr_probe} and "
+                  f"{args.probe_steps}", file=sys.stderr)
+            return 2
+        import torch
+
+        from minicpmv_attn.demo.diagnose import shape_probe_training
+
+        torch.set_num_threads(args.threads)
+        for lr in args.lr_probe:
+            rows = shape_probe_training(lr, steps=args.probe_steps)
+            print(f"lr {lr:g}: shape accuracy on fresh scenes, mean over the 100 steps of 32 before each step "
+                  + ", ".join(f"{s}: {a:.2f}" for s, _, a in rows))
+        return 0
     if args.per < 1 or args.scenes < 16:
         print(f"error: --per must be >= 1 and --scenes >= 16, got {args.per} and {args.scenes}", file=sys.stderr)
         return 2

@@ -77,7 +77,7 @@ def view_main(argv) -> int:
 # pipeline.DEFAULT_PROMPT and demo.scenes.default_example(0); tests/test_cli_help.py holds them equal)
 RANDOM_DEMO = "random-demo"
 DEFAULT_PROMPT = "Describe this image."
-SCENE_QUESTION = "Which shape is red?"  # default_example(seed=0)'s question
+SCENE_QUESTION = "What color is the circle?"  # default_example(0, trained_demo_task())'s question
 DEFAULTS = {"max_new_tokens": 8, "max_plot_tokens": 16, "out": "attention_out", "device": "auto", "seed": 0}
 
 

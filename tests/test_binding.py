@@ -43,6 +43,23 @@ def test_binding_scenes_colour_every_object_and_name_one():
     assert image.size == (224, 112) and answer in set(BINDING_COLORS) | set(BINDING_SHAPES)
 
 
+def test_binding_objects_have_a_dark_outline_and_nothing_else_is_dark():
+    """Binding objects are drawn with a black border (shape edges that do not depend on the fill colour);
+    every outline pixel lies inside an object's box, and every object has one."""
+    from minicpmv_attn.demo.scenes import BINDING_OUTLINE, OUTLINE
+
+    assert BINDING_OUTLINE >= 1
+    for s in scenes(9, 12, "binding"):
+        px = np.asarray(s.image)
+        dark = np.all(px == np.array(OUTLINE, dtype=px.dtype), axis=-1)
+        inside_any = np.zeros_like(dark)
+        for o in s.objects:
+            x0, y0, x1, y1 = (int(v) for v in o.box)
+            assert dark[y0:y1, x0:x1].sum() >= 2 * (x1 - x0), (o.shape, o.box)  # a border, not a speck
+            inside_any[y0:y1, x0:x1] = True
+        assert not (dark & ~inside_any).any()
+
+
 def test_single_task_scenes_did_not_change():
     """The single task's stream is the one the shipped model was trained and scored on."""
     s = scenes(3, 5)
@@ -237,3 +254,13 @@ def test_resampler_probe_reads_colour_from_each_objects_own_token():
     assert res["objects"] == 256 and res["color"] >= res["chance color"] + 0.3, res
     x = np.random.default_rng(0).normal(size=(200, 8))
     assert diagnose._probe(x, np.arange(200) % 5, 5, 140) <= 0.45  # noise features: no better than guessing
+
+
+def test_shape_probe_training_runs_and_reports(capsys):
+    from minicpmv_attn.demo.diagnose import shape_probe_training
+    from minicpmv_attn.scripts.diagnose_binding import main
+
+    rows = shape_probe_training(5e-4, steps=2, batch=4, report_every=1)
+    assert [r[0] for r in rows] == [0, 1, 2] and all(np.isfinite(r[1]) and 0 <= r[2] <= 1 for r in rows)
+    assert rows[0][1] != rows[2][1]  # it trained
+    assert main(["--lr-probe", "0"]) == 2 and "--lr-probe must be > 0" in capsys.readouterr().err

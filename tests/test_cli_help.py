@@ -49,15 +49,17 @@ def test_help_answers_without_importing_torch_or_the_package(name):
 
 def test_visualize_help_names_the_library_defaults():
     from minicpmv_attn.analysis import pipeline, visualize
+    from minicpmv_attn.demo import trained_demo_task
     from minicpmv_attn.demo.scenes import default_example
     from minicpmv_attn.scripts import visualize_attention as cli
 
-    assert cli.SCENE_QUESTION == default_example(0)[1]
+    question = default_example(0, trained_demo_task())[1]
+    assert cli.SCENE_QUESTION == question
     assert cli.DEFAULT_PROMPT == pipeline.DEFAULT_PROMPT and cli.RANDOM_DEMO == visualize.RANDOM_DEMO
     args = vars(cli.build_parser().parse_args([]))
     assert {k: args[k] for k in visualize.DEFAULTS} == visualize.DEFAULTS
     text = " ".join(cli.build_parser().format_help().split())
-    assert f"'{default_example(0)[1]}' at --seed 0" in text and "What color is the triangle" not in text
+    assert f"'{question}' at --seed 0" in text and "What color is the triangle" not in text
 
 
 def test_other_help_constants_are_the_library_values():
@@ -67,6 +69,8 @@ def test_other_help_constants_are_the_library_values():
     from minicpmv_attn.upstream.pin import UPSTREAM_REPO_ID
 
     assert train_demo.DEFAULTS == TRAIN_DEFAULTS
+    parsed = vars(train_demo.build_parser().parse_args(["--out", "x"]))
+    assert {k: parsed[k] for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS  # the flags' defaults are the recipe
     assert install_into_snapshot.BACKUP_DIRNAME == BACKUP_DIRNAME
     assert diff_upstream.UPSTREAM_REPO_ID == UPSTREAM_REPO_ID
     from minicpmv_attn.scripts import sweep_transformers

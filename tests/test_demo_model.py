@@ -8,17 +8,22 @@ import torch
 
 from minicpmv_attn import MiniCPMV
 from minicpmv_attn.demo import (build_demo_checkpoint, default_demo_folder, load_trained_demo,
-                                trained_demo_folder)
+                                trained_demo_folder, trained_demo_task)
 from minicpmv_attn.demo.pointing import map_kinds, play
 from minicpmv_attn.demo.scenes import default_example, scenes
-from minicpmv_attn.demo.train import build_processor, encode_batch, new_model, train_steps
+from minicpmv_attn.demo.train import build_processor, encode_batch, new_model, task_config, train_steps
 from minicpmv_attn.processing_minicpmv import MiniCPMVProcessor
 
-MAX_BYTES = 1_500_000
-# The targets: answer accuracy >= 0.95 and the best map >= 0.7 and >= 3x chance (the shipped model
-# reaches 1.00 on both on these 40 scenes; 0.99 on 200 scenes of seeds 1 and 7, see the README).
-ANSWER_ACCURACY = 0.95
-PLAIN_MAP = 0.9  # the plain LLM -> image mean map must point too, not only a composed one
+MAX_BYTES = 4_000_000  # issue 24's budget: at most 4 MB of fp16 weights
+# Issue 24's targets on binding scenes the training never drew (every object coloured, so the question must
+# be read to find the object): answer accuracy >= 0.90, and the best map kind's hit rate >= 0.80 and at least
+# 0.30 above the best baseline (random object, model-free saliency, the model's own row before the question,
+# centre prior), all on the same scenes. On these 40 scenes the shipped model answers 0.97; gradient
+# relevancy hits 0.93, the best attention kind (rollout+siglip) 0.70, the best baseline 0.35.
+ANSWER_ACCURACY = 0.90
+BEST_MAP = 0.80
+ATTENTION_OVER_BASELINE = 0.25  # the attention maps alone must follow the question too
+OVER_BASELINE = 0.30
 
 
 @pytest.fixture(scope="module")
@@ -78,34 +83,49 @@ def test_loads_through_auto_classes_and_answers_the_default_example():
     model = AutoModel.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(model, MiniCPMV)
-    image, question, answer, box = default_example()
+    assert trained_demo_task() == "binding"
+    image, question, answer, box = default_example(0, "binding")
     got = model.chat(image, [{"role": "user", "content": question}], processor.tokenizer, processor=processor,
                      sampling=False, max_new_tokens=4)
     assert got == answer
 
 
-def test_answers_and_points_on_unseen_scenes(trained):
-    """Answer accuracy and the pointing game on 40 scenes the training never drew (seed 123), with the
-    attention map kinds (relevancy needs a backward per scene: scripts/pointing_game.py reports it)."""
+def test_answers_and_points_on_unseen_binding_scenes(trained):
+    """Answer accuracy and the pointing game on 40 binding scenes the training never drew (seed 123), with
+    every built-in map kind (attention, token activation, gradient relevancy), against the baselines on
+    the same scenes; the plain attention kinds must beat the baselines on their own as well."""
     model, processor = trained
-    kinds = {k: v for k, v in map_kinds(model.config.num_hidden_layers).items() if not k.startswith("relevancy")}
-    res = play(model, processor, seed=123, n=40, kinds=kinds)
+    res = play(model, processor, seed=123, n=40, kinds=map_kinds(model.config.num_hidden_layers), task="binding")
     assert res.answer_accuracy >= ANSWER_ACCURACY, res.summary()
     name, best = res.best
-    assert best >= 0.7 and best >= 3 * res.chance, res.summary()
-    assert res.hits["raw mean"] >= PLAIN_MAP and res.hits["mean+siglip"] >= PLAIN_MAP, res.summary()
+    bname, base = res.best_baseline
+    assert best >= BEST_MAP and best >= base + OVER_BASELINE, res.summary()
+    attention = max(v for k, v in res.hits.items() if k in res.before)  # the row-based attention kinds
+    assert attention >= base + ATTENTION_OVER_BASELINE, res.summary()
+    # a map that ignores the question (the row before it) does not find the target
+    assert res.baselines["before question"] <= res.baselines["random object"] + 0.2, res.summary()
 
 
 def test_training_reproduces_the_logged_losses():
-    """Five steps of the shipped run from its seed give the first five logged losses."""
+    """Five steps of the shipped run from its logged settings give the first five logged losses."""
     log = json.load(open(os.path.join(trained_demo_folder(), "train_log.json")))
     torch.manual_seed(12345)  # whatever the global state, train_steps' model and scenes come from the seed
-    model, processor = new_model(log["seed"]), build_processor()
-    losses = train_steps(model, processor, 5, log["batch"], log["lr"], log["warmup"], log["seed"],
-                         total_steps=log.get("schedule_steps", log["steps"]), shape_share=log.get("shape_share"))
+    task = log.get("task", "single")
+    model, processor = new_model(log["seed"], task_config(task, log.get("layers", 2))), build_processor(task)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(log["threads"])  # the logged thread count (float sums differ across counts)
+    try:
+        losses = train_steps(model, processor, 5, log["batch"], log["lr"], log["warmup"], log["seed"],
+                             total_steps=log.get("schedule_steps", log["steps"]), shape_share=log.get("shape_share"),
+                             task=task, curriculum=log.get("curriculum", 0),
+                             freeze_resampler_qk=log.get("freeze_resampler_qk", False),
+                             freeze_resampler_keys=log.get("freeze_resampler_keys", False),
+                             single_steps=log.get("single_steps", 0), vision_lr=log.get("vision_lr"))
+    finally:
+        torch.set_num_threads(threads)
     assert losses == pytest.approx(log["losses"][:5], rel=1e-3, abs=1e-4)
-    tail = log["losses"][-100:]
-    assert sum(tail) / len(tail) < 0.05 * log["losses"][0]  # and the run learned
+    tail = log["losses"][-200:]
+    assert sum(tail) / len(tail) < 0.2 * log["losses"][0]  # and the run learned
 
 
 def test_encode_batch_labels_only_the_answer():

@@ -34,7 +34,9 @@ def facts_html(image_path: Optional[str], is_demo, model_name: Optional[str], re
     esc = html.escape
     if is_demo == "trained":
         note = ("<p class=note><b>Demo model:</b> a tiny MiniCPM-V-2.6 trained on coloured-shape scenes (LM loss "
-                "only); its answer depends on one object, so the maps should light it up. Pass "
+                "only, no attention or box supervision). Every object is coloured and the question names one by "
+                "its shape or colour, so the model must read the question to find it: the answer row's map "
+                "should light that object up, while the row before the question cannot know which one. Pass "
                 "<code>--model</code> with a real MiniCPM-V-2.6 checkpoint and <code>--image</code> for your own.</p>")
     elif is_demo:
         note = ("<p class=warn><b>Demo model with random weights:</b> these maps show the pipeline "

@@ -55,8 +55,15 @@ RESAMPLER_QK_SCALE = 2.0  # query entropy 2.06 nats at init (about 8 patches eac
 # learned within a few hundred steps (the target is the only coloured object); telling circle,
 # square and triangle apart is what takes the training time, so it gets most of the batches.
 SHAPE_SHARE = 0.75
-DEFAULTS = {"steps": 8000, "batch": 16, "lr": 2e-3, "warmup": 100, "seed": TRAIN_SEED, "shape_share": SHAPE_SHARE,
-            "task": "single", "layers": 2, "curriculum": 0, "freeze_resampler_qk": False}
+# The shipped model's run (scripts/train_demo.py with no flags but --out rebuilds it; see docs/demo_model.md):
+# binding scenes, a one-object phase, then 2 -> 5 objects; lr 5e-4 (the SigLIP tower does not learn the five
+# shapes at 2e-3); the resampler's query and key path frozen at its local-region init (trained freely, the
+# queries collapse onto single patches and no image token keeps one object's colour and shape together).
+DEFAULTS = {"steps": 16000, "schedule_steps": None, "batch": 16, "lr": 5e-4, "warmup": 100, "seed": TRAIN_SEED,
+            "shape_share": 0.6, "task": "binding", "layers": 3, "curriculum": 2000, "single_steps": 1500,
+            "vision_lr": None, "freeze_resampler_qk": False, "freeze_resampler_keys": True, "threads": 1}
+# the single-task recipe of the earlier demo model (gray distractors): python scripts/train_demo.py --task single
+# --lr 2e-3 --steps 8000 --shape-share 0.75 --curriculum 0 --single-steps 0 --no-freeze-resampler-keys
 # Binding training (task="binding"): scenes of 1..max objects, every object coloured (1-object scenes teach
 # reading an attribute; 2+ need binding). With ``curriculum`` = C > 0 the maximum grows from 2 to 5 objects
 # over the first C steps; held-out scenes have 3-5 objects.
@@ -295,14 +302,16 @@ def save_folder(model, out: str, log: dict, task: str = "single") -> str:
 
 
 def train_demo(out: str, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"], lr: float = DEFAULTS["lr"],
-               warmup: int = DEFAULTS["warmup"], seed: int = DEFAULTS["seed"], threads: int = 2,
+               warmup: int = DEFAULTS["warmup"], seed: int = DEFAULTS["seed"], threads: int = DEFAULTS["threads"],
                eval_every: int = 250, n_eval: int = 64, progress: bool = True,
-               shape_share: Optional[float] = DEFAULTS["shape_share"], schedule_steps: Optional[int] = None,
+               shape_share: Optional[float] = DEFAULTS["shape_share"],
+               schedule_steps: Optional[int] = DEFAULTS["schedule_steps"],
                task: str = DEFAULTS["task"], layers: int = DEFAULTS["layers"],
                curriculum: int = DEFAULTS["curriculum"], snapshots: bool = False,
                freeze_resampler_qk: bool = DEFAULTS["freeze_resampler_qk"],
-               freeze_resampler_keys: bool = False, single_steps: int = 0,
-               vision_lr: Optional[float] = None) -> dict:
+               freeze_resampler_keys: bool = DEFAULTS["freeze_resampler_keys"],
+               single_steps: int = DEFAULTS["single_steps"],
+               vision_lr: Optional[float] = DEFAULTS["vision_lr"]) -> dict:
     """Train from ``seed`` and write the checkpoint folder ``out``; returns the training log.
 
     ``schedule_steps``: length of the learning-rate schedule (default ``steps``); a run with
