@@ -3,8 +3,9 @@
 
 With no arguments it runs the embedded default: a tiny MiniCPM-V-2.6 shipped in the
 package, trained on coloured-shape scenes (nothing downloaded), asked about a generated
-scene whose answer is known ("Which shape is red?" at --seed 0): the page shows the known
-answer next to the model's and the map on the object. --model random-demo is the seeded
+binding scene whose answer is known ("What shape is the red object?" at --seed 1; every object is
+coloured, so the question says which one matters): the page shows the known answer next to the
+model's, and the answer row's map beside the map of the row before the question. --model random-demo is the seeded
 random-weight demo; use --model with a real checkpoint folder (or a hub id, when online)
 and --image for your own pictures.
 
@@ -77,8 +78,8 @@ def view_main(argv) -> int:
 # pipeline.DEFAULT_PROMPT and demo.scenes.default_example(0); tests/test_cli_help.py holds them equal)
 RANDOM_DEMO = "random-demo"
 DEFAULT_PROMPT = "Describe this image."
-SCENE_QUESTION = "What color is the circle?"  # default_example(0, trained_demo_task())'s question
-DEFAULTS = {"max_new_tokens": 8, "max_plot_tokens": 16, "out": "attention_out", "device": "auto", "seed": 0}
+SCENE_QUESTION = "What shape is the red object?"  # default_example(1, trained_demo_task())'s question
+DEFAULTS = {"max_new_tokens": 8, "max_plot_tokens": 16, "out": "attention_out", "device": "auto", "seed": 1}
 
 
 def build_parser():
@@ -93,7 +94,7 @@ def build_parser():
     p.add_argument("--prompt", default=None,
                    help="question about the image, plain text (not empty; no <image>, </image>, <slice> or </slice> "
                         f"markers: the image is put in by the tool). Default: the generated scene's question "
-                        f"({SCENE_QUESTION!r} at --seed 0; the scene follows --seed), else {DEFAULT_PROMPT!r}")
+                        f"({SCENE_QUESTION!r} at --seed 1; the scene follows --seed), else {DEFAULT_PROMPT!r}")
     p.add_argument("--max-new-tokens", type=int, default=D["max_new_tokens"],
                    help=f"tokens to generate (default {D['max_new_tokens']})")
     p.add_argument("--layers", default=None, help="LLM layers to capture: '0,3', '2:6', 'all' (default all)")

@@ -23,7 +23,9 @@ def test_visualize_default_is_the_trained_demo_on_a_known_scene(tmp_path, capsys
 
     out = tmp_path / "attention_out"
     assert main(["--out", str(out), "--quiet"]) == 0
-    _, question, answer, box = default_example(0, trained_demo_task())
+    from minicpmv_attn.analysis.visualize import DEFAULTS
+
+    _, question, answer, box = default_example(DEFAULTS["seed"], trained_demo_task())
     rec = AttentionRecord.load(str(out / "record"))
     assert rec.meta["expected_answer"] == answer and rec.meta["target_box"] == [float(v) for v in box]
     html = (out / "index.html").read_text()

@@ -53,13 +53,13 @@ def test_visualize_help_names_the_library_defaults():
     from minicpmv_attn.demo.scenes import default_example
     from minicpmv_attn.scripts import visualize_attention as cli
 
-    question = default_example(0, trained_demo_task())[1]
+    question = default_example(visualize.DEFAULTS["seed"], trained_demo_task())[1]
     assert cli.SCENE_QUESTION == question
     assert cli.DEFAULT_PROMPT == pipeline.DEFAULT_PROMPT and cli.RANDOM_DEMO == visualize.RANDOM_DEMO
     args = vars(cli.build_parser().parse_args([]))
     assert {k: args[k] for k in visualize.DEFAULTS} == visualize.DEFAULTS
     text = " ".join(cli.build_parser().format_help().split())
-    assert f"'{question}' at --seed 0" in text and "What color is the triangle" not in text
+    assert f"'{question}' at --seed {visualize.DEFAULTS['seed']}" in text and "What color is the triangle" not in text
 
 
 def test_other_help_constants_are_the_library_values():

@@ -25,10 +25,11 @@ SHOWN_KIND = "raw mean"  # the kind drawn side by side (LLM -> image attention, 
 
 def scene_entry(model, processor, scene, record, answer: str) -> dict:
     """``demo.pointing.score_scene`` for ``scene`` and a chat ``record`` of it (every row, column, layer and
-    head of the LLM, the resampler and SigLIP), with every built-in map kind except gradient relevancy."""
+    head of the LLM, the resampler and SigLIP), with every built-in map kind (gradient relevancy included:
+    one more forward and a backward, cheap on the demo model this runs on)."""
     from ..demo.pointing import MapContext, map_kinds, score_scene
 
-    kinds = {k: fn for k, fn in map_kinds(model.config.num_hidden_layers).items() if not k.startswith("relevancy")}
+    kinds = map_kinds(model.config.num_hidden_layers)
     row = int(record.layout.n_prompt) - 1
     return score_scene(kinds, MapContext(model, processor, scene, record, row, answer))
 

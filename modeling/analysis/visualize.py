@@ -48,9 +48,11 @@ __all__ = ["BUDGET", "DEFAULTS", "IMAGE_BUDGET_BYTES", "RESERVED_MARKERS", "Visu
 # bundled photo otherwise), prompt None = the scene's question (pipeline.DEFAULT_PROMPT otherwise), rows None = all
 # for the demo models and generated otherwise, vision_layers None = all for the demo models (the viewer's "through
 # SigLIP" maps need every layer) and the last one otherwise
+# seed 1: the default scene's typical case (the answer row's map on the target, the row before the question's
+# elsewhere: rates 0.63 vs 0.22 over 60 scenes); at seed 0 the row before the question lands on the target too
 DEFAULTS = {"model": None, "image": None, "prompt": None, "max_new_tokens": 8, "layers": None, "heads": None,
             "rows": None, "vision_layers": None, "max_plot_tokens": 16, "out": "attention_out", "device": "auto",
-            "dtype": None, "seed": 0}
+            "dtype": None, "seed": 1}
 
 RANDOM_DEMO = "random-demo"  # --model value for the seeded random-weight demo
 
