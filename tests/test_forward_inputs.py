@@ -57,7 +57,9 @@ def test_record_and_heatmap_print_one_readable_line(demo):
     _, record = model.chat(image, [{"role": "user", "content": question}], processor.tokenizer,
                            processor=processor, sampling=False, output_attentions=True)
     text = repr(record)
-    assert text.startswith("AttentionRecord(llm: layers [0, 1] [4, ") and "\n" not in text and len(text) < 400
+    n = model.config.num_hidden_layers
+    layers = f"[{', '.join(map(str, range(n)))}]" if n <= 2 else f"0..{n - 1}"
+    assert text.startswith(f"AttentionRecord(llm: layers {layers} [4, ") and "\n" not in text and len(text) < 400
     assert "48 image" in text and "1 image(s)" in text and "tensor(" not in text
     heat = image_heatmap(record, -1)
     text = repr(heat)

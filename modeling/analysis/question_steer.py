@@ -23,13 +23,16 @@ __all__ = ["SHOWN_KIND", "scene_entry", "steer_html", "steer_png"]
 SHOWN_KIND = "raw mean"  # the kind drawn side by side (LLM -> image attention, mean over layers and heads)
 
 
-def scene_entry(model, processor, scene, record, answer: str) -> dict:
+def scene_entry(model, processor, scene, record, answer: str, vision: bool = True) -> dict:
     """``demo.pointing.score_scene`` for ``scene`` and a chat ``record`` of it (every row, column, layer and
     head of the LLM, the resampler and SigLIP), with every built-in map kind (gradient relevancy included:
-    one more forward and a backward, cheap on the demo model this runs on)."""
-    from ..demo.pointing import MapContext, map_kinds, score_scene
+    one more forward and a backward, cheap on the demo model this runs on). ``vision=False`` (a record
+    without SigLIP attention, ``--vision-layers none``) leaves out the kinds that follow the map back through
+    SigLIP (``THROUGH_VISION_KINDS``); ``steer_html`` says so."""
+    from ..demo.pointing import THROUGH_VISION_KINDS, MapContext, map_kinds, score_scene
 
-    kinds = map_kinds(model.config.num_hidden_layers)
+    kinds = {k: fn for k, fn in map_kinds(model.config.num_hidden_layers).items()
+             if vision or k not in THROUGH_VISION_KINDS}
     row = int(record.layout.n_prompt) - 1
     return score_scene(kinds, MapContext(model, processor, scene, record, row, answer))
 
@@ -106,4 +109,7 @@ def steer_html(entry: dict, png: bytes, kind: str = SHOWN_KIND, before_row: Opti
             f"<p>This scene's pointing game (hit = the map's peak lies in the target's box): baselines {esc(base)}. "
             f"Rates over many scenes: <code>python scripts/pointing_game.py --task {esc(entry.get('task', 'binding'))}"
             f"</code>.</p><table><tr><th>map kind</th><th>answer row</th><th>before the question</th></tr>"
-            + "".join(rows) + "</table>")
+            + "".join(rows) + "</table>"
+            + ("" if any(k.endswith("+siglip") for k in entry["peaks"]) else
+               "<p class=dim>The kinds that follow the map back through SigLIP need its attention "
+               "(<code>--vision-layers all</code>, the demo's default).</p>"))

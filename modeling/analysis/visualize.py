@@ -263,7 +263,8 @@ def visualize(model: Optional[str] = DEFAULTS["model"], image: Optional[str] = D
         from ..demo.baselines import before_question_row
 
         log("scoring this scene's pointing game (answer row vs the row before the question) ...")
-        entry = dict(scene_entry(net, processor, scene, record, answer), task=trained_demo_task())
+        whole_tower = sorted(record.layers("vision")) == list(range(net.config.vision_config.num_hidden_layers))
+        entry = dict(scene_entry(net, processor, scene, record, answer, vision=whole_tower), task=trained_demo_task())
         q_row = before_question_row(record.layout.tokens, int(record.layout.n_prompt))
         steer = steer_html(entry, steer_png(scene, record), before_row=q_row)
         record.meta["pointing"] = {k: entry[k] for k in ("peaks", "before_question", "baselines")}

@@ -83,6 +83,9 @@ def _relevancy_kinds() -> Dict[str, MapFn]:
     return {"relevancy": kind("attention"), "relevancy grad": kind("grad")}
 
 
+THROUGH_VISION_KINDS = ("mean+siglip", "rollout+siglip")  # need the SigLIP attention of every layer and slice
+
+
 def map_kinds(n_layers: int) -> Dict[str, MapFn]:
     """The built-in map kinds for an LLM with ``n_layers`` layers (name -> fn(ctx) -> [H, W])."""
     kinds: Dict[str, MapFn] = {"raw mean": _attention_kind(layer_reduce="mean")}
@@ -90,7 +93,7 @@ def map_kinds(n_layers: int) -> Dict[str, MapFn]:
         kinds[f"layer {layer}"] = _attention_kind(layers=[layer], layer_reduce="mean")
     kinds["rollout"] = _attention_kind(layer_reduce="rollout")
     # the same two followed back through the SigLIP rollout (tokens -> resampler -> SigLIP -> pixels)
-    kinds["mean+siglip"] = _attention_kind(layer_reduce="mean", through_vision=True)
+    kinds["mean+siglip"] = _attention_kind(layer_reduce="mean", through_vision=True)  # THROUGH_VISION_KINDS
     kinds["rollout+siglip"] = _attention_kind(layer_reduce="rollout", through_vision=True)
     kinds["token activation"] = _tam_kind()
     kinds.update(_relevancy_kinds())
