@@ -2,9 +2,11 @@
 
 What ``scripts/visualize_attention.py`` runs, importable for notebooks. With ``model=None``
 it uses the shipped tiny demo model *trained* on coloured-shape scenes (``demo.trained_demo_folder``)
-and, with ``image=None`` and ``prompt=None``, a generated scene and its question
-(``demo.scenes.default_example(seed)``), whose right answer is known and shown: a newcomer sees a
-right answer and the map on the right object. ``model="random-demo"`` is the seeded random-weight
+and, with ``image=None`` and ``prompt=None``, a generated scene of the task it was trained on and its
+question (``demo.scenes.default_scene(seed, demo.trained_demo_task())``), whose right answer and target
+object are known: the page shows the answer, and (``question_steer``) the answer row's map beside the
+map of the row before the question with that scene's pointing game, so a newcomer sees the question
+steer the attention. ``model="random-demo"`` is the seeded random-weight
 model (its maps show the pipeline, not meaning; with ``image=None``, a photo bundled with matplotlib).
 
 Budget (what bounds memory and time beyond the model and its capture, which the capture

@@ -2,9 +2,10 @@
 
 * ``build_demo_checkpoint``: a tiny MiniCPM-V-2.6 with seeded *random* weights and the
   character-level tokenizer (``tokenizer/``), built locally; its maps show the pipeline, not meaning.
-* ``trained_demo_folder()``: a tiny MiniCPM-V-2.6 *trained* on coloured-shape scenes
-  (``scenes.py``, ``train.py``), shipped in ``trained/`` (fp16, about 1.3 MB); its answers depend on
-  one object, so its maps can be checked (``pointing.py``, ``scripts/pointing_game.py``).
+* ``trained_demo_folder()``: a tiny MiniCPM-V-2.6 *trained* on coloured-shape binding scenes
+  (``scenes.py``, ``train.py``), shipped in ``trained/`` (fp16, about 1.6 MB); each answer depends on
+  the one object the question names, so its maps can be checked (``pointing.py``,
+  ``scripts/pointing_game.py``); ``trained_demo_task()`` names the scenes it was trained on.
 """
 import os
 
