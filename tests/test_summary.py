@@ -268,5 +268,5 @@ def test_outlier_pages_are_bounded_and_a_page_that_cannot_be_built_leaves_the_js
     build_report(str(out), warn=warned.append)
     page = (out / "report.html").read_text()
     assert _viewer_links(page) == [] and list((out / "viewer").iterdir()) == []  # the old pages went too
-    assert page.count("no viewer page: viewer budget") == 6 and len(warned) == 3
+    assert page.count("no viewer page: viewer budget") == 6 and len([w for w in warned if "viewer budget" in w]) == 3
     assert 'href="./records/one-' in page
